@@ -1,0 +1,42 @@
+"""flaxckpt: Orbax-compatible checkpoints for Flax and JAX, with less overhead.
+
+``import flaxckpt as ocp`` runs code written for ``orbax.checkpoint``; the files on disk are
+Orbax's format, so either library reads what the other writes.
+"""
+
+import importlib as _importlib
+from typing import Any as _Any
+
+from flaxckpt import args, utils
+from flaxckpt._checkpointer import (AsyncCheckpointer, Checkpointer, PyTreeCheckpointer,
+                                    StandardCheckpointer)
+from flaxckpt._composite_handler import CompositeCheckpointHandler
+from flaxckpt._errors import (AsyncSaveError, CheckpointError, CheckpointExistsError,
+                              IncompleteCheckpointError, MissingKeysError, NotACheckpointError,
+                              StructureMismatchError, UnsupportedLeafError)
+from flaxckpt._handler import AsyncCheckpointHandler, CheckpointHandler
+from flaxckpt._json_handler import JsonCheckpointHandler
+from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpointHandler
+from flaxckpt._transforms import Transform
+from flaxckpt._types import ArrayRestoreArgs, RestoreArgs, SaveArgs
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'ArrayRestoreArgs', 'AsyncCheckpointHandler', 'AsyncCheckpointer', 'AsyncSaveError',
+    'CheckpointError', 'CheckpointExistsError', 'CheckpointHandler', 'Checkpointer',
+    'CompositeCheckpointHandler', 'IncompleteCheckpointError', 'JsonCheckpointHandler',
+    'MissingKeysError', 'NotACheckpointError', 'PyTreeCheckpointHandler', 'PyTreeCheckpointer',
+    'RestoreArgs', 'SaveArgs', 'StandardCheckpointHandler', 'StandardCheckpointer',
+    'StructureMismatchError', 'Transform', 'UnsupportedLeafError', 'args', 'test_utils',
+    'utils',
+]
+
+_LAZY_SUBMODULES = ('test_utils', 'legacy')
+
+
+def __getattr__(name: str) -> _Any:
+  """Imports ``test_utils`` (and ``legacy``) only when first used."""
+  if name in _LAZY_SUBMODULES:
+    return _importlib.import_module(f'flaxckpt.{name}')
+  raise AttributeError(f'module "flaxckpt" has no attribute {name!r}')

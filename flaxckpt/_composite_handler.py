@@ -1,0 +1,146 @@
+"""Several named items in one checkpoint, each in its own sub-directory."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+from flaxckpt import _errors, _metadata, _storage
+from flaxckpt._args import Composite, JsonRestore, PyTreeRestore, StandardRestore
+from flaxckpt._handler import (AsyncCheckpointHandler, CheckpointHandler, Writer, handler_for,
+                               register_with_handler)
+from flaxckpt._json_handler import JsonCheckpointHandler
+from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpointHandler
+
+_HANDLERS_BY_TYPESTR = {cls.typestr: cls for cls in (
+    PyTreeCheckpointHandler, StandardCheckpointHandler, JsonCheckpointHandler)}
+_DEFAULT_RESTORE_ARGS = {PyTreeCheckpointHandler: PyTreeRestore,
+                         StandardCheckpointHandler: StandardRestore,
+                         JsonCheckpointHandler: JsonRestore}
+
+
+class CompositeCheckpointHandler(AsyncCheckpointHandler):
+  """Delegates each named item to its own handler.
+
+  Handlers are given up front (``CompositeCheckpointHandler(state=handler)``) or inferred from
+  the args type the first time an item is saved or restored; names alone
+  (``CompositeCheckpointHandler('state', 'metadata')``) are enough.
+  """
+
+  def __init__(self, *item_names: str, **item_handlers: CheckpointHandler):
+    self._handlers: dict[str, CheckpointHandler | None] = {n: None for n in item_names}
+    self._handlers.update(item_handlers)
+
+  @property
+  def item_handlers(self) -> dict[str, CheckpointHandler | None]:
+    return dict(self._handlers)
+
+  def typestrs(self) -> dict[str, str]:
+    return {n: h.typestr for n, h in self._handlers.items() if h is not None}
+
+  def _handler(self, name: str, args: Any) -> CheckpointHandler:
+    if self._handlers and name not in self._handlers:
+      raise KeyError(f'Item {name!r} is not one of this handler\'s items '
+                     f'{sorted(self._handlers)}.')
+    handler = self._handlers.get(name)
+    if handler is None:
+      handler = handler_for(args)()
+      self._handlers[name] = handler
+    return handler
+
+  def async_save(self, directory: pathlib.Path, args: Composite) -> Writer:
+    directory = _storage.as_path(directory)
+    writers = []
+    for name, item_args in args.items():
+      if item_args is None:
+        continue
+      handler = self._handler(name, item_args)
+      item_dir = directory / name
+      _storage.make_dirs(item_dir)
+      if isinstance(handler, AsyncCheckpointHandler):
+        writers.append((item_dir, handler, handler.async_save(item_dir, item_args)))
+      else:
+        writers.append((item_dir, handler, lambda h=handler, d=item_dir, a=item_args:
+                        h.save(d, a)))
+
+    def write() -> None:
+      for item_dir, handler, writer in writers:
+        writer()
+        handler.finalize(item_dir)
+        _storage.write_text(item_dir / _metadata.COMMIT_SUCCESS_FILE,
+                            _metadata.commit_message(item_dir))
+
+    return write
+
+  def restore(self, directory: pathlib.Path, args: Composite | None = None) -> Composite:
+    directory = _storage.as_path(directory)
+    if not _storage.is_dir(directory):
+      raise FileNotFoundError(f'No checkpoint at {directory}: the path does not exist.')
+    if args is None or not len(args):
+      names = [n for n in _storage.list_names(directory)
+               if _storage.is_dir(directory / n) and not n.startswith('.')]
+      args = Composite({n: None for n in names})
+    saved_handlers = _saved_item_handlers(directory)
+    results = {}
+    for name, item_args in args.items():
+      item_dir = directory / name
+      if not _storage.is_dir(item_dir):
+        raise _errors.MissingKeysError(
+            f'{directory}: no item {name!r} in this checkpoint; it holds '
+            f'{[n for n in _storage.list_names(directory) if _storage.is_dir(directory / n)]}.')
+      handler = self._handlers.get(name)
+      if item_args is None:
+        if handler is None:
+          handler = _infer_handler(item_dir, saved_handlers.get(name))
+          self._handlers[name] = handler
+        item_args = _DEFAULT_RESTORE_ARGS.get(type(handler), lambda: None)()
+      elif handler is None:
+        handler = self._handler(name, item_args)
+      results[name] = handler.restore(item_dir, item_args)
+    return Composite(results)
+
+  def metadata(self, directory: pathlib.Path) -> Composite:
+    directory = _storage.as_path(directory)
+    saved = _saved_item_handlers(directory)
+    out = {}
+    for name in _storage.list_names(directory):
+      if _storage.is_dir(directory / name):
+        handler = self._handlers.get(name) or _infer_handler(directory / name, saved.get(name))
+        out[name] = handler.metadata(directory / name)
+    return Composite(out)
+
+  def close(self) -> None:
+    for handler in self._handlers.values():
+      if handler is not None:
+        handler.close()
+
+
+def _saved_item_handlers(directory: pathlib.Path) -> dict[str, str]:
+  path = directory / _metadata.CHECKPOINT_METADATA_FILE
+  if not _storage.is_file(path):
+    return {}
+  try:
+    handlers = json.loads(_storage.read_text(path)).get('item_handlers')
+  except ValueError:
+    return {}
+  return handlers if isinstance(handlers, dict) else {}
+
+
+def _infer_handler(item_dir: pathlib.Path, typestr: str | None) -> CheckpointHandler:
+  """Picks a handler from the recorded class name, else from the files present."""
+  if typestr:
+    for known, cls in _HANDLERS_BY_TYPESTR.items():
+      if typestr == known or typestr.rsplit('.', 1)[-1] == known.rsplit('.', 1)[-1]:
+        return cls()
+  if _storage.is_file(item_dir / _metadata.METADATA_FILE):
+    return PyTreeCheckpointHandler()
+  names = [n for n in _storage.list_names(item_dir) if n != _metadata.COMMIT_SUCCESS_FILE]
+  if len(names) == 1 and _storage.is_file(item_dir / names[0]):
+    return JsonCheckpointHandler(names[0])
+  raise _errors.NotACheckpointError(
+      f'{item_dir}: cannot tell which handler wrote this item (no recorded handler, no '
+      f'_METADATA, files {names[:10]}); pass explicit restore args for it.')
+
+
+register_with_handler(CompositeCheckpointHandler, for_save=True, for_restore=True)(Composite)

@@ -1,0 +1,41 @@
+"""Exception types raised by flaxckpt.
+
+Every error names the checkpoint path or tree path it is about, what was expected and what was
+found. The classes subclass the builtin a caller would naturally catch (``FileNotFoundError``,
+``KeyError``, ``ValueError``, ``TypeError``), so code written against Orbax keeps working.
+"""
+
+
+class CheckpointError(Exception):
+  """Base class of flaxckpt's own errors."""
+
+
+class NotACheckpointError(CheckpointError, ValueError):
+  """A directory exists but holds no checkpoint flaxckpt can read."""
+
+
+class IncompleteCheckpointError(CheckpointError, ValueError):
+  """A checkpoint was never committed (temporary name, or commit marker missing)."""
+
+
+class CheckpointExistsError(CheckpointError, ValueError):
+  """Saving would overwrite an existing checkpoint and ``force`` was not set."""
+
+
+class UnsupportedLeafError(CheckpointError, TypeError):
+  """A tree leaf has a type that cannot be saved."""
+
+
+class StructureMismatchError(CheckpointError, ValueError):
+  """The target tree and the checkpoint disagree about a leaf's shape, dtype or kind."""
+
+
+class MissingKeysError(CheckpointError, KeyError):
+  """The target asks for tree paths the checkpoint does not hold."""
+
+  def __str__(self) -> str:  # KeyError would repr() the message.
+    return str(self.args[0]) if self.args else ''
+
+
+class AsyncSaveError(CheckpointError, RuntimeError):
+  """A background save failed; raised from the next call that checks on it."""

@@ -1,0 +1,186 @@
+"""The JSON files of an Orbax PyTree checkpoint: ``_METADATA``, ``_CHECKPOINT_METADATA``,
+``_sharding`` and ``array_metadatas/process_<i>`` (see docs/format.md).
+
+Files Orbax writes with Python's ``json.dumps`` defaults are written the same way here, so that
+the bytes match; files Orbax writes through tensorstore are compact.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from flaxckpt import _tree
+
+METADATA_FILE = '_METADATA'
+CHECKPOINT_METADATA_FILE = '_CHECKPOINT_METADATA'
+SHARDING_FILE = '_sharding'
+STRINGS_FILE = '_strings.json'
+ARRAY_METADATAS_DIR = 'array_metadatas'
+COMMIT_SUCCESS_FILE = 'commit_success.txt'
+LEGACY_AGGREGATE_FILE = 'checkpoint'
+
+JAX_ARRAY = 'jax.Array'
+NP_ARRAY = 'np.ndarray'
+SCALAR = 'scalar'
+STRING = 'string'
+EMPTY_TYPES = {'None': None, 'Dict': dict, 'List': list, 'Tuple': tuple, 'NamedTuple': tuple}
+PLACEHOLDER = 'placeholder'
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafMetadata:
+  """What ``_METADATA`` says about one leaf."""
+  path: _tree.Path
+  key_types: tuple[int, ...]
+  value_type: str
+  skip_deserialize: bool = False
+  write_shape: tuple[int, ...] | None = None
+
+  @property
+  def name(self) -> str:
+    return '.'.join(self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeMetadata:
+  leaves: tuple[LeafMetadata, ...]
+  use_ocdbt: bool | None
+  use_zarr3: bool
+  store_array_data_equal_to_fill_value: bool
+  custom_metadata: Any = None
+
+
+def tree_metadata_json(meta: TreeMetadata) -> str:
+  tree = {}
+  for leaf in meta.leaves:
+    value = {'value_type': leaf.value_type, 'skip_deserialize': leaf.skip_deserialize}
+    if leaf.write_shape is not None:
+      value['write_shape'] = list(leaf.write_shape)
+    tree[str(leaf.path)] = {
+        'key_metadata': [{'key': k, 'key_type': t} for k, t in zip(leaf.path, leaf.key_types)],
+        'value_metadata': value,
+    }
+  return json.dumps({
+      'tree_metadata': tree,
+      'use_ocdbt': meta.use_ocdbt,
+      'use_zarr3': meta.use_zarr3,
+      'store_array_data_equal_to_fill_value': meta.store_array_data_equal_to_fill_value,
+      'custom_metadata': meta.custom_metadata,
+  })
+
+
+def parse_tree_metadata(text: str) -> TreeMetadata:
+  """Parses ``_METADATA``; paths come from ``key_metadata``, never from the repr'd keys."""
+  raw = json.loads(text)
+  leaves = []
+  for entry in raw['tree_metadata'].values():
+    keys = entry['key_metadata']
+    value = entry['value_metadata']
+    write_shape = value.get('write_shape')
+    leaves.append(LeafMetadata(
+        path=tuple(str(k['key']) for k in keys),
+        key_types=tuple(int(k['key_type']) for k in keys),
+        value_type=value['value_type'],
+        skip_deserialize=bool(value.get('skip_deserialize', False)),
+        write_shape=tuple(write_shape) if write_shape is not None else None))
+  return TreeMetadata(
+      leaves=tuple(leaves),
+      use_ocdbt=raw.get('use_ocdbt'),
+      use_zarr3=bool(raw.get('use_zarr3') or False),
+      store_array_data_equal_to_fill_value=bool(
+          raw.get('store_array_data_equal_to_fill_value') or False),
+      custom_metadata=raw.get('custom_metadata'))
+
+
+def checkpoint_metadata_json(item_handlers: str | dict[str, str] | None, init_ns: int,
+                             commit_ns: int | None, custom_metadata: dict | None = None) -> str:
+  return json.dumps({
+      'item_handlers': item_handlers,
+      'metrics': {},
+      'performance_metrics': {},
+      'init_timestamp_nsecs': init_ns,
+      'commit_timestamp_nsecs': commit_ns,
+      'custom_metadata': custom_metadata or {},
+  })
+
+
+def now_ns() -> int:
+  return time.time_ns()
+
+
+def commit_message(path: Any) -> str:
+  return f'Checkpoint commit was successful to {path}'
+
+
+# --- _sharding -------------------------------------------------------------------------------
+
+
+def sharding_key(name: str) -> str:
+  return base64.urlsafe_b64encode(name.encode('utf-8')).decode('ascii')
+
+
+def sharding_to_json(sharding: jax.sharding.Sharding, ndim: int) -> str | None:
+  """Describes a sharding as Orbax does; None for kinds Orbax does not record."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    mesh = sharding.mesh
+    spec = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
+    entry = {'sharding_type': 'NamedSharding', 'shape': list(mesh.devices.shape),
+             'axis_names': list(mesh.axis_names)}
+    axis_types = getattr(mesh, 'axis_types', None)
+    if axis_types:
+      entry['axis_types'] = [str(t) for t in axis_types]
+    entry['partition_spec'] = [list(p) if isinstance(p, tuple) else p for p in spec]
+    ids = np.vectorize(lambda d: d.id, otypes=[int])(mesh.devices)
+    entry['device_mesh'] = {'mesh': _nest_ids(ids)}
+    return json.dumps(entry)
+  if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+    (device,) = sharding.device_set
+    return json.dumps({'sharding_type': 'SingleDeviceSharding', 'device_str': str(device)})
+  return None
+
+
+def _nest_ids(ids: np.ndarray) -> Any:
+  if ids.ndim == 0:
+    return {'id': int(ids)}
+  return [_nest_ids(sub) for sub in ids]
+
+
+def sharding_from_json(text: str) -> jax.sharding.Sharding | None:
+  """Rebuilds a saved sharding; None when its devices are not all present here."""
+  entry = json.loads(text)
+  devices = {d.id: d for d in jax.devices()}
+  kind = entry.get('sharding_type')
+  if kind == 'SingleDeviceSharding':
+    wanted = entry['device_str']
+    if wanted.startswith('TFRT_CPU_'):
+      wanted = 'cpu:' + wanted[len('TFRT_CPU_'):]
+    for device in devices.values():
+      if str(device) == wanted:
+        return jax.sharding.SingleDeviceSharding(device)
+    return None
+  if kind == 'NamedSharding':
+    ids = np.array(_flatten_ids(entry['device_mesh']['mesh'])).reshape(entry['shape'])
+    if not all(int(i) in devices for i in ids.flat):
+      return None
+    mesh = jax.sharding.Mesh(np.vectorize(lambda i: devices[int(i)], otypes=[object])(ids),
+                             tuple(entry['axis_names']))
+    spec = [tuple(p) if isinstance(p, list) else p for p in entry['partition_spec']]
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  return None
+
+
+def _flatten_ids(node: Any) -> list[int]:
+  if isinstance(node, dict):
+    return [node['id']]
+  return [i for sub in node for i in _flatten_ids(sub)]
+
+
+def array_metadatas_json(entries: list[dict[str, Any]]) -> str:
+  return json.dumps({'array_metadatas': [{'array_metadata': e} for e in entries]})

@@ -1,0 +1,102 @@
+"""The one place that touches storage.
+
+Handlers and checkpointers call these functions instead of ``os``/``shutil``, so that a new
+backend (``gs://`` and ``s3://`` through tensorstore kvstores) only has to be added here. Today
+only local paths are supported.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+from typing import Any
+
+PathLike = str | os.PathLike
+
+_SCHEMES = ('gs://', 's3://', 'http://', 'https://')
+
+
+def as_path(path: PathLike) -> pathlib.Path:
+  """Returns an absolute local path; refuses remote URLs with a clear message."""
+  text = os.fspath(path)
+  if text.startswith(_SCHEMES):
+    raise NotImplementedError(
+        f'{text}: remote storage is not supported yet; only local paths are.')
+  return pathlib.Path(os.path.abspath(text))
+
+
+def exists(path: pathlib.Path) -> bool:
+  return path.exists()
+
+
+def is_dir(path: pathlib.Path) -> bool:
+  return path.is_dir()
+
+
+def is_file(path: pathlib.Path) -> bool:
+  return path.is_file()
+
+
+def list_names(path: pathlib.Path) -> list[str]:
+  return sorted(os.listdir(path))
+
+
+def make_dirs(path: pathlib.Path) -> None:
+  path.mkdir(parents=True, exist_ok=True)
+
+
+def remove_tree(path: pathlib.Path) -> None:
+  """Deletes a directory tree; missing paths are fine."""
+  shutil.rmtree(path, ignore_errors=True)
+
+
+def rename(source: pathlib.Path, target: pathlib.Path) -> None:
+  """Atomically renames ``source`` to ``target`` and makes the rename durable."""
+  os.rename(source, target)
+  _sync_dir(target.parent)
+
+
+def read_bytes(path: pathlib.Path) -> bytes:
+  return path.read_bytes()
+
+
+def read_text(path: pathlib.Path) -> str:
+  return path.read_text(encoding='utf-8')
+
+
+def write_bytes(path: pathlib.Path, data: bytes, sync: bool = False) -> None:
+  with open(path, 'wb') as f:
+    f.write(data)
+    if sync:
+      f.flush()
+      os.fsync(f.fileno())
+
+
+def write_text(path: pathlib.Path, text: str, sync: bool = False) -> None:
+  write_bytes(path, text.encode('utf-8'), sync=sync)
+
+
+def sync_tree(path: pathlib.Path) -> None:
+  """fsyncs every file and directory below ``path`` (used before a commit rename)."""
+  for root, _, files in os.walk(path):
+    for name in files:
+      fd = os.open(os.path.join(root, name), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    _sync_dir(pathlib.Path(root))
+
+
+def _sync_dir(path: pathlib.Path) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def kvstore_spec(path: pathlib.Path) -> dict[str, Any]:
+  """A tensorstore kvstore spec for a directory (always ends with '/')."""
+  return {'driver': 'file', 'path': str(path).rstrip('/') + '/'}

@@ -1,0 +1,86 @@
+"""Restore-time transforms: build a result tree that differs from the checkpoint's.
+
+Keys are '/'-joined result paths (``params/dense/kernel``) matched as regular expressions;
+``original_key`` may use the match's groups (``r'params/\\1'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flaxckpt import _errors, _tree
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """How one result key (or regex of keys) gets its value.
+
+  Attributes:
+    original_key: the checkpoint key to take the value from (may reference regex groups of
+      the result key); defaults to the result key itself.
+    use_fallback: take the value from the target tree instead of the checkpoint.
+    value_fn: applied to the checkpoint value before it is returned.
+  """
+  original_key: str | None = None
+  use_fallback: bool = False
+  value_fn: Callable[[Any], Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where one result leaf comes from: a checkpoint path, or the target's own value."""
+  checkpoint_path: _tree.Path | None
+  value_fn: Callable[[Any], Any] | None = None
+
+
+FROM_TARGET = Source(None)
+
+
+def resolve(result_paths: list[_tree.Path], checkpoint_paths: list[_tree.Path],
+            transforms: Mapping[str, Transform] | None) -> list[Source]:
+  """Finds the source of every result leaf.
+
+  Without transforms every result path must exist in the checkpoint; with transforms (even an
+  empty dict) a path the checkpoint lacks keeps the target's value.
+
+  Raises:
+    MissingKeysError: naming every result path the checkpoint does not hold.
+  """
+  by_key = {_tree.path_str(p): p for p in checkpoint_paths}
+  compiled = [(re.compile(k), t) for k, t in (transforms or {}).items()]
+  sources, missing = [], []
+  for path in result_paths:
+    key = _tree.path_str(path)
+    source = None
+    for pattern, transform in compiled:
+      match = pattern.fullmatch(key)
+      if match is None:
+        continue
+      if transform.use_fallback and transform.value_fn is None:
+        source = FROM_TARGET
+        break
+      original = match.expand(transform.original_key) if transform.original_key else key
+      if original not in by_key:
+        raise _errors.MissingKeysError(
+            f'Transform for {key!r} refers to checkpoint key {original!r}, which the checkpoint '
+            f'does not hold. Checkpoint keys include: {sorted(by_key)[:10]}')
+      source = Source(by_key[original], transform.value_fn)
+      break
+    if source is None:
+      if key in by_key:
+        source = Source(by_key[key])
+      elif transforms is not None:
+        source = FROM_TARGET
+      else:
+        missing.append(key)
+        continue
+    sources.append(source)
+  if missing:
+    raise _errors.MissingKeysError(
+        f'The target asks for {len(missing)} entr{"y" if len(missing) == 1 else "ies"} the '
+        f'checkpoint does not hold: {missing}. Pass transforms={{}} (or Transform(use_fallback='
+        'True)) to keep the target values for them.')
+  return sources

@@ -1,0 +1,102 @@
+"""Tree paths: flattening a pytree into named leaves and building trees back.
+
+A leaf's *path* is a tuple of strings, one per level, each with a *key type*: 1 for a sequence
+index, 2 for a dict key or attribute (the codes Orbax writes into ``_METADATA``). The *name* of a
+leaf is the path joined with '.', as on disk. Matching is always done on paths, never on names,
+because names are not escaped (``{'a.b': x}`` and ``{'a': {'b': x}}`` share a name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+SEQUENCE_KEY = 1
+DICT_KEY = 2
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+  """One leaf of a flattened tree."""
+  path: Path
+  key_types: tuple[int, ...]
+  value: Any
+
+  @property
+  def name(self) -> str:
+    return '.'.join(self.path)
+
+
+def is_empty_node(x: Any) -> bool:
+  """None and empty containers have no leaves in jax but are recorded in checkpoints."""
+  if x is None:
+    return True
+  if isinstance(x, (dict, list, tuple)) and not x:
+    return True
+  return isinstance(x, Mapping) and not isinstance(x, dict) and len(x) == 0
+
+
+def _key_entry(key: Any) -> tuple[str, int]:
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx), SEQUENCE_KEY
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key), DICT_KEY
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return key.name, DICT_KEY
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return str(key.key), SEQUENCE_KEY
+  return str(key), DICT_KEY
+
+
+def flatten(tree: Any) -> tuple[list[Leaf], Any]:
+  """Flattens ``tree`` keeping None and empty containers as leaves.
+
+  Returns the leaves in jax flatten order and the treedef to rebuild the tree with.
+  """
+  pairs, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_empty_node)
+  leaves = []
+  for keys, value in pairs:
+    entries = [_key_entry(k) for k in keys]
+    leaves.append(Leaf(tuple(e[0] for e in entries), tuple(e[1] for e in entries), value))
+  return leaves, treedef
+
+
+def path_str(path: Path) -> str:
+  """The human-readable form used in error messages and transform keys: ``a/b/0``."""
+  return '/'.join(path) if path else '<root>'
+
+
+def build(entries: list[tuple[Path, tuple[int, ...], Any]]) -> Any:
+  """Builds nested dicts and lists from (path, key_types, value) entries.
+
+  Key type 1 levels become lists (indices sorted numerically), key type 2 levels dicts.
+  An entry with an empty path is the whole tree.
+  """
+  if len(entries) == 1 and not entries[0][0]:
+    return entries[0][2]
+  root: dict[str, Any] = {}
+  kinds: dict[Path, int] = {}
+  for path, key_types, value in entries:
+    node = root
+    for depth, key in enumerate(path[:-1]):
+      kinds.setdefault(path[:depth + 1], key_types[depth + 1])
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+    if path:
+      kinds.setdefault((), key_types[0])
+  return _lists_from_dicts(root, (), kinds)
+
+
+def _lists_from_dicts(node: dict[str, Any], prefix: Path, kinds: dict[Path, int]) -> Any:
+  children = {}
+  for key, value in node.items():
+    child = prefix + (key,)
+    children[key] = _lists_from_dicts(value, child, kinds) if child in kinds else value
+  if kinds.get(prefix) == SEQUENCE_KEY:
+    return [children[k] for k in sorted(children, key=int)]
+  return children

@@ -1,0 +1,74 @@
+"""Per-leaf save and restore options (Orbax's ``SaveArgs``/``RestoreArgs`` family)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveArgs:
+  """How to save one leaf.
+
+  Attributes:
+    dtype: cast the array to this dtype on disk (restores return it).
+    chunk_byte_size: upper bound for one stored chunk; chunks tile the written shard.
+    aggregate: accepted for old call sites and ignored (Orbax no longer aggregates either).
+  """
+  dtype: Any = None
+  chunk_byte_size: int | None = None
+  aggregate: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreArgs:
+  """How to restore one leaf.
+
+  Attributes:
+    restore_type: ``np.ndarray``, ``jax.Array``, a Python scalar type, ``str``, or None for
+      the type it was saved as.
+    dtype: cast to this dtype after reading.
+  """
+  restore_type: Any = None
+  dtype: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayRestoreArgs(RestoreArgs):
+  """Restore one leaf as a ``jax.Array``.
+
+  Attributes:
+    sharding: the sharding of the result; or give ``mesh`` and ``mesh_axes``.
+    global_shape: the shape wanted; None keeps the stored shape.
+    strict: with False, a ``global_shape`` that differs pads (with zeros) or truncates.
+  """
+  restore_type: Any = jax.Array
+  sharding: jax.sharding.Sharding | None = None
+  mesh: jax.sharding.Mesh | None = None
+  mesh_axes: Any = None
+  global_shape: tuple[int, ...] | None = None
+  shape: tuple[int, ...] | None = None
+  strict: bool = True
+
+  def resolved_sharding(self) -> jax.sharding.Sharding | None:
+    if self.sharding is not None:
+      return self.sharding
+    if self.mesh is not None and self.mesh_axes is not None:
+      return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*self.mesh_axes))
+    return None
+
+
+def is_restore_args(x: Any) -> bool:
+  return isinstance(x, RestoreArgs)
+
+
+def is_save_args(x: Any) -> bool:
+  return isinstance(x, SaveArgs)
+
+
+def normalize_dtype(dtype: Any) -> np.dtype | None:
+  """Accepts scalar types like ``jnp.bfloat16`` as well as dtypes (Orbax crashes on those)."""
+  return None if dtype is None else np.dtype(dtype)
