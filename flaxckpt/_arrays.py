@@ -9,7 +9,6 @@ one transaction. Reads decode raw chunks directly and hand everything else to te
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
 from typing import Any
 
@@ -138,8 +137,13 @@ def merge_process_databases(directory: pathlib.Path, process_dirs: list[pathlib.
 
 
 def read_arrays(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | None,
-                use_zarr3: bool, missing_chunks_are_errors: bool) -> list[np.ndarray]:
-  """Reads whole arrays by parameter name."""
+                use_zarr3: bool, missing_chunks_are_errors: bool,
+                ndim_hints: list[int | None] | None = None) -> list[np.ndarray]:
+  """Reads whole arrays by parameter name.
+
+  ``ndim_hints`` (the rank each array probably has) lets the read of a single-chunk array's
+  chunk start together with its ``.zarray`` instead of after it: one round trip, not two.
+  """
   if not names:
     return []
   if use_ocdbt is None:
@@ -149,10 +153,12 @@ def read_arrays(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | 
   if use_zarr3:
     return _read_with_driver(directory, base, names, 'zarr3', context)
   kv = ts.KvStore.open(base, context=context).result()
+  hints = ndim_hints or [None] * len(names)
   meta_reads = [kv.read(name + '/' + _zarr.ZARRAY) for name in names]
+  guesses = [kv.read(name + '/' + _zarr.chunk_key((0,) * ndim)) if ndim is not None else None
+             for name, ndim in zip(names, hints)]
   results: list[Any] = [None] * len(names)
-  fallback = []
-  chunk_reads = []
+  fallback, chunk_reads = [], []
   for i, (name, future) in enumerate(zip(names, meta_reads)):
     read = future.result()
     if read.state != 'value':
@@ -163,9 +169,11 @@ def read_arrays(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | 
     if not _zarr.is_raw_zarr2(meta):
       fallback.append(i)
       continue
-    shape, chunks = tuple(meta['shape']), tuple(meta['chunks'])
-    keys = list(_zarr.grid(shape, chunks))
-    futures = [kv.read(name + '/' + _zarr.chunk_key(k)) for k in keys]
+    keys = list(_zarr.grid(tuple(meta['shape']), tuple(meta['chunks'])))
+    if guesses[i] is not None and keys == [(0,) * hints[i]]:
+      futures = [guesses[i]]
+    else:
+      futures = [kv.read(name + '/' + _zarr.chunk_key(k)) for k in keys]
     chunk_reads.append((i, name, meta, keys, futures))
   if fallback:
     arrays = _read_with_driver(directory, base, [names[i] for i in fallback], 'zarr', context)
@@ -198,7 +206,3 @@ def _read_with_driver(directory: pathlib.Path, base: dict[str, Any], names: list
           f'{directory}: cannot open array {name!r} as {driver}: {e}') from e
   reads = [store.read() for store in stores]
   return [np.asarray(r.result()) for r in reads]
-
-
-def element_count(shape: tuple[int, ...]) -> int:
-  return math.prod(shape)

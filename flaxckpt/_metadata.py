@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import json
 import time
 from typing import Any
@@ -126,6 +127,7 @@ def sharding_key(name: str) -> str:
   return base64.urlsafe_b64encode(name.encode('utf-8')).decode('ascii')
 
 
+@functools.lru_cache(maxsize=1024)
 def sharding_to_json(sharding: jax.sharding.Sharding, ndim: int) -> str | None:
   """Describes a sharding as Orbax does; None for kinds Orbax does not record."""
   if isinstance(sharding, jax.sharding.NamedSharding):

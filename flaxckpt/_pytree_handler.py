@@ -137,9 +137,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         strings[name] = value
       elif isinstance(value, jax.Array):
         value_type = _metadata.JAX_ARRAY
-        array, ext = self._jax_array_write(name, value, arg, copy, max_chunk)
+        array, ext, write_shape = self._jax_array_write(name, value, arg, copy, max_chunk)
         arrays.append(array)
-        write_shape = _write_shape(value)
         sharding = _metadata.sharding_to_json(value.sharding, value.ndim)
         if sharding is not None:
           shardings[_metadata.sharding_key(name)] = sharding
@@ -182,10 +181,11 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         'Python int/float/bool, a numpy scalar, a str, None or an empty container.')
 
   def _jax_array_write(self, name: str, value: jax.Array, arg: SaveArgs, copy: bool,
-                       max_chunk: int) -> tuple[_arrays.ArrayWrite, dict | None]:
+                       max_chunk: int
+                       ) -> tuple[_arrays.ArrayWrite, dict | None, tuple[int, ...]]:
     ext = None
     if _is_key_array(value):
-      ext = {'random_key_impl': str(jax.random.key_impl(value))}
+      ext = {'random_key_impl': _key_impl_name(value.dtype)}
       value = jax.random.key_data(value)
     dtype = normalize_dtype(arg.dtype) or np.dtype(value.dtype)
     if len(value.sharding.device_set) == 1:
@@ -200,7 +200,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
     write_shape = _write_shape(value)
     chunk_shape = _zarr.choose_chunk_shape(
         write_shape, value.shape, dtype.itemsize, _chunk_limit(arg, max_chunk, self._options))
-    return _arrays.ArrayWrite(name, value.shape, dtype, chunk_shape, tuple(host)), ext
+    return (_arrays.ArrayWrite(name, value.shape, dtype, chunk_shape, tuple(host)), ext,
+            write_shape)
 
   # --- restore ---------------------------------------------------------------------------------
 
@@ -287,12 +288,13 @@ register_with_handler(StandardCheckpointHandler, for_restore=True)(StandardResto
 
 
 def _is_key_array(value: jax.Array) -> bool:
-  return jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
+  # Typed PRNG key dtypes are jax extended dtypes, never numpy dtypes.
+  return not isinstance(value.dtype, np.dtype) and jax.dtypes.issubdtype(
+      value.dtype, jax.dtypes.prng_key)
 
 
 def _write_shape(value: jax.Array) -> tuple[int, ...]:
-  if _is_key_array(value):
-    value = jax.random.key_data(value)
+  """The shape each process writes per shard (the whole array when on one device)."""
   if len(value.sharding.device_set) == 1:
     return tuple(value.shape)
   return tuple(value.sharding.shard_shape(value.shape))
@@ -393,7 +395,7 @@ def check_committed(directory: pathlib.Path) -> None:
 @dataclasses.dataclass(frozen=True)
 class _Want:
   """What one result leaf must become."""
-  kind: str  # 'jax', 'numpy', or 'stored'
+  kind: str  # 'jax', 'numpy', 'scalar', or 'stored'
   dtype: np.dtype | None = None
   shape: tuple[int, ...] | None = None
   sharding: jax.sharding.Sharding | None = None
@@ -412,23 +414,26 @@ class _Want:
       kind = 'numpy' if arg.restore_type is np.ndarray else 'stored'
       return cls(kind, normalize_dtype(arg.dtype))
     if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
-      dtype, key_impl = np.dtype(_base_dtype(target)), None
       if jax.dtypes.issubdtype(target.dtype, jax.dtypes.prng_key):
-        key_impl = str(jax.random.key_impl(target)) if isinstance(target, jax.Array) else (
-            str(target.dtype._impl))
-        dtype = None
-      return cls('jax', dtype, tuple(target.shape), getattr(target, 'sharding', None), strict,
-                 key_impl)
+        # Keys are stored as their uint32 key data, which has extra trailing dimensions.
+        data = jax.eval_shape(jax.random.key_data, target)
+        return cls('jax', np.dtype(data.dtype), tuple(data.shape),
+                   getattr(target, 'sharding', None), strict, _key_impl_name(target.dtype))
+      return cls('jax', np.dtype(target.dtype), tuple(target.shape),
+                 getattr(target, 'sharding', None), strict)
     if isinstance(target, np.ndarray):
       return cls('numpy', target.dtype, target.shape, strict=strict)
+    if isinstance(target, (bool, int, float)):
+      return cls('scalar')  # A Python number, of the type it was saved as.
     return cls('stored')
 
 
 _STORED = _Want('stored')
 
 
-def _base_dtype(target: Any) -> Any:
-  return np.uint32 if jax.dtypes.issubdtype(target.dtype, jax.dtypes.prng_key) else target.dtype
+def _key_impl_name(key_dtype: Any) -> str:
+  """The registered name of a typed key dtype's PRNG implementation (``threefry2x32``)."""
+  return key_dtype._impl.name  # jax exposes no public accessor that also takes abstract keys.
 
 
 class _Reader:
@@ -447,7 +452,8 @@ class _Reader:
     data = _arrays.read_arrays(
         self.directory, [leaf.name for leaf in arrays], use_ocdbt=self.meta.use_ocdbt,
         use_zarr3=self.meta.use_zarr3,
-        missing_chunks_are_errors=self.meta.store_array_data_equal_to_fill_value)
+        missing_chunks_are_errors=self.meta.store_array_data_equal_to_fill_value,
+        ndim_hints=[_rank_hint(leaf) for leaf in arrays])
     out: dict[_tree.Path, Any] = {leaf.path: value for leaf, value in zip(arrays, data)}
     for leaf in leaves:
       if leaf.value_type == _metadata.STRING:
@@ -498,6 +504,12 @@ class _Reader:
     return value
 
 
+def _rank_hint(leaf: _metadata.LeafMetadata) -> int | None:
+  if leaf.value_type == _metadata.SCALAR:
+    return 0
+  return len(leaf.write_shape) if leaf.write_shape is not None else None
+
+
 def _empty_value(leaf: _metadata.LeafMetadata) -> Any:
   factory = _metadata.EMPTY_TYPES.get(leaf.value_type)
   return factory() if factory is not None else None
@@ -546,6 +558,13 @@ def _convert(slot: int, path: _tree.Path, want: _Want, stored: _metadata.LeafMet
   if kind == 'numpy':
     out[slot] = _writable(value)
     return
+  if kind == 'scalar':
+    if value.size != 1:
+      raise _errors.StructureMismatchError(
+          f'Leaf {_tree.path_str(path)!r}: the target is a Python scalar but the checkpoint '
+          f'holds an array of shape {tuple(value.shape)}.')
+    out[slot] = value.reshape(()).item()
+    return
   sharding = want.sharding
   key_impl = want.key_impl or (reader.key_impl(stored) if want.kind == 'stored' else None)
   if sharding is None:
@@ -570,10 +589,14 @@ def _fit(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _put_on_devices(out: list[Any], pending: list) -> None:
+  """One ``device_put`` per distinct sharding (much cheaper than one per leaf)."""
   if not pending:
     return
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  shardings = [s or default for _, _, s, _ in pending]
-  arrays = jax.device_put([v for _, v, _, _ in pending], shardings)
-  for (slot, _, _, key_impl), array in zip(pending, arrays):
-    out[slot] = jax.random.wrap_key_data(array, impl=key_impl) if key_impl else array
+  groups: dict[jax.sharding.Sharding, list] = {}
+  for entry in pending:
+    groups.setdefault(entry[2] or default, []).append(entry)
+  for sharding, entries in groups.items():
+    arrays = jax.device_put([value for _, value, _, _ in entries], sharding)
+    for (slot, _, _, key_impl), array in zip(entries, arrays):
+      out[slot] = jax.random.wrap_key_data(array, impl=key_impl) if key_impl else array
