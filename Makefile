@@ -1,0 +1,33 @@
+# Developer entry points: `make demo`, `make test`, `make bench`, `make clean`.
+# Every target runs inside .venv, which is created on first use and re-synced
+# (pip install -e '.[test]') whenever setup.cfg or pyproject.toml changes.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp
+
+.PHONY: demo test bench clean $(VENV)
+
+demo: $(VENV)
+	$(PY) -m flaxckpt.demo
+
+# Any non-zero pytest exit fails the target, including 5 (no tests collected).
+test: $(VENV)
+	$(PY) -m pytest -n 2 -q
+
+bench: $(VENV)
+	$(PY) benchmarks/bench.py
+
+$(VENV): $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+clean:
+	rm -rf build dist *.egg-info demo_output bench_output
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

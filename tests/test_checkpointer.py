@@ -1,0 +1,209 @@
+"""Commit protocol, async saves, older call forms and bad input."""
+
+import asyncio
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flaxckpt as ocp
+
+
+def _tree():
+  return {'w': jnp.arange(6.0).reshape(2, 3), 'b': np.ones(3, np.int32), 'n': 7, 's': 'hi'}
+
+
+def _assert_tree_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_commit_layout_and_markers(tmp_path):
+  path = tmp_path / 'ckpt'
+  ocp.PyTreeCheckpointer().save(path, args=ocp.args.PyTreeSave(_tree()))
+  names = sorted(os.listdir(path))
+  assert names == ['_CHECKPOINT_METADATA', '_METADATA', '_sharding', '_strings.json',
+                   'array_metadatas', 'commit_success.txt', 'd', 'manifest.ocdbt',
+                   'ocdbt.process_0']
+  assert (path / 'commit_success.txt').read_text() == (
+      f'Checkpoint commit was successful to {path}')
+  meta = json.loads((path / '_CHECKPOINT_METADATA').read_text())
+  assert meta['item_handlers'].endswith('PyTreeCheckpointHandler')
+  assert meta['commit_timestamp_nsecs'] >= meta['init_timestamp_nsecs'] > 0
+  assert not list(tmp_path.glob('*.orbax-checkpoint-tmp*'))
+
+
+def test_existing_path_needs_force(tmp_path):
+  path = tmp_path / 'ckpt'
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, args=ocp.args.StandardSave({'a': np.zeros(2)}))
+  with pytest.raises(ocp.CheckpointExistsError, match='already exists.*force=True'):
+    ckptr.save(path, args=ocp.args.StandardSave({'a': np.ones(2)}))
+  np.testing.assert_array_equal(ckptr.restore(path)['a'], np.zeros(2))
+  ckptr.save(path, args=ocp.args.StandardSave({'a': np.ones(2)}), force=True)
+  np.testing.assert_array_equal(ckptr.restore(path)['a'], np.ones(2))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
+
+
+def test_failed_save_leaves_nothing_and_keeps_old_checkpoint(tmp_path):
+  path = tmp_path / 'ckpt'
+  ckptr = ocp.PyTreeCheckpointer()
+  ckptr.save(path, args=ocp.args.PyTreeSave({'a': np.arange(3)}))
+  with pytest.raises(ocp.UnsupportedLeafError, match=r"'bad/x'.*object"):
+    ckptr.save(path, args=ocp.args.PyTreeSave({'a': np.arange(3), 'bad': {'x': object()}}),
+               force=True)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
+  np.testing.assert_array_equal(ckptr.restore(path)['a'], np.arange(3))
+  with pytest.raises(ocp.UnsupportedLeafError):
+    ckptr.save(tmp_path / 'new', args=ocp.args.PyTreeSave({'f': lambda: 0}))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
+
+
+def test_failure_while_writing_cleans_up(tmp_path, monkeypatch):
+  """A write that fails midway (here: the disk refuses the OCDBT commit) leaves no directory."""
+  from flaxckpt import _arrays
+
+  def broken(*args, **kwargs):
+    raise OSError('No space left on device')
+
+  monkeypatch.setattr(_arrays, 'merge_process_databases', broken)
+  with pytest.raises(OSError, match='No space left'):
+    ocp.PyTreeCheckpointer().save(tmp_path / 'ckpt', args=ocp.args.PyTreeSave(_tree()))
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_half_written_and_foreign_directories_are_refused(tmp_path):
+  path = tmp_path / 'ckpt'
+  ocp.PyTreeCheckpointer().save(path, args=ocp.args.PyTreeSave(_tree()))
+  tmp_dir = tmp_path / 'other.orbax-checkpoint-tmp'
+  os.rename(path, tmp_dir)
+  with pytest.raises(ocp.IncompleteCheckpointError, match='never committed'):
+    ocp.PyTreeCheckpointer().restore(tmp_dir)
+  foreign = tmp_path / 'foreign'
+  foreign.mkdir()
+  (foreign / 'notes.txt').write_text('x')
+  with pytest.raises(ocp.NotACheckpointError, match=r"foreign.*_METADATA.*notes.txt"):
+    ocp.PyTreeCheckpointer().restore(foreign)
+  with pytest.raises(FileNotFoundError, match='missing'):
+    ocp.PyTreeCheckpointer().restore(tmp_path / 'missing')
+
+
+def test_damaged_checkpoint_names_the_array(tmp_path):
+  path = tmp_path / 'ckpt'
+  ocp.PyTreeCheckpointer(use_ocdbt=False).save(path, args=ocp.args.PyTreeSave(
+      {'p': {'w': np.arange(4.0)}}))
+  os.remove(path / 'p.w' / '0')
+  with pytest.raises(ocp.NotACheckpointError, match="chunk '0' of array 'p.w' is missing"):
+    ocp.PyTreeCheckpointer().restore(path)
+
+
+@pytest.mark.parametrize('make_path', [str, pathlib.Path, lambda p: os.path.relpath(p)])
+def test_path_types(tmp_path, make_path, monkeypatch):
+  monkeypatch.chdir(tmp_path.parent)
+  path = make_path(tmp_path / 'ckpt')
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, args=ocp.args.StandardSave({'a': np.arange(3)}))
+  np.testing.assert_array_equal(ckptr.restore(path)['a'], np.arange(3))
+
+
+def test_older_call_forms_are_adapters(tmp_path):
+  tree = {'a': np.arange(4.0), 'b': 3}
+  ckptr = ocp.PyTreeCheckpointer()
+  ckptr.save(tmp_path / 'c', tree, save_args={'a': ocp.SaveArgs(dtype=np.dtype(np.float16)),
+                                              'b': ocp.SaveArgs()})
+  restored = ckptr.restore(tmp_path / 'c', item={'a': np.zeros(4, np.float16), 'b': 0})
+  assert restored['a'].dtype == np.float16 and restored['b'] == 3
+  restored = ckptr.restore(tmp_path / 'c', restore_args={'a': ocp.RestoreArgs(
+      restore_type=np.ndarray, dtype=np.dtype(np.float32))})
+  assert restored == {'a': pytest.approx(np.arange(4.0))} or restored['a'].dtype == np.float32
+  with pytest.raises(TypeError, match='either args'):
+    ckptr.save(tmp_path / 'd', tree, args=ocp.args.PyTreeSave(tree))
+  ckptr.save(tmp_path / 'e', tree, force=True)
+  _assert_tree_equal(ckptr.restore(tmp_path / 'e'), tree)
+
+
+def test_async_save_returns_before_commit_and_waits(tmp_path):
+  ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(), timeout_secs=60)
+  state = {'x': jnp.ones((256, 256))}
+  ckptr.save(tmp_path / 'a', args=ocp.args.StandardSave(state))
+  state = None  # The caller may drop or change its arrays right away.
+  ckptr.wait_until_finished()
+  assert (tmp_path / 'a' / 'commit_success.txt').exists()
+  np.testing.assert_array_equal(ckptr.restore(tmp_path / 'a')['x'], np.ones((256, 256)))
+  ckptr.close()
+
+
+def test_async_snapshot_is_taken_at_save_time(tmp_path):
+  ckptr = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler())
+  data = np.zeros(1000)
+  ckptr.save(tmp_path / 'a', args=ocp.args.PyTreeSave({'d': data}))
+  data[:] = 5  # Mutating after save() returns must not change what is written.
+  ckptr.wait_until_finished()
+  np.testing.assert_array_equal(ckptr.restore(tmp_path / 'a')['d'], np.zeros(1000))
+
+
+def test_async_restore_waits_for_inflight_save(tmp_path):
+  with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler()) as ckptr:
+    ckptr.save(tmp_path / 'a', args=ocp.args.StandardSave({'v': np.arange(10**5)}))
+    np.testing.assert_array_equal(ckptr.restore(tmp_path / 'a')['v'], np.arange(10**5))
+
+
+def _failing_async_save(ckptr, path, monkeypatch):
+  from flaxckpt import _arrays
+  monkeypatch.setattr(_arrays, 'merge_process_databases',
+                      lambda *a, **k: (_ for _ in ()).throw(OSError('disk full')))
+  ckptr.save(path, args=ocp.args.StandardSave({'v': np.arange(5)}))
+
+
+@pytest.mark.parametrize('surface', ['wait_until_finished', 'check_for_errors', 'close',
+                                     'save'])
+def test_async_failure_surfaces(tmp_path, monkeypatch, surface):
+  ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+  _failing_async_save(ckptr, tmp_path / 'a', monkeypatch)
+  if surface in ('check_for_errors', 'save'):
+    ckptr._thread.join()  # Let the background save fail before probing.
+  with pytest.raises(ocp.AsyncSaveError, match='disk full') as info:
+    if surface == 'save':
+      monkeypatch.undo()
+      ckptr.save(tmp_path / 'b', args=ocp.args.StandardSave({'v': 1}))
+    else:
+      getattr(ckptr, surface)()
+  assert isinstance(info.value.__cause__, OSError)
+  assert not (tmp_path / 'a').exists()
+  assert not list(tmp_path.glob('*.orbax-checkpoint-tmp*'))
+
+
+def test_async_save_inside_running_event_loop(tmp_path):
+  """Jupyter runs user code inside an event loop; saves must neither need nor create one."""
+
+  async def main():
+    ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+    ckptr.save(tmp_path / 'a', args=ocp.args.StandardSave({'v': jnp.arange(4)}))
+    ckptr.wait_until_finished()
+    return ckptr.restore(tmp_path / 'a')
+
+  restored = asyncio.run(main())
+  np.testing.assert_array_equal(restored['v'], np.arange(4))
+
+
+def test_import_does_not_pull_orbax_or_test_utils():
+  code = ('import sys, flaxckpt; '
+          'bad = [m for m in sys.modules if m.startswith(("orbax", "flaxckpt.test_utils"))]; '
+          'print(bad)')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == '[]'
+
+
+def test_erase_and_create_empty(tmp_path):
+  target = tmp_path / 'x'
+  (target / 'old').mkdir(parents=True)
+  path = ocp.test_utils.erase_and_create_empty(str(target))
+  assert isinstance(path, pathlib.Path) and list(path.iterdir()) == []
+  assert (path / '1').parent == path
