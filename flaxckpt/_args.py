@@ -20,8 +20,8 @@ class PyTreeSave(CheckpointArgs):
   """
   item: Any
   save_args: Any = None
-  custom_metadata: Any = None
   ocdbt_target_data_file_size: int | None = None
+  custom_metadata: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

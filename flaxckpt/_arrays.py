@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import tensorstore as ts
 
 from flaxckpt import _errors, _storage, _zarr
+
+if TYPE_CHECKING:
+  import tensorstore as ts
+
+
+def _tensorstore():
+  """tensorstore, imported on first use: it is a large extension module that ``import
+  flaxckpt`` should not pay for."""
+  import tensorstore
+  return tensorstore
 
 OCDBT_MANIFEST = 'manifest.ocdbt'
 _OCDBT_CONFIG = {
@@ -52,8 +61,15 @@ def _ocdbt_spec(path: pathlib.Path) -> dict[str, Any]:
   return {'driver': 'ocdbt', 'base': _storage.kvstore_spec(path), 'config': _OCDBT_CONFIG}
 
 
+def _array_kvstore(base: dict[str, Any], name: str) -> dict[str, Any]:
+  """The kvstore spec of one array's folder/prefix inside ``base``."""
+  if base['driver'] == 'file':
+    return {**base, 'path': base['path'] + name + '/'}
+  return {**base, 'path': name + '/'}
+
+
 def _context() -> ts.Context:
-  return ts.Context({'file_io_concurrency': {'limit': 64}})
+  return _tensorstore().Context({'file_io_concurrency': {'limit': 64}})
 
 
 def write_arrays(directory: pathlib.Path, arrays: list[ArrayWrite],
@@ -68,11 +84,11 @@ def write_arrays(directory: pathlib.Path, arrays: list[ArrayWrite],
     base = _ocdbt_spec(target)
   else:
     base = _storage.kvstore_spec(directory)
-  txn = ts.Transaction(atomic=options.use_ocdbt)
+  txn = _tensorstore().Transaction(atomic=options.use_ocdbt)
   if options.use_zarr3 or options.use_compression:
     _write_with_drivers(base, arrays, options, context, txn)
   else:
-    kv = ts.KvStore.open(base, context=context).result().with_transaction(txn)
+    kv = _tensorstore().KvStore.open(base, context=context).result().with_transaction(txn)
     for array in arrays:
       _stage_raw(kv, array)
   txn.commit_async().result()
@@ -105,8 +121,9 @@ def _write_with_drivers(base: dict[str, Any], arrays: list[ArrayWrite], options:
           'shape': list(array.global_shape), 'chunks': list(array.chunk_shape),
           'dtype': _zarr.zarr2_dtype(array.dtype), 'dimension_separator': '.',
           'compressor': {'id': 'zstd', 'level': 1} if options.use_compression else None}}
-    spec['kvstore'] = {**base, 'path': array.name + '/'}
-    opens.append(ts.open(spec, create=True, open=True, context=context, transaction=txn))
+    spec['kvstore'] = _array_kvstore(base, array.name)
+    opens.append(_tensorstore().open(spec, create=True, open=True, context=context,
+                                     transaction=txn))
   writes = []
   for array, future in zip(arrays, opens):
     store = future.result()
@@ -125,10 +142,10 @@ def merge_process_databases(directory: pathlib.Path, process_dirs: list[pathlib.
   directories are part of the checkpoint.
   """
   context = context or _context()
-  root = ts.KvStore.open(_ocdbt_spec(directory), context=context).result()
-  txn = ts.Transaction(atomic=True)
+  root = _tensorstore().KvStore.open(_ocdbt_spec(directory), context=context).result()
+  txn = _tensorstore().Transaction(atomic=True)
   for process_dir in process_dirs:
-    source = ts.KvStore.open(_ocdbt_spec(process_dir), context=context).result()
+    source = _tensorstore().KvStore.open(_ocdbt_spec(process_dir), context=context).result()
     source.experimental_copy_range_to(root.with_transaction(txn)).result()
   txn.commit_async().result()
 
@@ -152,7 +169,7 @@ def read_arrays(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | 
   base = _ocdbt_spec(directory) if use_ocdbt else _storage.kvstore_spec(directory)
   if use_zarr3:
     return _read_with_driver(directory, base, names, 'zarr3', context)
-  kv = ts.KvStore.open(base, context=context).result()
+  kv = _tensorstore().KvStore.open(base, context=context).result()
   hints = ndim_hints or [None] * len(names)
   meta_reads = [kv.read(name + '/' + _zarr.ZARRAY) for name in names]
   guesses = [kv.read(name + '/' + _zarr.chunk_key((0,) * ndim)) if ndim is not None else None
@@ -195,8 +212,8 @@ def read_arrays(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | 
 
 def _read_with_driver(directory: pathlib.Path, base: dict[str, Any], names: list[str],
                       driver: str, context: ts.Context) -> list[np.ndarray]:
-  opens = [ts.open({'driver': driver, 'kvstore': {**base, 'path': name + '/'}}, open=True,
-                   context=context) for name in names]
+  opens = [_tensorstore().open({'driver': driver, 'kvstore': _array_kvstore(base, name)},
+                               open=True, context=context) for name in names]
   stores = []
   for name, future in zip(names, opens):
     try:

@@ -128,11 +128,11 @@ def sharding_key(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=1024)
-def sharding_to_json(sharding: jax.sharding.Sharding, ndim: int) -> str | None:
+def sharding_to_json(sharding: jax.sharding.Sharding) -> str | None:
   """Describes a sharding as Orbax does; None for kinds Orbax does not record."""
   if isinstance(sharding, jax.sharding.NamedSharding):
     mesh = sharding.mesh
-    spec = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
+    spec = list(sharding.spec)  # As given: Orbax does not pad it to the array's rank.
     entry = {'sharding_type': 'NamedSharding', 'shape': list(mesh.devices.shape),
              'axis_names': list(mesh.axis_names)}
     axis_types = getattr(mesh, 'axis_types', None)

@@ -139,7 +139,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         value_type = _metadata.JAX_ARRAY
         array, ext, write_shape = self._jax_array_write(name, value, arg, copy, max_chunk)
         arrays.append(array)
-        sharding = _metadata.sharding_to_json(value.sharding, value.ndim)
+        sharding = _metadata.sharding_to_json(value.sharding)
         if sharding is not None:
           shardings[_metadata.sharding_key(name)] = sharding
         array_metas.append({'param_name': name, 'write_shape': list(write_shape),

@@ -94,7 +94,7 @@ def build(entries: list[tuple[Path, tuple[int, ...], Any]]) -> Any:
 
 def _lists_from_dicts(node: dict[str, Any], prefix: Path, kinds: dict[Path, int]) -> Any:
   children = {}
-  for key, value in node.items():
+  for key, value in sorted(node.items()):  # Sorted like jax (and Orbax) order dict keys.
     child = prefix + (key,)
     children[key] = _lists_from_dicts(value, child, kinds) if child in kinds else value
   if kinds.get(prefix) == SEQUENCE_KEY:
