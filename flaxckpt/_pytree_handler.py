@@ -419,8 +419,10 @@ class _Want:
         data = jax.eval_shape(jax.random.key_data, target)
         return cls('jax', np.dtype(data.dtype), tuple(data.shape),
                    getattr(target, 'sharding', None), strict, _key_impl_name(target.dtype))
-      return cls('jax', np.dtype(target.dtype), tuple(target.shape),
-                 getattr(target, 'sharding', None), strict)
+      if isinstance(target, jax.ShapeDtypeStruct) and target.sharding is None:
+        # As in Orbax: an abstract leaf that names no devices restores to host memory.
+        return cls('numpy', np.dtype(target.dtype), tuple(target.shape), strict=strict)
+      return cls('jax', np.dtype(target.dtype), tuple(target.shape), target.sharding, strict)
     if isinstance(target, np.ndarray):
       return cls('numpy', target.dtype, target.shape, strict=strict)
     if isinstance(target, (bool, int, float)):
