@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
+import math
 import pathlib
 from typing import Any
 
@@ -22,9 +22,9 @@ from flaxckpt._args import PyTreeRestore, PyTreeSave, StandardRestore, StandardS
 from flaxckpt._handler import AsyncCheckpointHandler, Writer, register_with_handler
 from flaxckpt._types import ArrayRestoreArgs, RestoreArgs, SaveArgs, normalize_dtype
 
-logger = logging.getLogger('flaxckpt')
 
 _TMP_MARKER = '.orbax-checkpoint-tmp'
+_DEFAULT_SAVE_ARGS = SaveArgs()
 _INT64 = np.iinfo(np.int64)
 
 
@@ -128,7 +128,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
             f'Tree paths {_tree.path_str(seen[name])!r} and {_tree.path_str(leaf.path)!r} both '
             f'map to the stored name {name!r} (names join keys with "."); rename one key.')
       seen[name] = leaf.path
-      value, arg = leaf.value, save_args.get(leaf.path) or SaveArgs()
+      value, arg = leaf.value, save_args.get(leaf.path, _DEFAULT_SAVE_ARGS)
       write_shape = None
       if _tree.is_empty_node(value):
         value_type = _empty_type(value)
@@ -188,7 +188,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
       ext = {'random_key_impl': _key_impl_name(value.dtype)}
       value = jax.random.key_data(value)
     dtype = normalize_dtype(arg.dtype) or np.dtype(value.dtype)
-    if len(value.sharding.device_set) == 1:
+    if _on_one_device(value):
       blocks = [((0,) * value.ndim, value)]
     else:
       blocks = [(tuple(s.start or 0 for s in shard.index), shard.data)
@@ -293,9 +293,15 @@ def _is_key_array(value: jax.Array) -> bool:
       value.dtype, jax.dtypes.prng_key)
 
 
+def _on_one_device(value: jax.Array) -> bool:
+  sharding = value.sharding
+  return isinstance(sharding, jax.sharding.SingleDeviceSharding) or len(
+      sharding.device_set) == 1
+
+
 def _write_shape(value: jax.Array) -> tuple[int, ...]:
   """The shape each process writes per shard (the whole array when on one device)."""
-  if len(value.sharding.device_set) == 1:
+  if _on_one_device(value):
     return tuple(value.shape)
   return tuple(value.sharding.shard_shape(value.shape))
 
@@ -336,11 +342,8 @@ def _save_args_by_path(save_args: Any) -> dict[_tree.Path, SaveArgs]:
     return {}
   pairs, _ = jax.tree_util.tree_flatten_with_path(
       save_args, is_leaf=lambda x: isinstance(x, SaveArgs))
-  out = {}
-  for keys, value in pairs:
-    if isinstance(value, SaveArgs):
-      out[tuple(_tree._key_entry(k)[0] for k in keys)] = value
-  return out
+  return {leaf.path: leaf.value for leaf in _tree.leaves_from_pairs(pairs)
+          if isinstance(leaf.value, SaveArgs)}
 
 
 def _restore_args_by_path(restore_args: Any) -> dict[_tree.Path, RestoreArgs]:
@@ -353,11 +356,7 @@ def _restore_args_by_path(restore_args: Any) -> dict[_tree.Path, RestoreArgs]:
 def _flatten_restore_args(tree: Any) -> tuple[list[_tree.Leaf], Any]:
   pairs, treedef = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: isinstance(x, RestoreArgs) or _tree.is_empty_node(x))
-  leaves = []
-  for keys, value in pairs:
-    entries = [_tree._key_entry(k) for k in keys]
-    leaves.append(_tree.Leaf(tuple(e[0] for e in entries), tuple(e[1] for e in entries), value))
-  return leaves, treedef
+  return _tree.leaves_from_pairs(pairs), treedef
 
 
 def read_tree_metadata(directory: pathlib.Path) -> _metadata.TreeMetadata:
@@ -507,9 +506,14 @@ class _Reader:
 
 
 def _rank_hint(leaf: _metadata.LeafMetadata) -> int | None:
+  """The rank of a leaf worth reading its chunk speculatively: only small arrays, since large
+  ones are read straight from their data files."""
   if leaf.value_type == _metadata.SCALAR:
     return 0
-  return len(leaf.write_shape) if leaf.write_shape is not None else None
+  if leaf.write_shape is None or math.prod(leaf.write_shape) * 16 >= (
+      _arrays.DIRECT_READ_MIN_BYTES):
+    return None
+  return len(leaf.write_shape)
 
 
 def _empty_value(leaf: _metadata.LeafMetadata) -> Any:

@@ -41,16 +41,26 @@ def is_empty_node(x: Any) -> bool:
   return isinstance(x, Mapping) and not isinstance(x, dict) and len(x) == 0
 
 
-def _key_entry(key: Any) -> tuple[str, int]:
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return str(key.idx), SEQUENCE_KEY
-  if isinstance(key, jax.tree_util.DictKey):
-    return str(key.key), DICT_KEY
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    return key.name, DICT_KEY
-  if isinstance(key, jax.tree_util.FlattenedIndexKey):
-    return str(key.key), SEQUENCE_KEY
-  return str(key), DICT_KEY
+_KEY_ENTRY = {
+    jax.tree_util.SequenceKey: lambda k: (str(k.idx), SEQUENCE_KEY),
+    jax.tree_util.DictKey: lambda k: (str(k.key), DICT_KEY),
+    jax.tree_util.GetAttrKey: lambda k: (k.name, DICT_KEY),
+    jax.tree_util.FlattenedIndexKey: lambda k: (str(k.key), SEQUENCE_KEY),
+}
+
+
+def key_entry(key: Any) -> tuple[str, int]:
+  """A jax key-path entry as (string, key type)."""
+  convert = _KEY_ENTRY.get(type(key))
+  return convert(key) if convert is not None else (str(key), DICT_KEY)
+
+
+def leaves_from_pairs(pairs: list[tuple[tuple[Any, ...], Any]]) -> list[Leaf]:
+  leaves = []
+  for keys, value in pairs:
+    entries = [key_entry(k) for k in keys]
+    leaves.append(Leaf(tuple(e[0] for e in entries), tuple(e[1] for e in entries), value))
+  return leaves
 
 
 def flatten(tree: Any) -> tuple[list[Leaf], Any]:
@@ -59,11 +69,7 @@ def flatten(tree: Any) -> tuple[list[Leaf], Any]:
   Returns the leaves in jax flatten order and the treedef to rebuild the tree with.
   """
   pairs, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_empty_node)
-  leaves = []
-  for keys, value in pairs:
-    entries = [_key_entry(k) for k in keys]
-    leaves.append(Leaf(tuple(e[0] for e in entries), tuple(e[1] for e in entries), value))
-  return leaves, treedef
+  return leaves_from_pairs(pairs), treedef
 
 
 def path_str(path: Path) -> str:
