@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flaxckpt import _errors, _storage, _zarr
+from flaxckpt import _errors, _sources, _storage, _zarr
 
 if TYPE_CHECKING:
   import tensorstore as ts
@@ -31,10 +31,9 @@ def _tensorstore():
 OCDBT_MANIFEST = 'manifest.ocdbt'
 
 # Chunks at least this large are read straight from their data file into 64-byte-aligned
-# buffers (which jax adopts without copying) instead of through kvstore reads, which copy
-# every byte twice. Smaller chunks are cheaper to fetch in one batch of kvstore reads.
+# buffers (which jax adopts without copying) instead of as bytes objects, which cost two extra
+# copies. Smaller chunks are cheaper to fetch all at once as bytes.
 DIRECT_READ_MIN_BYTES = 1 << 20
-_ALIGNMENT = 64
 _READ_THREADS = 4
 _OCDBT_CONFIG = {
     'max_inline_value_bytes': 1024,
@@ -167,8 +166,9 @@ def read_arrays(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | 
                 ndim_hints: list[int | None] | None = None) -> list[np.ndarray]:
   """Reads whole arrays by parameter name.
 
-  ``ndim_hints`` (the rank each array probably has) lets the read of a single-chunk array's
-  chunk start together with its ``.zarray`` instead of after it: one round trip, not two.
+  Raw zarr v2 arrays are decoded here; compressed and zarr v3 ones are read by tensorstore.
+  ``ndim_hints`` (the rank each array probably has) lets a kvstore read of a single-chunk
+  array's chunk start together with its ``.zarray``: one round trip, not two.
   """
   if not names:
     return []
@@ -178,143 +178,88 @@ def read_arrays(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | 
   base = _ocdbt_spec(directory) if use_ocdbt else _storage.kvstore_spec(directory)
   if use_zarr3:
     return _read_with_driver(directory, base, names, 'zarr3', context)
-  kv = _tensorstore().KvStore.open(base, context=context).result()
-  hints = ndim_hints or [None] * len(names)
-  meta_reads = [kv.read(name + '/' + _zarr.ZARRAY) for name in names]
-  guesses = [kv.read(name + '/' + _zarr.chunk_key((0,) * ndim)) if ndim is not None else None
-             for name, ndim in zip(names, hints)]
+  source = _open_source(directory, base, use_ocdbt, context)
+  try:
+    return _read_zarr2(directory, base, names, source, context, missing_chunks_are_errors,
+                       ndim_hints if source.speculative else None)
+  finally:
+    source.close()
+
+
+def _open_source(directory: pathlib.Path, base: dict[str, Any], use_ocdbt: bool,
+                 context: ts.Context) -> Any:
+  ts = _tensorstore()
+  if use_ocdbt:
+    index = _sources.OcdbtIndexSource.load(ts, directory, _storage.kvstore_spec(directory))
+    if index is not None:
+      return index
+  kv = ts.KvStore.open(base, context=context).result()
+  return _sources.KvSource(kv, None if use_ocdbt else directory)
+
+
+def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str], source: Any,
+                context: ts.Context, missing_chunks_are_errors: bool,
+                ndim_hints: list[int | None] | None) -> list[np.ndarray]:
+  metas = source.collect(source.request([name + '/' + _zarr.ZARRAY for name in names]))
+  guesses = [None] * len(names)
+  if ndim_hints:
+    guessed = [i for i, ndim in enumerate(ndim_hints) if ndim is not None]
+    handles = source.request([names[i] + '/' + _zarr.chunk_key((0,) * ndim_hints[i])
+                              for i in guessed])
+    for i, handle in zip(guessed, handles):
+      guesses[i] = handle
   results: list[Any] = [None] * len(names)
-  fallback, chunk_reads = [], []
-  for i, (name, future) in enumerate(zip(names, meta_reads)):
-    read = future.result()
-    if read.state != 'value':
+  fallback, pending, direct = [], [], []
+  for i, (name, raw) in enumerate(zip(names, metas)):
+    if raw is None:
       raise _errors.NotACheckpointError(
           f'{directory}: array {name!r} has no {_zarr.ZARRAY} (expected a zarr v2 array at '
           f'key {name}/{_zarr.ZARRAY}); the checkpoint is incomplete or damaged.')
-    meta = _zarr.parse_zarray(read.value)
+    meta = _zarr.parse_zarray(raw)
     if not _zarr.is_raw_zarr2(meta):
       fallback.append(i)
       continue
-    keys = list(_zarr.grid(tuple(meta['shape']), tuple(meta['chunks'])))
-    if guesses[i] is not None and keys == [(0,) * hints[i]]:
-      futures = [guesses[i]]
+    shape, chunks = tuple(meta['shape']), tuple(meta['chunks'])
+    dtype = _zarr.parse_dtype(meta['dtype'])
+    keys = list(_zarr.grid(shape, chunks))
+    nbytes = math.prod(chunks) * dtype.itemsize
+    if len(keys) == 1 and chunks == shape and nbytes >= DIRECT_READ_MIN_BYTES:
+      where = source.location(name + '/' + _zarr.chunk_key(keys[0]))
+      if where is not None and where[2] == nbytes:
+        results[i] = _sources.aligned_empty(shape, dtype)
+        direct.append((results[i], where))
+        continue
+    if guesses[i] is not None and keys == [(0,) * ndim_hints[i]]:
+      handles = [guesses[i]]
     else:
-      futures = [kv.read(name + '/' + _zarr.chunk_key(k)) for k in keys]
-    chunk_reads.append((i, name, meta, keys, futures))
+      handles = source.request([name + '/' + _zarr.chunk_key(k) for k in keys])
+    pending.append((i, name, shape, chunks, dtype, keys, handles))
   if fallback:
     arrays = _read_with_driver(directory, base, [names[i] for i in fallback], 'zarr', context)
     for i, array in zip(fallback, arrays):
       results[i] = array
-  direct = _direct_locations(directory, use_ocdbt, chunk_reads)
-  jobs = []
-  for i, name, meta, keys, futures in chunk_reads:
-    dtype = _zarr.parse_dtype(meta['dtype'])
-    shape, chunks = tuple(meta['shape']), tuple(meta['chunks'])
-    if name in direct:
-      results[i] = aligned_empty(shape, dtype)
-      jobs.append((results[i], direct[name]))
-      continue
-    pieces = {}
-    chunk_nbytes = math.prod(chunks) * dtype.itemsize
-    for key, future in zip(keys, futures):
-      read = future.result()
-      if read.state != 'value':
-        if missing_chunks_are_errors:
-          raise _errors.NotACheckpointError(
-              f'{directory}: chunk {_zarr.chunk_key(key)!r} of array {name!r} is missing; the '
-              'checkpoint is incomplete or damaged.')
-        pieces[key] = None
-      elif len(read.value) != chunk_nbytes:
-        raise _errors.NotACheckpointError(
-            f'{directory}: chunk {_zarr.chunk_key(key)!r} of array {name!r} holds '
-            f'{len(read.value)} bytes, expected {chunk_nbytes}; the checkpoint is damaged.')
-      else:
-        pieces[key] = read.value
+  for i, name, shape, chunks, dtype, keys, handles in pending:
+    pieces = dict(zip(keys, source.collect(handles)))
+    _check_chunks(directory, name, pieces, math.prod(chunks) * dtype.itemsize,
+                  missing_chunks_are_errors)
     results[i] = _zarr.assemble(shape, chunks, dtype, pieces)
-  if jobs:
+  if direct:
     with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
-      list(pool.map(lambda job: _read_into(*job), jobs))
+      list(pool.map(lambda job: _sources.read_into(*job), direct))
   return results
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-  """An uninitialised array whose data is 64-byte aligned, so jax can use it without a copy."""
-  nbytes = math.prod(shape) * dtype.itemsize
-  raw = np.empty(nbytes + _ALIGNMENT, dtype=np.uint8)
-  start = -raw.ctypes.data % _ALIGNMENT
-  return raw[start:start + nbytes].view(dtype).reshape(shape)
-
-
-def _direct_locations(directory: pathlib.Path, use_ocdbt: bool,
-                      chunk_reads: list) -> dict[str, tuple[pathlib.Path, int, int]]:
-  """Where the single chunk of each large raw array lies: (file, offset, length)."""
-  large = {}
-  for _, name, meta, keys, _ in chunk_reads:
-    nbytes = math.prod(meta['chunks']) * _zarr.parse_dtype(meta['dtype']).itemsize
-    if len(keys) == 1 and tuple(meta['chunks']) == tuple(meta['shape']) and (
-        nbytes >= DIRECT_READ_MIN_BYTES):
-      large[name + '/' + _zarr.chunk_key(keys[0])] = (name, nbytes)
-  if not large:
-    return {}
-  if not use_ocdbt:
-    found = {}
-    for key, (name, nbytes) in large.items():
-      path = directory / key
-      if _storage.is_file(path) and path.stat().st_size == nbytes:
-        found[name] = (path, 0, nbytes)
-    return found
-  located = _ocdbt_value_locations(directory, set(large))
-  return {large[key][0]: where for key, where in located.items()
-          if where[2] == large[key][1]}
-
-
-def _ocdbt_value_locations(directory: pathlib.Path, keys: set[str]
-                           ) -> dict[str, tuple[pathlib.Path, int, int]]:
-  """Finds the data-file locations of ``keys`` by walking the OCDBT B+tree with tensorstore.
-
-  Indirect values are stored verbatim in the data files, so (file, offset, length) is all a
-  reader needs. Keys stored inline (small values) are not returned.
-  """
-  ts = _tensorstore()
-  base = ts.KvStore.open(_storage.kvstore_spec(directory)).result()
-  manifest = ts.ocdbt.dump(base).result()
-  version = manifest['versions'][-1]
-  root = version['root'].get('location')
-  found: dict[str, tuple[pathlib.Path, int, int]] = {}
-  pending = [(root, b'')] if root else []
-  while pending:
-    location, prefix = pending.pop()
-    for entry in ts.ocdbt.dump(base, location).result()['entries']:
-      if 'location' in entry:
-        pending.append((entry['location'], prefix + entry.get('subtree_common_prefix', b'')))
-        continue
-      key = (prefix + entry['key']).decode('utf-8', 'replace')
-      if key in keys and 'indirect_value' in entry:
-        found[key] = _parse_value_reference(directory, entry['indirect_value'])
-  return found
-
-
-def _parse_value_reference(directory: pathlib.Path, ref: str
-                           ) -> tuple[pathlib.Path, int, int]:
-  """``value:<base path>:<relative file>:<offset>:<length>`` -> (path, offset, length)."""
-  head, offset, length = ref.rsplit(':', 2)
-  _, base_path, relative = head.split(':', 2)
-  return directory / base_path / relative, int(offset), int(length)
-
-
-def _read_into(out: np.ndarray, where: tuple[pathlib.Path, int, int]) -> None:
-  path, offset, length = where
-  view = memoryview(out.reshape(-1).view(np.uint8))
-  with open(path, 'rb', buffering=0) as f:
-    f.seek(offset)
-    done = 0
-    while done < length:
-      n = f.readinto(view[done:])
-      if not n:
-        raise _errors.NotACheckpointError(
-            f'{path}: expected {length} bytes at offset {offset}, the file ends early; the '
-            'checkpoint is damaged.')
-      done += n
+def _check_chunks(directory: pathlib.Path, name: str, pieces: dict[tuple[int, ...], Any],
+                  nbytes: int, missing_are_errors: bool) -> None:
+  for key, data in pieces.items():
+    if data is None and missing_are_errors:
+      raise _errors.NotACheckpointError(
+          f'{directory}: chunk {_zarr.chunk_key(key)!r} of array {name!r} is missing; the '
+          'checkpoint is incomplete or damaged.')
+    if data is not None and len(data) != nbytes:
+      raise _errors.NotACheckpointError(
+          f'{directory}: chunk {_zarr.chunk_key(key)!r} of array {name!r} holds {len(data)} '
+          f'bytes, expected {nbytes}; the checkpoint is damaged.')
 
 
 def _read_with_driver(directory: pathlib.Path, base: dict[str, Any], names: list[str],

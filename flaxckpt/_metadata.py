@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import json
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -35,8 +35,7 @@ EMPTY_TYPES = {'None': None, 'Dict': dict, 'List': list, 'Tuple': tuple, 'NamedT
 PLACEHOLDER = 'placeholder'
 
 
-@dataclasses.dataclass(frozen=True)
-class LeafMetadata:
+class LeafMetadata(NamedTuple):
   """What ``_METADATA`` says about one leaf."""
   path: _tree.Path
   key_types: tuple[int, ...]
@@ -94,11 +93,9 @@ def parse_tree_metadata(text: str) -> TreeMetadata:
     value = entry['value_metadata']
     write_shape = value.get('write_shape')
     leaves.append(LeafMetadata(
-        path=tuple(str(k['key']) for k in keys),
-        key_types=tuple(int(k['key_type']) for k in keys),
-        value_type=value['value_type'],
-        skip_deserialize=bool(value.get('skip_deserialize', False)),
-        write_shape=tuple(write_shape) if write_shape is not None else None))
+        tuple([str(k['key']) for k in keys]), tuple([int(k['key_type']) for k in keys]),
+        value['value_type'], bool(value.get('skip_deserialize', False)),
+        tuple(write_shape) if write_shape is not None else None))
   return TreeMetadata(
       leaves=tuple(leaves),
       use_ocdbt=raw.get('use_ocdbt'),

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -391,8 +391,7 @@ def check_committed(directory: pathlib.Path) -> None:
         '(its name contains ".orbax-checkpoint-tmp"); restore the committed checkpoint instead.')
 
 
-@dataclasses.dataclass(frozen=True)
-class _Want:
+class _Want(NamedTuple):
   """What one result leaf must become."""
   kind: str  # 'jax', 'numpy', 'scalar', or 'stored'
   dtype: np.dtype | None = None

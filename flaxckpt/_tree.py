@@ -8,9 +8,8 @@ because names are not escaped (``{'a.b': x}`` and ``{'a': {'b': x}}`` share a na
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
@@ -20,9 +19,8 @@ DICT_KEY = 2
 Path = tuple[str, ...]
 
 
-@dataclasses.dataclass(frozen=True)
-class Leaf:
-  """One leaf of a flattened tree."""
+class Leaf(NamedTuple):
+  """One leaf of a flattened tree (a NamedTuple: trees can have many thousands of leaves)."""
   path: Path
   key_types: tuple[int, ...]
   value: Any
@@ -58,8 +56,13 @@ def key_entry(key: Any) -> tuple[str, int]:
 def leaves_from_pairs(pairs: list[tuple[tuple[Any, ...], Any]]) -> list[Leaf]:
   leaves = []
   for keys, value in pairs:
-    entries = [key_entry(k) for k in keys]
-    leaves.append(Leaf(tuple(e[0] for e in entries), tuple(e[1] for e in entries), value))
+    names, kinds = [], []
+    for key in keys:
+      convert = _KEY_ENTRY.get(type(key))
+      name, kind = convert(key) if convert is not None else (str(key), DICT_KEY)
+      names.append(name)
+      kinds.append(kind)
+    leaves.append(Leaf(tuple(names), tuple(kinds), value))
   return leaves
 
 

@@ -9,7 +9,9 @@ import orbax.checkpoint as orbax
 import pytest
 
 import flaxckpt as ocp
-from flaxckpt import _arrays, _metadata
+import tensorstore
+
+from flaxckpt import _arrays, _metadata, _sources
 
 
 def _big(seed=0, shape=(512, 1024)):  # 2 MiB: above the direct-read threshold.
@@ -39,9 +41,11 @@ def test_direct_read_finds_values_in_a_deep_btree(tmp_path, monkeypatch):
   tree = {f'g{i:03d}': {'big': _big(i, (256, 1024)), 'n': np.full(3, i)} for i in range(6)}
   tree.update({f'pad{i:04d}': np.float32(i) for i in range(400)})
   ocp.PyTreeCheckpointer().save(tmp_path / 'c', args=ocp.args.PyTreeSave(tree))
-  located = _arrays._ocdbt_value_locations(tmp_path / 'c', {'g003.big/0.0'})
-  path, offset, length = located['g003.big/0.0']
-  assert length == 256 * 1024 * 4 and path.is_file()
+  index = _sources.OcdbtIndexSource.load(tensorstore, tmp_path / 'c',
+                                         {'driver': 'file', 'path': str(tmp_path / 'c') + '/'})
+  path, offset, length = index.location('g003.big/0.0')
+  assert length == 256 * 1024 * 4 and path.is_file() and offset >= 0
+  assert index.collect(['pad0007/0']) == [np.float32(7).tobytes()]
   restored = ocp.PyTreeCheckpointer().restore(tmp_path / 'c')
   for i in range(6):
     np.testing.assert_array_equal(restored[f'g{i:03d}']['big'], tree[f'g{i:03d}']['big'])
