@@ -80,16 +80,52 @@ def _context() -> ts.Context:
   return _tensorstore().Context({'file_io_concurrency': {'limit': 64}})
 
 
-def write_arrays(directory: pathlib.Path, arrays: list[ArrayWrite],
-                 options: StorageOptions) -> None:
-  """Writes all arrays; returns when their bytes are durable."""
+class PendingWrite:
+  """Array writes whose tensorstore commit is under way.
+
+  ``advance`` waits for the commit and starts the merge into the root database; ``wait``
+  finishes everything. Callers interleave their own work between the steps.
+  """
+
+  def __init__(self, directory: pathlib.Path, commit: Any, process_dir: pathlib.Path | None,
+               context: ts.Context | None):
+    self._directory = directory
+    self._commit = commit
+    self._process_dir = process_dir
+    self._context = context
+    self._finish_merge: Any = None
+
+  def advance(self) -> None:
+    if self._commit is None:
+      return
+    self._commit.result()
+    self._commit = None
+    if self._process_dir is not None:
+      self._finish_merge = merge_process_databases(self._directory, [self._process_dir],
+                                                   self._context)
+
+  def wait(self) -> None:
+    """Blocks until the arrays are durable and, with OCDBT, merged into the root database."""
+    self.advance()
+    if self._finish_merge is not None:
+      self._finish_merge()
+      self._finish_merge = None
+
+
+def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
+                options: StorageOptions) -> PendingWrite:
+  """Stages every array in one transaction and starts its commit.
+
+  The caller can do other work (the JSON side files) while tensorstore writes.
+  """
   if not arrays:
-    return
+    return PendingWrite(directory, None, None, None)
   context = _context()
+  process_dir = None
   if options.use_ocdbt:
-    target = directory / process_db_name(options.process_index)
-    _storage.make_dirs(target)
-    base = _ocdbt_spec(target)
+    process_dir = directory / process_db_name(options.process_index)
+    _storage.make_dirs(process_dir)
+    base = _ocdbt_spec(process_dir)
   else:
     base = _storage.kvstore_spec(directory)
   txn = _tensorstore().Transaction(atomic=options.use_ocdbt)
@@ -99,9 +135,7 @@ def write_arrays(directory: pathlib.Path, arrays: list[ArrayWrite],
     kv = _tensorstore().KvStore.open(base, context=context).result().with_transaction(txn)
     for array in arrays:
       _stage_raw(kv, array)
-  txn.commit_async().result()
-  if options.use_ocdbt:
-    merge_process_databases(directory, [target], context)
+  return PendingWrite(directory, txn.commit_async(), process_dir, context)
 
 
 def _stage_raw(kv: ts.KvStore, array: ArrayWrite) -> None:
@@ -143,19 +177,27 @@ def _write_with_drivers(base: dict[str, Any], arrays: list[ArrayWrite], options:
 
 
 def merge_process_databases(directory: pathlib.Path, process_dirs: list[pathlib.Path],
-                            context: ts.Context | None = None) -> None:
-  """Copies every per-process OCDBT database into the root database at ``directory``.
+                            context: ts.Context | None = None) -> Any:
+  """Starts copying every per-process OCDBT database into the root database at ``directory``.
 
-  Large values stay in the per-process data files; the root refers to them, so those
-  directories are part of the checkpoint.
+  Returns a function that waits for the copy to commit. Large values stay in the per-process
+  data files and the root refers to them, so those directories are part of the checkpoint.
   """
+  ts = _tensorstore()
   context = context or _context()
-  root = _tensorstore().KvStore.open(_ocdbt_spec(directory), context=context).result()
-  txn = _tensorstore().Transaction(atomic=True)
+  root = ts.KvStore.open(_ocdbt_spec(directory), context=context).result()
+  txn = ts.Transaction(atomic=True)
+  copies = []
   for process_dir in process_dirs:
-    source = _tensorstore().KvStore.open(_ocdbt_spec(process_dir), context=context).result()
-    source.experimental_copy_range_to(root.with_transaction(txn)).result()
-  txn.commit_async().result()
+    source = ts.KvStore.open(_ocdbt_spec(process_dir), context=context).result()
+    copies.append(source.experimental_copy_range_to(root.with_transaction(txn)))
+
+  def finish() -> None:
+    for copy in copies:
+      copy.result()
+    txn.commit_async().result()
+
+  return finish
 
 
 # --- reading ---------------------------------------------------------------------------------

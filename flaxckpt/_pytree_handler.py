@@ -1,9 +1,9 @@
 """PyTree checkpoints in Orbax's layout: the save and restore path of flaxckpt.
 
 Save: flatten the tree, start every device-to-host copy at once, then hand all arrays to
-``_arrays.write_arrays`` (one batched transaction) and write the JSON side files. Restore: read
-``_METADATA``, decide per result leaf where its value comes from and what it must become, read
-every needed array in one batch, and convert.
+``_arrays.start_write`` (one batched transaction) and write the JSON side files while it
+commits. Restore: read ``_METADATA``, decide per result leaf where its value comes from and what
+it must become, read every needed array in one batch, and convert.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class _Prepared:
   options: _arrays.StorageOptions
 
   def write(self) -> None:
-    _arrays.write_arrays(self.directory, self.arrays, self.options)
+    pending = _arrays.start_write(self.directory, self.arrays, self.options)
     if self.strings:
       _storage.write_text(self.directory / _metadata.STRINGS_FILE,
                           json.dumps(_nest_by_slash(self.strings), ensure_ascii=False,
@@ -53,8 +53,10 @@ class _Prepared:
       _storage.make_dirs(folder)
       _storage.write_text(folder / f'process_{self.options.process_index}',
                           _metadata.array_metadatas_json(self.array_metadatas))
+    pending.advance()  # Arrays committed; the merge runs while _METADATA is encoded.
     _storage.write_text(self.directory / _metadata.METADATA_FILE,
                         _metadata.tree_metadata_json(self.tree_metadata))
+    pending.wait()
 
 
 def _nest_by_slash(strings: dict[str, str]) -> dict[str, Any]:
