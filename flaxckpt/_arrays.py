@@ -9,10 +9,9 @@ one transaction. Reads decode raw chunks directly and hand everything else to te
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import math
 import pathlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -43,8 +42,7 @@ _OCDBT_CONFIG = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class ArrayWrite:
+class ArrayWrite(NamedTuple):
   """One array to store: host blocks at chunk-aligned origins of the global array."""
   name: str
   global_shape: tuple[int, ...]
@@ -53,8 +51,7 @@ class ArrayWrite:
   blocks: tuple[tuple[tuple[int, ...], np.ndarray], ...]
 
 
-@dataclasses.dataclass(frozen=True)
-class StorageOptions:
+class StorageOptions(NamedTuple):
   use_ocdbt: bool = True
   use_zarr3: bool = False
   use_compression: bool = False

@@ -8,7 +8,6 @@ the bytes match; files Orbax writes through tensorstore are compact.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import functools
 import json
 import time
@@ -48,8 +47,7 @@ class LeafMetadata(NamedTuple):
     return '.'.join(self.path)
 
 
-@dataclasses.dataclass(frozen=True)
-class TreeMetadata:
+class TreeMetadata(NamedTuple):
   leaves: tuple[LeafMetadata, ...]
   use_ocdbt: bool | None
   use_zarr3: bool

@@ -8,7 +8,6 @@ it must become, read every needed array in one batch, and convert.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import pathlib
@@ -28,8 +27,7 @@ _DEFAULT_SAVE_ARGS = SaveArgs()
 _INT64 = np.iinfo(np.int64)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Prepared:
+class _Prepared(NamedTuple):
   """Everything a save still has to write once the caller's data is on the host."""
   directory: pathlib.Path
   arrays: list[_arrays.ArrayWrite]

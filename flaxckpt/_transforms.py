@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from flaxckpt import _errors, _tree
 
@@ -29,8 +29,7 @@ class Transform:
   value_fn: Callable[[Any], Any] | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Source:
+class Source(NamedTuple):
   """Where one result leaf comes from: a checkpoint path, or the target's own value."""
   checkpoint_path: _tree.Path | None
   value_fn: Callable[[Any], Any] | None = None
