@@ -12,8 +12,8 @@ from flaxckpt._checkpointer import (AsyncCheckpointer, Checkpointer, PyTreeCheck
                                     StandardCheckpointer)
 from flaxckpt._composite_handler import CompositeCheckpointHandler
 from flaxckpt._errors import (AsyncSaveError, CheckpointError, CheckpointExistsError,
-                              IncompleteCheckpointError, MissingKeysError, NotACheckpointError,
-                              StructureMismatchError, UnsupportedLeafError)
+                              IncompleteCheckpointError, MissingKeysError, NameCollisionError,
+                              NotACheckpointError, StructureMismatchError, UnsupportedLeafError)
 from flaxckpt._handler import AsyncCheckpointHandler, CheckpointHandler
 from flaxckpt._json_handler import JsonCheckpointHandler
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpointHandler
@@ -26,7 +26,7 @@ __all__ = [
     'ArrayRestoreArgs', 'AsyncCheckpointHandler', 'AsyncCheckpointer', 'AsyncSaveError',
     'CheckpointError', 'CheckpointExistsError', 'CheckpointHandler', 'Checkpointer',
     'CompositeCheckpointHandler', 'IncompleteCheckpointError', 'JsonCheckpointHandler',
-    'MissingKeysError', 'NotACheckpointError', 'PyTreeCheckpointHandler', 'PyTreeCheckpointer',
+    'MissingKeysError', 'NameCollisionError', 'NotACheckpointError', 'PyTreeCheckpointHandler', 'PyTreeCheckpointer',
     'RestoreArgs', 'SaveArgs', 'StandardCheckpointHandler', 'StandardCheckpointer',
     'StructureMismatchError', 'Transform', 'UnsupportedLeafError', 'args', 'test_utils',
     'utils',

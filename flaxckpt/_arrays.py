@@ -216,13 +216,41 @@ def read_arrays(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | 
   context = _context()
   base = _ocdbt_spec(directory) if use_ocdbt else _storage.kvstore_spec(directory)
   if use_zarr3:
-    return _read_with_driver(directory, base, names, 'zarr3', context)
+    return _read_with_driver(directory, base, names, 'zarr3', context,
+                             missing_chunks_are_errors)
   source = _open_source(directory, base, use_ocdbt, context)
   try:
     return _read_zarr2(directory, base, names, source, context, missing_chunks_are_errors,
                        ndim_hints if source.speculative else None)
   finally:
     source.close()
+
+
+def read_array_infos(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | None,
+                     use_zarr3: bool) -> list[tuple[tuple[int, ...], np.dtype]]:
+  """(shape, dtype) of each array, from its zarr metadata only."""
+  if not names:
+    return []
+  if use_ocdbt is None:
+    use_ocdbt = _storage.exists(directory / OCDBT_MANIFEST)
+  context = _context()
+  base = _ocdbt_spec(directory) if use_ocdbt else _storage.kvstore_spec(directory)
+  source = _open_source(directory, base, use_ocdbt, context)
+  meta_file = _zarr.ZARR_JSON if use_zarr3 else _zarr.ZARRAY
+  try:
+    raws = source.collect(source.request([name + '/' + meta_file for name in names]))
+  finally:
+    source.close()
+  infos = []
+  for name, raw in zip(names, raws):
+    if raw is None:
+      raise _errors.NotACheckpointError(
+          f'{directory}: array {name!r} has no {meta_file}; the checkpoint is incomplete or '
+          'damaged.')
+    meta = _zarr.parse_zarray(raw)
+    dtype = meta['data_type'] if use_zarr3 else meta['dtype']
+    infos.append((tuple(meta['shape']), _zarr.parse_dtype(dtype)))
+  return infos
 
 
 def _open_source(directory: pathlib.Path, base: dict[str, Any], use_ocdbt: bool,
@@ -274,7 +302,8 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
       handles = source.request([name + '/' + _zarr.chunk_key(k) for k in keys])
     pending.append((i, name, shape, chunks, dtype, keys, handles))
   if fallback:
-    arrays = _read_with_driver(directory, base, [names[i] for i in fallback], 'zarr', context)
+    arrays = _read_with_driver(directory, base, [names[i] for i in fallback], 'zarr', context,
+                               missing_chunks_are_errors)
     for i, array in zip(fallback, arrays):
       results[i] = array
   for i, name, shape, chunks, dtype, keys, handles in pending:
@@ -302,8 +331,11 @@ def _check_chunks(directory: pathlib.Path, name: str, pieces: dict[tuple[int, ..
 
 
 def _read_with_driver(directory: pathlib.Path, base: dict[str, Any], names: list[str],
-                      driver: str, context: ts.Context) -> list[np.ndarray]:
-  opens = [_tensorstore().open({'driver': driver, 'kvstore': _array_kvstore(base, name)},
+                      driver: str, context: ts.Context,
+                      missing_chunks_are_errors: bool) -> list[np.ndarray]:
+  """Reads arrays through tensorstore's zarr/zarr3 driver (compressed chunks, zarr v3)."""
+  opens = [_tensorstore().open({'driver': driver, 'kvstore': _array_kvstore(base, name),
+                                'fill_missing_data_reads': not missing_chunks_are_errors},
                                open=True, context=context) for name in names]
   stores = []
   for name, future in zip(names, opens):
@@ -313,4 +345,11 @@ def _read_with_driver(directory: pathlib.Path, base: dict[str, Any], names: list
       raise _errors.NotACheckpointError(
           f'{directory}: cannot open array {name!r} as {driver}: {e}') from e
   reads = [store.read() for store in stores]
-  return [np.asarray(r.result()) for r in reads]
+  out = []
+  for name, read in zip(names, reads):
+    try:
+      out.append(np.asarray(read.result()))
+    except ValueError as e:
+      raise _errors.NotACheckpointError(
+          f'{directory}: cannot read array {name!r}; a chunk is missing or damaged ({e}).') from e
+  return out

@@ -31,6 +31,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
   def __init__(self, *item_names: str, **item_handlers: CheckpointHandler):
     self._handlers: dict[str, CheckpointHandler | None] = {n: None for n in item_names}
     self._handlers.update(item_handlers)
+    self._names_fixed = bool(self._handlers)  # Without names, any item may be added.
 
   @property
   def item_handlers(self) -> dict[str, CheckpointHandler | None]:
@@ -40,7 +41,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     return {n: h.typestr for n, h in self._handlers.items() if h is not None}
 
   def _handler(self, name: str, args: Any) -> CheckpointHandler:
-    if self._handlers and name not in self._handlers:
+    if self._names_fixed and name not in self._handlers:
       raise KeyError(f'Item {name!r} is not one of this handler\'s items '
                      f'{sorted(self._handlers)}.')
     handler = self._handlers.get(name)

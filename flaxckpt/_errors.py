@@ -26,6 +26,10 @@ class UnsupportedLeafError(CheckpointError, TypeError):
   """A tree leaf has a type that cannot be saved."""
 
 
+class NameCollisionError(CheckpointError, ValueError):
+  """Two tree paths would be stored under the same name (names join keys with '.')."""
+
+
 class StructureMismatchError(CheckpointError, ValueError):
   """The target tree and the checkpoint disagree about a leaf's shape, dtype or kind."""
 

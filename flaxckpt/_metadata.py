@@ -187,5 +187,25 @@ def _flatten_ids(node: Any) -> list[int]:
   return [i for sub in node for i in _flatten_ids(sub)]
 
 
-def array_metadatas_json(entries: list[dict[str, Any]]) -> str:
-  return json.dumps({'array_metadatas': [{'array_metadata': e} for e in entries]})
+class ArrayMetadata(NamedTuple):
+  """One entry of ``array_metadatas/process_<i>``."""
+  param_name: str
+  write_shape: tuple[int, ...]
+  chunk_shape: tuple[int, ...]
+  ext_metadata: dict[str, Any] | None
+
+
+def array_metadatas_json(entries: list[ArrayMetadata]) -> str:
+  """The file as Orbax's ``json.dumps`` writes it (formatted directly, as for ``_METADATA``)."""
+  quote = json.encoder.encode_basestring_ascii
+  items = ', '.join(
+      f'{{"array_metadata": {{"param_name": {quote(e.param_name)}, "write_shape": '
+      f'{list(e.write_shape)}, "chunk_shape": {list(e.chunk_shape)}, "ext_metadata": '
+      f'{json.dumps(e.ext_metadata)}}}}}' for e in entries)
+  return f'{{"array_metadatas": [{items}]}}'
+
+
+def parse_array_metadatas(text: str) -> list[ArrayMetadata]:
+  return [ArrayMetadata(e['param_name'], tuple(e['write_shape']), tuple(e['chunk_shape']),
+                        e.get('ext_metadata'))
+          for e in (entry['array_metadata'] for entry in json.loads(text)['array_metadatas'])]

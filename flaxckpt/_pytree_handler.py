@@ -8,6 +8,7 @@ it must become, read every needed array in one batch, and convert.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pathlib
@@ -31,9 +32,9 @@ class _Prepared(NamedTuple):
   """Everything a save still has to write once the caller's data is on the host."""
   directory: pathlib.Path
   arrays: list[_arrays.ArrayWrite]
-  strings: dict[str, str]
+  strings: dict[str, Any]  # Nested as _strings.json stores them.
   shardings: dict[str, str]
-  array_metadatas: list[dict[str, Any]]
+  array_metadatas: list[_metadata.ArrayMetadata]
   tree_metadata: _metadata.TreeMetadata
   options: _arrays.StorageOptions
 
@@ -41,8 +42,7 @@ class _Prepared(NamedTuple):
     pending = _arrays.start_write(self.directory, self.arrays, self.options)
     if self.strings:
       _storage.write_text(self.directory / _metadata.STRINGS_FILE,
-                          json.dumps(_nest_by_slash(self.strings), ensure_ascii=False,
-                                     separators=(',', ':')))
+                          json.dumps(self.strings, ensure_ascii=False, separators=(',', ':')))
     if self.shardings:
       _storage.write_text(self.directory / _metadata.SHARDING_FILE,
                           json.dumps(self.shardings, separators=(',', ':')))
@@ -65,6 +65,12 @@ def _nest_by_slash(strings: dict[str, str]) -> dict[str, Any]:
     parts = name.split('/')
     for part in parts[:-1]:
       node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        break
+    if not isinstance(node, dict) or isinstance(node.get(parts[-1]), dict):
+      raise _errors.NameCollisionError(
+          f'String leaves {name!r} and another whose name starts with "{parts[0]}/" cannot both '
+          'be stored: _strings.json nests names at "/"; rename one key.')
     node[parts[-1]] = value
   return out
 
@@ -116,15 +122,17 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
     leaves, _ = _tree.flatten(args.item)
     save_args = _save_args_by_path(args.save_args)
     max_chunk = getattr(args, 'ocdbt_target_data_file_size', None) or _zarr.MAX_CHUNK_BYTES
-    for leaf in leaves:
-      if isinstance(leaf.value, jax.Array) and not _is_key_array(leaf.value):
-        leaf.value.copy_to_host_async()
+    for leaf in leaves:  # Start every device-to-host copy before waiting on any.
+      value = leaf.value
+      if isinstance(value, jax.Array) and _needs_host_copy(value.sharding) and not (
+          _is_key_array(value)):
+        value.copy_to_host_async()
     seen: dict[str, _tree.Path] = {}
     arrays, strings, shardings, array_metas, entries = [], {}, {}, [], []
     for leaf in leaves:
       name = leaf.name
       if name in seen:
-        raise ValueError(
+        raise _errors.NameCollisionError(
             f'Tree paths {_tree.path_str(seen[name])!r} and {_tree.path_str(leaf.path)!r} both '
             f'map to the stored name {name!r} (names join keys with "."); rename one key.')
       seen[name] = leaf.path
@@ -142,8 +150,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         sharding = _metadata.sharding_to_json(value.sharding)
         if sharding is not None:
           shardings[_metadata.sharding_key(name)] = sharding
-        array_metas.append({'param_name': name, 'write_shape': list(write_shape),
-                            'chunk_shape': list(array.chunk_shape), 'ext_metadata': ext})
+        array_metas.append(_metadata.ArrayMetadata(name, write_shape, array.chunk_shape, ext))
       else:
         value_type, host = self._host_value(leaf, copy)
         arrays.append(_host_array_write(name, host, arg, max_chunk, self._options))
@@ -154,8 +161,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         leaves=tuple(entries), use_ocdbt=self._options.use_ocdbt,
         use_zarr3=self._options.use_zarr3, store_array_data_equal_to_fill_value=True,
         custom_metadata=args.custom_metadata)
-    return _Prepared(directory, arrays, strings, shardings, array_metas, tree_meta,
-                     self._options)
+    return _Prepared(directory, arrays, _nest_by_slash(strings), shardings, array_metas,
+                     tree_meta, self._options)
 
   def _host_value(self, leaf: _tree.Leaf, copy: bool) -> tuple[str, np.ndarray]:
     value = leaf.value
@@ -243,11 +250,14 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
     return jax.tree_util.tree_unflatten(treedef, out)
 
   def metadata(self, directory: pathlib.Path) -> Any:
-    """The stored tree with ``jax.ShapeDtypeStruct`` leaves for arrays and scalars."""
+    """The stored tree with ``jax.ShapeDtypeStruct`` leaves for arrays and scalars, read from
+    the array metadata alone (no array data)."""
     directory = _storage.as_path(directory)
     meta = read_tree_metadata(directory)
-    reader = _Reader(directory, meta)
-    infos = reader.array_infos([leaf for leaf in meta.leaves if _is_stored_array(leaf)])
+    arrays = [leaf for leaf in meta.leaves if _is_stored_array(leaf)]
+    infos = dict(zip([leaf.path for leaf in arrays], _arrays.read_array_infos(
+        directory, [leaf.name for leaf in arrays], use_ocdbt=meta.use_ocdbt,
+        use_zarr3=meta.use_zarr3)))
     entries = []
     for leaf in meta.leaves:
       if leaf.path in infos:
@@ -291,6 +301,12 @@ def _is_key_array(value: jax.Array) -> bool:
   # Typed PRNG key dtypes are jax extended dtypes, never numpy dtypes.
   return not isinstance(value.dtype, np.dtype) and jax.dtypes.issubdtype(
       value.dtype, jax.dtypes.prng_key)
+
+
+@functools.lru_cache(maxsize=256)
+def _needs_host_copy(sharding: jax.sharding.Sharding) -> bool:
+  """CPU arrays are already in host memory; numpy views them without a copy."""
+  return any(device.platform != 'cpu' for device in sharding.device_set)
 
 
 def _on_one_device(value: jax.Array) -> bool:
@@ -462,11 +478,6 @@ class _Reader:
         out[leaf.path] = _empty_value(leaf)
     return out
 
-  def array_infos(self, leaves: list[_metadata.LeafMetadata]
-                  ) -> dict[_tree.Path, tuple[tuple[int, ...], np.dtype]]:
-    values = self.read_many(leaves)
-    return {path: (v.shape, v.dtype) for path, v in values.items() if isinstance(v, np.ndarray)}
-
   def string(self, leaf: _metadata.LeafMetadata) -> str:
     if self._strings is None:
       path = self.directory / _metadata.STRINGS_FILE
@@ -490,10 +501,9 @@ class _Reader:
       folder = self.directory / _metadata.ARRAY_METADATAS_DIR
       if _storage.is_dir(folder):
         for name in _storage.list_names(folder):
-          for entry in json.loads(_storage.read_text(folder / name))['array_metadatas']:
-            entry = entry['array_metadata']
-            if entry.get('ext_metadata'):
-              self._ext[entry['param_name']] = entry['ext_metadata']
+          for entry in _metadata.parse_array_metadatas(_storage.read_text(folder / name)):
+            if entry.ext_metadata:
+              self._ext[entry.param_name] = entry.ext_metadata
     return (self._ext.get(leaf.name) or {}).get('random_key_impl')
 
   def as_stored_type(self, leaf: _metadata.LeafMetadata, value: Any) -> Any:

@@ -102,6 +102,7 @@ def zarr3_spec_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: 
   }
 
 
+@functools.lru_cache(maxsize=4096)  # Trees repeat the same few shapes many times.
 def choose_chunk_shape(write_shape: tuple[int, ...], global_shape: tuple[int, ...],
                        itemsize: int, max_bytes: int | None) -> tuple[int, ...]:
   """Shrinks ``write_shape`` until a chunk fits in ``max_bytes``, as Orbax does.

@@ -102,3 +102,24 @@ def test_tree_metadata_json_is_byte_identical_to_json_dumps():
   expected.update(use_ocdbt=True, use_zarr3=False, store_array_data_equal_to_fill_value=True,
                   custom_metadata={'x': [1, 'ü']})
   assert _metadata.tree_metadata_json(meta) == json.dumps(expected)
+
+
+def test_array_metadatas_json_is_byte_identical_to_json_dumps():
+  entries = [_metadata.ArrayMetadata('a"é', (2, 3), (1, 3), None),
+             _metadata.ArrayMetadata('k', (), (), {'random_key_impl': 'threefry2x32'})]
+  expected = json.dumps({'array_metadatas': [{'array_metadata': {
+      'param_name': e.param_name, 'write_shape': list(e.write_shape),
+      'chunk_shape': list(e.chunk_shape), 'ext_metadata': e.ext_metadata}} for e in entries]})
+  assert _metadata.array_metadatas_json(entries) == expected
+  assert _metadata.parse_array_metadatas(expected) == entries
+
+
+@pytest.mark.parametrize('options, chunk', [({'use_compression': True}, 'x/0'),
+                                            ({'use_zarr3': True}, 'x/c/0')])
+def test_missing_chunk_of_driver_read_array_is_an_error(tmp_path, options, chunk):
+  path = tmp_path / 'c'
+  ocp.PyTreeCheckpointer(use_ocdbt=False, **options).save(
+      path, args=ocp.args.PyTreeSave({'x': np.arange(8.0)}))
+  os.remove(path / chunk)
+  with pytest.raises(ocp.NotACheckpointError, match="'x'"):
+    ocp.PyTreeCheckpointer().restore(path)

@@ -202,7 +202,7 @@ def test_unsupported_leaf_is_named(tmp_path):
 
 
 def test_dotted_key_collision_is_refused(tmp_path):
-  with pytest.raises(ValueError, match="'a.b'"):
+  with pytest.raises(ocp.NameCollisionError, match="'a.b'"):
     _save(tmp_path / 'c', {'a.b': 1, 'a': {'b': 2}})
 
 
@@ -235,3 +235,29 @@ def test_nnx_state_and_optimizer_round_trip(tmp_path):
   nnx.replace_by_pure_dict(fresh_state, ckptr.restore(tmp_path / 'pure'))
   nnx.update(fresh, fresh_state)
   np.testing.assert_array_equal(fresh.lin.kernel[...], model.lin.kernel[...])
+
+
+def test_string_names_nesting_into_each_other_are_refused(tmp_path):
+  with pytest.raises(ocp.NameCollisionError, match='_strings.json'):
+    _save(tmp_path / 'c', {'p': 'a', 'p/q': 'b'})
+  assert not (tmp_path / 'c').exists()
+  restored = _save(tmp_path / 'd', {'k/x': 'a', 'k/y': 'b', 'z': 'c'}).restore(tmp_path / 'd')
+  assert restored == {'k/x': 'a', 'k/y': 'b', 'z': 'c'}
+
+
+def test_metadata_describes_arrays_without_reading_them(tmp_path):
+  tree = {'w': jnp.ones((3, 4), jnp.bfloat16), 'n': np.arange(2), 'i': 3, 's': 'x', 'e': {}}
+  ckptr = _save(tmp_path / 'c', tree)
+  meta = ckptr.metadata(tmp_path / 'c')
+  assert meta['w'].shape == (3, 4) and meta['w'].dtype == jnp.bfloat16
+  assert meta['n'].shape == (2,) and meta['i'].shape == () and meta['i'].dtype == np.int64
+  assert meta['s'] is str and meta['e'] == {}
+
+
+def test_composite_without_names_accepts_any_items(tmp_path):
+  handler = ocp.CompositeCheckpointHandler()
+  ocp.Checkpointer(handler).save(tmp_path / 'c', args=ocp.args.Composite(
+      state=ocp.args.StandardSave({'a': np.arange(2)}), extra=ocp.args.JsonSave({'n': 1})))
+  restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(tmp_path / 'c')
+  assert restored.extra == {'n': 1}
+  np.testing.assert_array_equal(restored.state['a'], np.arange(2))
