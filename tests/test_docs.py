@@ -1,0 +1,31 @@
+"""The docs stay true: every ``python`` block runs, and prints what its ``# ->`` lines say."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / 'docs'
+
+
+def _sections():
+  for doc in sorted(DOCS.glob('*.md')):
+    for section in re.split(r'^## ', doc.read_text(), flags=re.M):
+      blocks = re.findall(r'```python\n(.*?)```', section, flags=re.S)
+      if blocks:
+        yield pytest.param('\n'.join(blocks), id=f'{doc.stem}:{section.splitlines()[0]}')
+
+
+@pytest.mark.parametrize('code', list(_sections()))
+def test_doc_section_runs_and_prints_what_it_says(code, tmp_path):
+  expected = re.findall(r'# -> (.*)$', code, flags=re.M)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  script = tmp_path / 'section.py'
+  script.write_text(code.replace("'/tmp/", f"'{tmp_path}/"))  # Sections run in parallel.
+  result = subprocess.run([sys.executable, '-W', 'ignore', str(script)], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.splitlines() == expected
