@@ -207,3 +207,33 @@ def test_erase_and_create_empty(tmp_path):
   path = ocp.test_utils.erase_and_create_empty(str(target))
   assert isinstance(path, pathlib.Path) and list(path.iterdir()) == []
   assert (path / '1').parent == path
+
+
+_KILLED_SAVE = '''
+import os, sys, numpy as np, flaxckpt as ocp
+ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+tree = {f'w{i}': np.full((1024, 1024), i, np.float32) for i in range(24)}
+ckptr.save(sys.argv[1], args=ocp.args.StandardSave(tree), force=True)
+os._exit(3)  # The process dies while the background thread is still writing.
+'''
+
+
+def test_process_killed_mid_save_never_leaves_a_complete_looking_checkpoint(tmp_path):
+  path = tmp_path / 'ckpt'
+  ocp.StandardCheckpointer().save(path, args=ocp.args.StandardSave({'old': np.arange(3)}))
+  result = subprocess.run([sys.executable, '-c', _KILLED_SAVE, str(path)], capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 3, result.stderr
+  # The earlier checkpoint at the same path is intact; the new one was never committed.
+  restored = ocp.StandardCheckpointer().restore(path)
+  assert list(restored) == ['old']
+  leftovers = list(tmp_path.glob('*.orbax-checkpoint-tmp*'))
+  assert leftovers, 'the save finished before the process died; nothing was tested'
+  for leftover in leftovers:
+    with pytest.raises(ocp.IncompleteCheckpointError):
+      ocp.StandardCheckpointer().restore(leftover)
+  # Saving again cleans up the leftover temporary directory.
+  ocp.StandardCheckpointer().save(path, args=ocp.args.StandardSave({'new': np.ones(2)}),
+                                  force=True)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
+  assert list(ocp.StandardCheckpointer().restore(path)) == ['new']
