@@ -136,14 +136,10 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
             f'Tree paths {_tree.path_str(seen[name])!r} and {_tree.path_str(leaf.path)!r} both '
             f'map to the stored name {name!r} (names join keys with "."); rename one key.')
       seen[name] = leaf.path
-      value, arg = leaf.value, save_args.get(leaf.path, _DEFAULT_SAVE_ARGS)
+      value = leaf.value
+      arg = save_args.get(leaf.path, _DEFAULT_SAVE_ARGS) if save_args else _DEFAULT_SAVE_ARGS
       write_shape = None
-      if _tree.is_empty_node(value):
-        value_type = _empty_type(value)
-      elif isinstance(value, str):
-        value_type = _metadata.STRING
-        strings[name] = value
-      elif isinstance(value, jax.Array):
+      if isinstance(value, jax.Array):  # The common case first: trees are mostly arrays.
         value_type = _metadata.JAX_ARRAY
         array, ext, write_shape = self._jax_array_write(name, value, arg, copy, max_chunk)
         arrays.append(array)
@@ -151,6 +147,11 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         if sharding is not None:
           shardings[_metadata.sharding_key(name)] = sharding
         array_metas.append(_metadata.ArrayMetadata(name, write_shape, array.chunk_shape, ext))
+      elif _tree.is_empty_node(value):
+        value_type = _empty_type(value)
+      elif isinstance(value, str):
+        value_type = _metadata.STRING
+        strings[name] = value
       else:
         value_type, host = self._host_value(leaf, copy)
         arrays.append(_host_array_write(name, host, arg, max_chunk, self._options))
