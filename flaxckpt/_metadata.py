@@ -58,28 +58,29 @@ class TreeMetadata(NamedTuple):
 def tree_metadata_json(meta: TreeMetadata) -> str:
   """``_METADATA`` exactly as Orbax's ``json.dumps`` writes it.
 
-  The per-leaf entries are formatted directly (same separators and ASCII escaping as
-  ``json.dumps``): with thousands of leaves, building and encoding nested dicts dominated the
-  cost of a save.
+  Leaf entries are formatted directly (same separators and ASCII escaping as ``json.dumps``)
+  and cached: a training run saves the same tree structure over and over.
   """
-  quote = json.encoder.encode_basestring_ascii
-  entries = []
-  for leaf in meta.leaves:
-    keys = ', '.join(f'{{"key": {quote(k)}, "key_type": {t}}}'
-                     for k, t in zip(leaf.path, leaf.key_types))
-    value = (f'{{"value_type": {quote(leaf.value_type)}, "skip_deserialize": '
-             f'{"true" if leaf.skip_deserialize else "false"}')
-    if leaf.write_shape is not None:
-      value += f', "write_shape": {json.dumps(list(leaf.write_shape))}'
-    entries.append(f'{quote(str(leaf.path))}: {{"key_metadata": [{keys}], '
-                   f'"value_metadata": {value}}}}}')
+  entries = ', '.join([_leaf_entry_json(leaf) for leaf in meta.leaves])
   rest = json.dumps({
       'use_ocdbt': meta.use_ocdbt,
       'use_zarr3': meta.use_zarr3,
       'store_array_data_equal_to_fill_value': meta.store_array_data_equal_to_fill_value,
       'custom_metadata': meta.custom_metadata,
   })
-  return f'{{"tree_metadata": {{{", ".join(entries)}}}, {rest[1:]}'
+  return f'{{"tree_metadata": {{{entries}}}, {rest[1:]}'
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _leaf_entry_json(leaf: LeafMetadata) -> str:
+  quote = json.encoder.encode_basestring_ascii
+  keys = ', '.join(f'{{"key": {quote(k)}, "key_type": {t}}}'
+                   for k, t in zip(leaf.path, leaf.key_types))
+  value = (f'{{"value_type": {quote(leaf.value_type)}, "skip_deserialize": '
+           f'{"true" if leaf.skip_deserialize else "false"}')
+  if leaf.write_shape is not None:
+    value += f', "write_shape": {json.dumps(list(leaf.write_shape))}'
+  return f'{quote(str(leaf.path))}: {{"key_metadata": [{keys}], "value_metadata": {value}}}}}'
 
 
 def parse_tree_metadata(text: str) -> TreeMetadata:
@@ -126,6 +127,7 @@ def commit_message(path: Any) -> str:
 # --- _sharding -------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def sharding_key(name: str) -> str:
   return base64.urlsafe_b64encode(name.encode('utf-8')).decode('ascii')
 
