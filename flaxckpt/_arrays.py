@@ -211,10 +211,7 @@ def read_arrays(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | 
   """
   if not names:
     return []
-  if use_ocdbt is None:
-    use_ocdbt = _storage.exists(directory / OCDBT_MANIFEST)
-  context = _context()
-  base = _ocdbt_spec(directory) if use_ocdbt else _storage.kvstore_spec(directory)
+  use_ocdbt, base, context = _read_setup(directory, use_ocdbt)
   if use_zarr3:
     return _read_with_driver(directory, base, names, 'zarr3', context,
                              missing_chunks_are_errors)
@@ -231,10 +228,7 @@ def read_array_infos(directory: pathlib.Path, names: list[str], *, use_ocdbt: bo
   """(shape, dtype) of each array, from its zarr metadata only."""
   if not names:
     return []
-  if use_ocdbt is None:
-    use_ocdbt = _storage.exists(directory / OCDBT_MANIFEST)
-  context = _context()
-  base = _ocdbt_spec(directory) if use_ocdbt else _storage.kvstore_spec(directory)
+  use_ocdbt, base, context = _read_setup(directory, use_ocdbt)
   source = _open_source(directory, base, use_ocdbt, context)
   meta_file = _zarr.ZARR_JSON if use_zarr3 else _zarr.ZARRAY
   try:
@@ -251,6 +245,16 @@ def read_array_infos(directory: pathlib.Path, names: list[str], *, use_ocdbt: bo
     dtype = meta['data_type'] if use_zarr3 else meta['dtype']
     infos.append((tuple(meta['shape']), _zarr.parse_dtype(dtype)))
   return infos
+
+
+def _read_setup(directory: pathlib.Path, use_ocdbt: bool | None
+                ) -> tuple[bool, dict[str, Any], ts.Context]:
+  """Whether the arrays live in OCDBT (``manifest.ocdbt`` decides when unrecorded), the
+  kvstore spec they live in, and a fresh tensorstore context."""
+  if use_ocdbt is None:
+    use_ocdbt = _storage.exists(directory / OCDBT_MANIFEST)
+  base = _ocdbt_spec(directory) if use_ocdbt else _storage.kvstore_spec(directory)
+  return use_ocdbt, base, _context()
 
 
 def _open_source(directory: pathlib.Path, base: dict[str, Any], use_ocdbt: bool,
