@@ -26,10 +26,10 @@ __all__ = [
     'ArrayRestoreArgs', 'AsyncCheckpointHandler', 'AsyncCheckpointer', 'AsyncSaveError',
     'CheckpointError', 'CheckpointExistsError', 'CheckpointHandler', 'Checkpointer',
     'CompositeCheckpointHandler', 'IncompleteCheckpointError', 'JsonCheckpointHandler',
-    'MissingKeysError', 'NameCollisionError', 'NotACheckpointError', 'PyTreeCheckpointHandler', 'PyTreeCheckpointer',
-    'RestoreArgs', 'SaveArgs', 'StandardCheckpointHandler', 'StandardCheckpointer',
-    'StructureMismatchError', 'Transform', 'UnsupportedLeafError', 'args', 'test_utils',
-    'utils',
+    'MissingKeysError', 'NameCollisionError', 'NotACheckpointError', 'PyTreeCheckpointHandler',
+    'PyTreeCheckpointer', 'RestoreArgs', 'SaveArgs', 'StandardCheckpointHandler',
+    'StandardCheckpointer', 'StructureMismatchError', 'Transform', 'UnsupportedLeafError',
+    'args', 'test_utils', 'utils',
 ]
 
 _LAZY_SUBMODULES = ('test_utils', 'legacy')

@@ -72,3 +72,14 @@ def is_save_args(x: Any) -> bool:
 def normalize_dtype(dtype: Any) -> np.dtype | None:
   """Accepts scalar types like ``jnp.bfloat16`` as well as dtypes (Orbax crashes on those)."""
   return None if dtype is None else np.dtype(dtype)
+
+
+def is_key_array(value: jax.Array) -> bool:
+  # Typed PRNG key dtypes are jax extended dtypes, never numpy dtypes.
+  return not isinstance(value.dtype, np.dtype) and jax.dtypes.issubdtype(
+      value.dtype, jax.dtypes.prng_key)
+
+
+def key_impl_name(key_dtype: Any) -> str:
+  """The registered name of a typed key dtype's PRNG implementation (``threefry2x32``)."""
+  return key_dtype._impl.name  # jax exposes no public accessor that also takes abstract keys.

@@ -1,7 +1,5 @@
 """Restore semantics: targets, casts, shapes, shardings, partial trees, and leaf kinds."""
 
-import dataclasses
-
 import flax
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,342 @@
+"""The restore half of PyTree checkpoints: from files to the tree the caller asked for.
+
+Read ``_METADATA``; decide for every result leaf where its value comes from (the checkpoint, a
+transform, or the target itself) and what it must become (``_Want``); read every needed array in
+one batch; convert, placing all jax arrays with one ``device_put`` per sharding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from flaxckpt import _arrays, _errors, _metadata, _storage, _transforms, _tree
+from flaxckpt._args import PyTreeRestore
+from flaxckpt._types import ArrayRestoreArgs, RestoreArgs, key_impl_name, normalize_dtype
+
+_TMP_MARKER = '.orbax-checkpoint-tmp'
+
+
+def restore(directory: pathlib.Path, args: PyTreeRestore) -> Any:
+  """Restores the tree at ``directory`` as ``args`` asks (see ``PyTreeRestore``)."""
+  meta = read_tree_metadata(directory)
+  reader = _Reader(directory, meta)
+  if args.item is None and args.restore_args is None:
+    values = reader.read_many(list(meta.leaves))
+    converted = _materialize(
+        [(leaf.path, _STORED, leaf, values[leaf.path]) for leaf in meta.leaves], reader)
+    return _tree.build([(leaf.path, leaf.key_types, value)
+                        for leaf, value in zip(meta.leaves, converted)])
+  if args.item is not None:
+    target_leaves, treedef = _tree.flatten(args.item)
+  else:
+    target_leaves, treedef = _flatten_restore_args(args.restore_args)
+  restore_args = _restore_args_by_path(args.restore_args)
+  wanted = [leaf for leaf in target_leaves if not _tree.is_empty_node(leaf.value)]
+  sources = _transforms.resolve([leaf.path for leaf in wanted],
+                                [leaf.path for leaf in meta.leaves], args.transforms)
+  by_path = {leaf.path: leaf for leaf in meta.leaves}
+  values = reader.read_many([by_path[s.checkpoint_path] for s in sources
+                             if s.checkpoint_path is not None])
+  from_checkpoint = {}
+  for leaf, source in zip(wanted, sources):
+    if source.checkpoint_path is None:
+      continue
+    stored = by_path[source.checkpoint_path]
+    value = values[source.checkpoint_path]
+    if source.value_fn is not None:
+      value = source.value_fn(reader.as_stored_type(stored, value))
+    want = _Want.of(leaf, restore_args.get(leaf.path), args.strict and args.item is not None)
+    from_checkpoint[leaf.path] = (leaf.path, want, stored, value)
+  converted = dict(zip(from_checkpoint, _materialize(list(from_checkpoint.values()), reader)))
+  out = [converted[leaf.path] if leaf.path in converted else leaf.value
+         for leaf in target_leaves]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def metadata(directory: pathlib.Path) -> Any:
+  """The stored tree with ``jax.ShapeDtypeStruct`` leaves for arrays and scalars, read from
+  the array metadata alone (no array data)."""
+  meta = read_tree_metadata(directory)
+  arrays = [leaf for leaf in meta.leaves if _is_stored_array(leaf)]
+  infos = dict(zip([leaf.path for leaf in arrays], _arrays.read_array_infos(
+      directory, [leaf.name for leaf in arrays], use_ocdbt=meta.use_ocdbt,
+      use_zarr3=meta.use_zarr3)))
+  entries = []
+  for leaf in meta.leaves:
+    if leaf.path in infos:
+      shape, dtype = infos[leaf.path]
+      value: Any = jax.ShapeDtypeStruct(shape, dtype)
+    elif leaf.value_type == _metadata.STRING:
+      value = str
+    else:
+      value = _metadata.EMPTY_TYPES.get(leaf.value_type)
+      value = value() if value is not None else None
+    entries.append((leaf.path, leaf.key_types, value))
+  return _tree.build(entries)
+
+
+def _get_by_slash(strings: dict[str, Any], name: str) -> Any:
+  node: Any = strings
+  for part in name.split('/'):
+    node = node[part]
+  return node
+
+
+def _is_stored_array(leaf: _metadata.LeafMetadata) -> bool:
+  return leaf.value_type in (_metadata.JAX_ARRAY, _metadata.NP_ARRAY, _metadata.SCALAR)
+
+
+def _restore_args_by_path(restore_args: Any) -> dict[_tree.Path, RestoreArgs]:
+  if restore_args is None:
+    return {}
+  leaves, _ = _flatten_restore_args(restore_args)
+  return {leaf.path: leaf.value for leaf in leaves if isinstance(leaf.value, RestoreArgs)}
+
+
+def _flatten_restore_args(tree: Any) -> tuple[list[_tree.Leaf], Any]:
+  pairs, treedef = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, RestoreArgs) or _tree.is_empty_node(x))
+  return _tree.leaves_from_pairs(pairs), treedef
+
+
+def read_tree_metadata(directory: pathlib.Path) -> _metadata.TreeMetadata:
+  """Reads ``_METADATA`` after checking that ``directory`` is a committed checkpoint."""
+  check_committed(directory)
+  path = directory / _metadata.METADATA_FILE
+  if not _storage.is_file(path):
+    if _storage.is_file(directory / _metadata.LEGACY_AGGREGATE_FILE):
+      raise _errors.NotACheckpointError(
+          f'{directory}: this checkpoint was written by an Orbax release older than mid-2023 '
+          f'(it has a "{_metadata.LEGACY_AGGREGATE_FILE}" file and no _METADATA); that format is '
+          'not supported yet.')
+    raise _errors.NotACheckpointError(
+        f'{directory}: not a PyTree checkpoint (expected a {_metadata.METADATA_FILE} file; found '
+        f'{_storage.list_names(directory)[:10]}).')
+  try:
+    return _metadata.parse_tree_metadata(_storage.read_text(path))
+  except (ValueError, KeyError, TypeError) as e:
+    raise _errors.NotACheckpointError(f'{path}: unreadable checkpoint metadata ({e}).') from e
+
+
+def check_committed(directory: pathlib.Path) -> None:
+  """Raises unless ``directory`` exists and is not a temporary (uncommitted) checkpoint."""
+  if not _storage.exists(directory):
+    raise FileNotFoundError(f'No checkpoint at {directory}: the path does not exist.')
+  if not _storage.is_dir(directory):
+    raise _errors.NotACheckpointError(f'{directory}: expected a checkpoint directory, found a '
+                                      'file.')
+  if _TMP_MARKER in directory.name:
+    raise _errors.IncompleteCheckpointError(
+        f'{directory}: this is the temporary directory of a save that never committed '
+        '(its name contains ".orbax-checkpoint-tmp"); restore the committed checkpoint instead.')
+
+
+class _Want(NamedTuple):
+  """What one result leaf must become."""
+  kind: str  # 'jax', 'numpy', 'scalar', or 'stored'
+  dtype: np.dtype | None = None
+  shape: tuple[int, ...] | None = None
+  sharding: jax.sharding.Sharding | None = None
+  strict: bool = True
+  key_impl: str | None = None
+
+  @classmethod
+  def of(cls, leaf: _tree.Leaf, arg: RestoreArgs | None, strict: bool) -> _Want:
+    target = leaf.value
+    if arg is not None:
+      if isinstance(arg, ArrayRestoreArgs) or arg.restore_type is jax.Array:
+        sharding = arg.resolved_sharding() if isinstance(arg, ArrayRestoreArgs) else None
+        shape = arg.global_shape if isinstance(arg, ArrayRestoreArgs) else None
+        return cls('jax', normalize_dtype(arg.dtype), tuple(shape) if shape else None, sharding,
+                   getattr(arg, 'strict', True))
+      kind = 'numpy' if arg.restore_type is np.ndarray else 'stored'
+      return cls(kind, normalize_dtype(arg.dtype))
+    if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
+      if jax.dtypes.issubdtype(target.dtype, jax.dtypes.prng_key):
+        # Keys are stored as their uint32 key data, which has extra trailing dimensions.
+        data = jax.eval_shape(jax.random.key_data, target)
+        return cls('jax', np.dtype(data.dtype), tuple(data.shape),
+                   getattr(target, 'sharding', None), strict, key_impl_name(target.dtype))
+      if isinstance(target, jax.ShapeDtypeStruct) and target.sharding is None:
+        # As in Orbax: an abstract leaf that names no devices restores to host memory.
+        return cls('numpy', np.dtype(target.dtype), tuple(target.shape), strict=strict)
+      return cls('jax', np.dtype(target.dtype), tuple(target.shape), target.sharding, strict)
+    if isinstance(target, np.ndarray):
+      return cls('numpy', target.dtype, target.shape, strict=strict)
+    if isinstance(target, (bool, int, float)):
+      return cls('scalar')  # A Python number, of the type it was saved as.
+    return cls('stored')
+
+
+_STORED = _Want('stored')
+
+
+class _Reader:
+  """Reads leaves of one checkpoint, batching array reads and side files."""
+
+  def __init__(self, directory: pathlib.Path, meta: _metadata.TreeMetadata):
+    self.directory = directory
+    self.meta = meta
+    self._strings: dict | None = None
+    self._shardings: dict | None = None
+    self._ext: dict | None = None
+
+  def read_many(self, leaves: list[_metadata.LeafMetadata]) -> dict[_tree.Path, Any]:
+    """Raw values: numpy arrays for stored arrays/scalars, str for strings, None else."""
+    arrays = [leaf for leaf in leaves if _is_stored_array(leaf)]
+    data = _arrays.read_arrays(
+        self.directory, [leaf.name for leaf in arrays], use_ocdbt=self.meta.use_ocdbt,
+        use_zarr3=self.meta.use_zarr3,
+        missing_chunks_are_errors=self.meta.store_array_data_equal_to_fill_value,
+        ndim_hints=[_rank_hint(leaf) for leaf in arrays])
+    out: dict[_tree.Path, Any] = {leaf.path: value for leaf, value in zip(arrays, data)}
+    for leaf in leaves:
+      if leaf.value_type == _metadata.STRING:
+        out[leaf.path] = self.string(leaf)
+      elif leaf.path not in out:
+        out[leaf.path] = _empty_value(leaf)
+    return out
+
+  def string(self, leaf: _metadata.LeafMetadata) -> str:
+    if self._strings is None:
+      path = self.directory / _metadata.STRINGS_FILE
+      if not _storage.is_file(path):
+        raise _errors.NotACheckpointError(
+            f'{self.directory}: leaf {_tree.path_str(leaf.path)!r} is a string but '
+            f'{_metadata.STRINGS_FILE} is missing.')
+      self._strings = json.loads(_storage.read_text(path))
+    return _get_by_slash(self._strings, leaf.name)
+
+  def saved_sharding(self, leaf: _metadata.LeafMetadata) -> jax.sharding.Sharding | None:
+    if self._shardings is None:
+      path = self.directory / _metadata.SHARDING_FILE
+      self._shardings = json.loads(_storage.read_text(path)) if _storage.is_file(path) else {}
+    text = self._shardings.get(_metadata.sharding_key(leaf.name))
+    return _metadata.sharding_from_json(text) if text else None
+
+  def key_impl(self, leaf: _metadata.LeafMetadata) -> str | None:
+    if self._ext is None:
+      self._ext = {}
+      folder = self.directory / _metadata.ARRAY_METADATAS_DIR
+      if _storage.is_dir(folder):
+        for name in _storage.list_names(folder):
+          for entry in _metadata.parse_array_metadatas(_storage.read_text(folder / name)):
+            if entry.ext_metadata:
+              self._ext[entry.param_name] = entry.ext_metadata
+    return (self._ext.get(leaf.name) or {}).get('random_key_impl')
+
+  def as_stored_type(self, leaf: _metadata.LeafMetadata, value: Any) -> Any:
+    if leaf.value_type == _metadata.SCALAR and isinstance(value, np.ndarray):
+      return value.item()
+    if leaf.value_type == _metadata.NP_ARRAY and isinstance(value, np.ndarray):
+      return _writable(value)
+    return value
+
+
+def _rank_hint(leaf: _metadata.LeafMetadata) -> int | None:
+  """The rank of a leaf worth reading its chunk speculatively: only small arrays, since large
+  ones are read straight from their data files."""
+  if leaf.value_type == _metadata.SCALAR:
+    return 0
+  if leaf.write_shape is None or math.prod(leaf.write_shape) * 16 >= (
+      _arrays.DIRECT_READ_MIN_BYTES):
+    return None
+  return len(leaf.write_shape)
+
+
+def _empty_value(leaf: _metadata.LeafMetadata) -> Any:
+  factory = _metadata.EMPTY_TYPES.get(leaf.value_type)
+  return factory() if factory is not None else None
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+  return array if array.flags.writeable else array.copy()
+
+
+def _materialize(items: list[tuple[_tree.Path, _Want, _metadata.LeafMetadata, Any]],
+                 reader: _Reader) -> list[Any]:
+  """Converts read values to what each result leaf wants, with one batched device_put."""
+  out: list[Any] = [None] * len(items)
+  pending: list[tuple[int, np.ndarray, jax.sharding.Sharding | None, str | None]] = []
+  for slot, (path, want, stored, value) in enumerate(items):
+    _convert(slot, path, want, stored, value, reader, out, pending)
+  _put_on_devices(out, pending)
+  return out
+
+
+def _convert(slot: int, path: _tree.Path, want: _Want, stored: _metadata.LeafMetadata,
+             value: Any, reader: _Reader, out: list[Any], pending: list) -> None:
+  kind = want.kind
+  if kind == 'stored':
+    if stored.value_type == _metadata.JAX_ARRAY:
+      kind = 'jax'
+    else:
+      out[slot] = reader.as_stored_type(stored, value)
+      if want.dtype is not None and isinstance(out[slot], np.ndarray):
+        out[slot] = out[slot].astype(want.dtype)
+      return
+  if not isinstance(value, np.ndarray):
+    if isinstance(value, (str, type(None))) or not np.isscalar(value):
+      raise _errors.StructureMismatchError(
+          f'Leaf {_tree.path_str(path)!r}: the checkpoint holds a {stored.value_type} but the '
+          f'target expects an array.')
+    value = np.asarray(value)
+  if want.shape is not None and tuple(value.shape) != tuple(want.shape):
+    if want.strict:
+      raise _errors.StructureMismatchError(
+          f'Leaf {_tree.path_str(path)!r}: the checkpoint holds shape {tuple(value.shape)} but '
+          f'the target expects {tuple(want.shape)}; pass strict=False to pad or truncate.')
+    value = _fit(value, want.shape)
+  if want.dtype is not None and value.dtype != want.dtype:
+    value = value.astype(want.dtype)
+  if kind == 'numpy':
+    out[slot] = _writable(value)
+    return
+  if kind == 'scalar':
+    if value.size != 1:
+      raise _errors.StructureMismatchError(
+          f'Leaf {_tree.path_str(path)!r}: the target is a Python scalar but the checkpoint '
+          f'holds an array of shape {tuple(value.shape)}.')
+    out[slot] = value.reshape(()).item()
+    return
+  sharding = want.sharding
+  key_impl = want.key_impl or (reader.key_impl(stored) if want.kind == 'stored' else None)
+  if sharding is None:
+    sharding = reader.saved_sharding(stored) if stored.value_type == _metadata.JAX_ARRAY else None
+    if sharding is None and want.kind == 'stored':
+      out[slot] = _writable(value)  # Saved devices are not here: numpy, as documented.
+      return
+    if sharding is not None and key_impl is not None:
+      sharding = None  # The saved sharding describes the key data's trailing dims too.
+  pending.append((slot, value, sharding, key_impl))
+
+
+def _fit(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """Pads with zeros or truncates ``value`` to ``shape`` (``strict=False``)."""
+  if len(shape) != value.ndim:
+    raise _errors.StructureMismatchError(
+        f'Cannot pad or truncate rank {value.ndim} to rank {len(shape)}.')
+  out = np.zeros(shape, dtype=value.dtype)
+  region = tuple(slice(0, min(a, b)) for a, b in zip(value.shape, shape))
+  out[region] = value[region]
+  return out
+
+
+def _put_on_devices(out: list[Any], pending: list) -> None:
+  """One ``device_put`` per distinct sharding (much cheaper than one per leaf)."""
+  if not pending:
+    return
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  groups: dict[jax.sharding.Sharding, list] = {}
+  for entry in pending:
+    groups.setdefault(entry[2] or default, []).append(entry)
+  for sharding, entries in groups.items():
+    arrays = jax.device_put([value for _, value, _, _ in entries], sharding)
+    for (slot, _, _, key_impl), array in zip(entries, arrays):
+      out[slot] = jax.random.wrap_key_data(array, impl=key_impl) if key_impl else array

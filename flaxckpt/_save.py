@@ -1,0 +1,230 @@
+"""The save half of PyTree checkpoints: from a tree to files.
+
+``prepare`` runs on the caller's thread: it flattens the tree, starts every device-to-host copy at
+once and checks every leaf. ``Prepared.write`` does the I/O (on a background thread for async
+saves): all arrays go to ``_arrays.start_write`` in one batched transaction, and the JSON side
+files are written while it commits.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from flaxckpt import _arrays, _errors, _metadata, _storage, _tree, _zarr
+from flaxckpt._args import PyTreeSave, StandardSave
+from flaxckpt._types import SaveArgs, is_key_array, key_impl_name, normalize_dtype
+
+_DEFAULT_SAVE_ARGS = SaveArgs()
+_INT64 = np.iinfo(np.int64)
+
+
+class Prepared(NamedTuple):
+  """Everything a save still has to write once the caller's data is on the host."""
+  directory: pathlib.Path
+  arrays: list[_arrays.ArrayWrite]
+  strings: dict[str, Any]  # Nested as _strings.json stores them.
+  shardings: dict[str, str]
+  array_metadatas: list[_metadata.ArrayMetadata]
+  tree_metadata: _metadata.TreeMetadata
+  options: _arrays.StorageOptions
+
+  def write(self) -> None:
+    pending = _arrays.start_write(self.directory, self.arrays, self.options)
+    if self.strings:
+      _storage.write_text(self.directory / _metadata.STRINGS_FILE,
+                          json.dumps(self.strings, ensure_ascii=False, separators=(',', ':')))
+    if self.shardings:
+      _storage.write_text(self.directory / _metadata.SHARDING_FILE,
+                          json.dumps(self.shardings, separators=(',', ':')))
+    if self.array_metadatas:
+      folder = self.directory / _metadata.ARRAY_METADATAS_DIR
+      _storage.make_dirs(folder)
+      _storage.write_text(folder / f'process_{self.options.process_index}',
+                          _metadata.array_metadatas_json(self.array_metadatas))
+    pending.advance()  # Arrays committed; the merge runs while _METADATA is encoded.
+    _storage.write_text(self.directory / _metadata.METADATA_FILE,
+                        _metadata.tree_metadata_json(self.tree_metadata))
+    pending.wait()
+
+
+def _nest_by_slash(strings: dict[str, str]) -> dict[str, Any]:
+  """``_strings.json`` addresses values by JSON pointer ``/<name>``, so '/' in a name nests."""
+  out: dict[str, Any] = {}
+  for name, value in strings.items():
+    node = out
+    parts = name.split('/')
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        break
+    if not isinstance(node, dict) or isinstance(node.get(parts[-1]), dict):
+      raise _errors.NameCollisionError(
+          f'String leaves {name!r} and another whose name starts with "{parts[0]}/" cannot both '
+          'be stored: _strings.json nests names at "/"; rename one key.')
+    node[parts[-1]] = value
+  return out
+
+
+def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
+            options: _arrays.StorageOptions, copy: bool, numpy_scalars_as_arrays: bool
+            ) -> Prepared:
+  """Flattens and checks the tree and copies what must be copied; returns what to write.
+
+  With ``copy`` every array is snapshotted, so the caller may change its data afterwards
+  (async saves); otherwise host views are kept.
+  """
+  leaves, _ = _tree.flatten(args.item)
+  save_args = _save_args_by_path(args.save_args)
+  max_chunk = getattr(args, 'ocdbt_target_data_file_size', None) or _zarr.MAX_CHUNK_BYTES
+  for leaf in leaves:  # Start every device-to-host copy before waiting on any.
+    value = leaf.value
+    if isinstance(value, jax.Array) and _needs_host_copy(value.sharding) and not (
+        is_key_array(value)):
+      value.copy_to_host_async()
+  seen: dict[str, _tree.Path] = {}
+  arrays, strings, shardings, array_metas, entries = [], {}, {}, [], []
+  for leaf in leaves:
+    name = leaf.name
+    if name in seen:
+      raise _errors.NameCollisionError(
+          f'Tree paths {_tree.path_str(seen[name])!r} and {_tree.path_str(leaf.path)!r} both '
+          f'map to the stored name {name!r} (names join keys with "."); rename one key.')
+    seen[name] = leaf.path
+    value = leaf.value
+    arg = save_args.get(leaf.path, _DEFAULT_SAVE_ARGS) if save_args else _DEFAULT_SAVE_ARGS
+    write_shape = None
+    if isinstance(value, jax.Array):  # The common case first: trees are mostly arrays.
+      value_type = _metadata.JAX_ARRAY
+      array, ext, write_shape = _jax_array_write(name, value, arg, copy, max_chunk, options)
+      arrays.append(array)
+      sharding = _metadata.sharding_to_json(value.sharding)
+      if sharding is not None:
+        shardings[_metadata.sharding_key(name)] = sharding
+      array_metas.append(_metadata.ArrayMetadata(name, write_shape, array.chunk_shape, ext))
+    elif _tree.is_empty_node(value):
+      value_type = _empty_type(value)
+    elif isinstance(value, str):
+      value_type = _metadata.STRING
+      strings[name] = value
+    else:
+      value_type, host = _host_value(leaf, copy, numpy_scalars_as_arrays)
+      arrays.append(_host_array_write(name, host, arg, max_chunk, options))
+    entries.append(_metadata.LeafMetadata(leaf.path, leaf.key_types, value_type,
+                                          skip_deserialize=value_type in
+                                          _metadata.EMPTY_TYPES, write_shape=write_shape))
+  tree_meta = _metadata.TreeMetadata(
+      leaves=tuple(entries), use_ocdbt=options.use_ocdbt,
+      use_zarr3=options.use_zarr3, store_array_data_equal_to_fill_value=True,
+      custom_metadata=args.custom_metadata)
+  return Prepared(directory, arrays, _nest_by_slash(strings), shardings, array_metas,
+                  tree_meta, options)
+
+
+def _host_value(leaf: _tree.Leaf, copy: bool, numpy_scalars_as_arrays: bool
+                ) -> tuple[str, np.ndarray]:
+  value = leaf.value
+  if isinstance(value, np.ndarray):
+    if value.dtype.kind == 'O':
+      raise _errors.UnsupportedLeafError(
+          f'Leaf {_tree.path_str(leaf.path)!r}: numpy arrays of dtype object cannot be saved.')
+    return _metadata.NP_ARRAY, np.array(value, copy=True) if copy else value
+  if isinstance(value, np.generic) and not isinstance(value, (np.str_, np.bytes_, np.void)):
+    kind = _metadata.NP_ARRAY if numpy_scalars_as_arrays else _metadata.SCALAR
+    return kind, np.asarray(value)
+  if isinstance(value, (bool, int, float)):
+    if isinstance(value, int) and not isinstance(value, bool) and not (
+        _INT64.min <= value <= _INT64.max):
+      raise _errors.UnsupportedLeafError(
+          f'Leaf {_tree.path_str(leaf.path)!r}: int {value} does not fit in int64.')
+    return _metadata.SCALAR, np.asarray(value)
+  if hasattr(value, '__array__') and not isinstance(value, (bytes, complex)):
+    return _metadata.NP_ARRAY, np.array(value, copy=True)
+  raise _errors.UnsupportedLeafError(
+      f'Leaf {_tree.path_str(leaf.path)!r} has type {type(value).__module__}.'
+      f'{type(value).__qualname__}, which cannot be saved; expected a jax or numpy array, a '
+      'Python int/float/bool, a numpy scalar, a str, None or an empty container.')
+
+
+def _jax_array_write(name: str, value: jax.Array, arg: SaveArgs, copy: bool, max_chunk: int,
+                     options: _arrays.StorageOptions
+                     ) -> tuple[_arrays.ArrayWrite, dict | None, tuple[int, ...]]:
+  ext = None
+  if is_key_array(value):
+    ext = {'random_key_impl': key_impl_name(value.dtype)}
+    value = jax.random.key_data(value)
+  dtype = normalize_dtype(arg.dtype) or np.dtype(value.dtype)
+  if _on_one_device(value):
+    blocks = [((0,) * value.ndim, value)]
+  else:
+    blocks = [(tuple(s.start or 0 for s in shard.index), shard.data)
+              for shard in value.addressable_shards if shard.replica_id == 0]
+  host = []
+  for origin, data in blocks:
+    array = np.array(data, copy=True) if copy else np.asarray(data)
+    host.append((origin, array if array.dtype == dtype else array.astype(dtype)))
+  write_shape = _write_shape(value)
+  chunk_shape = _zarr.choose_chunk_shape(
+      write_shape, value.shape, dtype.itemsize, _chunk_limit(arg, max_chunk, options))
+  return (_arrays.ArrayWrite(name, value.shape, dtype, chunk_shape, tuple(host)), ext,
+          write_shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _needs_host_copy(sharding: jax.sharding.Sharding) -> bool:
+  """CPU arrays are already in host memory; numpy views them without a copy."""
+  return any(device.platform != 'cpu' for device in sharding.device_set)
+
+
+def _on_one_device(value: jax.Array) -> bool:
+  sharding = value.sharding
+  return isinstance(sharding, jax.sharding.SingleDeviceSharding) or len(
+      sharding.device_set) == 1
+
+
+def _write_shape(value: jax.Array) -> tuple[int, ...]:
+  """The shape each process writes per shard (the whole array when on one device)."""
+  if _on_one_device(value):
+    return tuple(value.shape)
+  return tuple(value.sharding.shard_shape(value.shape))
+
+
+def _chunk_limit(arg: SaveArgs, max_chunk: int, options: _arrays.StorageOptions) -> int | None:
+  limits = [arg.chunk_byte_size] if arg.chunk_byte_size else []
+  if options.use_ocdbt:
+    limits.append(max_chunk)
+  return min(limits) if limits else None
+
+
+def _host_array_write(name: str, host: np.ndarray, arg: SaveArgs, max_chunk: int,
+                      options: _arrays.StorageOptions) -> _arrays.ArrayWrite:
+  dtype = normalize_dtype(arg.dtype) or host.dtype
+  if host.dtype != dtype:
+    host = host.astype(dtype)
+  chunk_shape = _zarr.choose_chunk_shape(host.shape, host.shape, dtype.itemsize,
+                                         _chunk_limit(arg, max_chunk, options))
+  return _arrays.ArrayWrite(name, host.shape, dtype, chunk_shape, (((0,) * host.ndim, host),))
+
+
+def _empty_type(value: Any) -> str:
+  if value is None:
+    return 'None'
+  if isinstance(value, tuple):
+    return 'None' if hasattr(value, '_fields') else 'Tuple'
+  if isinstance(value, list):
+    return 'List'
+  return 'Dict'
+
+
+def _save_args_by_path(save_args: Any) -> dict[_tree.Path, SaveArgs]:
+  if save_args is None:
+    return {}
+  pairs, _ = jax.tree_util.tree_flatten_with_path(
+      save_args, is_leaf=lambda x: isinstance(x, SaveArgs))
+  return {leaf.path: leaf.value for leaf in _tree.leaves_from_pairs(pairs)
+          if isinstance(leaf.value, SaveArgs)}
