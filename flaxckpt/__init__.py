@@ -7,7 +7,7 @@ Orbax's format, so either library reads what the other writes.
 import importlib as _importlib
 from typing import Any as _Any
 
-from flaxckpt import args, utils
+from flaxckpt import args, type_handlers, utils
 from flaxckpt._checkpointer import (AsyncCheckpointer, Checkpointer, PyTreeCheckpointer,
                                     StandardCheckpointer)
 from flaxckpt._composite_handler import CompositeCheckpointHandler
@@ -29,7 +29,7 @@ __all__ = [
     'MissingKeysError', 'NameCollisionError', 'NotACheckpointError', 'PyTreeCheckpointHandler',
     'PyTreeCheckpointer', 'RestoreArgs', 'SaveArgs', 'StandardCheckpointHandler',
     'StandardCheckpointer', 'StructureMismatchError', 'Transform', 'UnsupportedLeafError',
-    'args', 'test_utils', 'utils',
+    'args', 'test_utils', 'type_handlers', 'utils',
 ]
 
 _LAZY_SUBMODULES = ('test_utils', 'legacy')

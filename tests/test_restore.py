@@ -259,3 +259,8 @@ def test_composite_without_names_accepts_any_items(tmp_path):
   restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(tmp_path / 'c')
   assert restored.extra == {'n': 1}
   np.testing.assert_array_equal(restored.state['a'], np.arange(2))
+
+
+def test_type_handlers_namespace_names_the_same_classes():
+  assert ocp.type_handlers.SaveArgs is ocp.SaveArgs
+  assert ocp.type_handlers.ArrayRestoreArgs is ocp.ArrayRestoreArgs
