@@ -241,7 +241,7 @@ def read_array_infos(directory: pathlib.Path, names: list[str], *, use_ocdbt: bo
       raise _errors.NotACheckpointError(
           f'{directory}: array {name!r} has no {meta_file}; the checkpoint is incomplete or '
           'damaged.')
-    meta = _zarr.parse_zarray(raw)
+    meta = _zarr.parse_metadata_json(raw)
     dtype = meta['data_type'] if use_zarr3 else meta['dtype']
     infos.append((tuple(meta['shape']), _zarr.parse_dtype(dtype)))
   return infos
@@ -272,13 +272,13 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
                 context: ts.Context, missing_chunks_are_errors: bool,
                 ndim_hints: list[int | None] | None) -> list[np.ndarray]:
   metas = source.collect(source.request([name + '/' + _zarr.ZARRAY for name in names]))
-  guesses = [None] * len(names)
+  guesses: list[Any] = [None] * len(names)
   if ndim_hints:
     guessed = [i for i, ndim in enumerate(ndim_hints) if ndim is not None]
     handles = source.request([names[i] + '/' + _zarr.chunk_key((0,) * ndim_hints[i])
                               for i in guessed])
     for i, handle in zip(guessed, handles):
-      guesses[i] = handle
+      guesses[i] = (ndim_hints[i], handle)
   results: list[Any] = [None] * len(names)
   fallback, pending, direct = [], [], []
   for i, (name, raw) in enumerate(zip(names, metas)):
@@ -286,35 +286,31 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
       raise _errors.NotACheckpointError(
           f'{directory}: array {name!r} has no {_zarr.ZARRAY} (expected a zarr v2 array at '
           f'key {name}/{_zarr.ZARRAY}); the checkpoint is incomplete or damaged.')
-    meta = _zarr.parse_zarray(raw)
-    if not _zarr.is_raw_zarr2(meta):
+    layout = _zarr.zarr2_layout(raw)
+    if not layout.raw:
       fallback.append(i)
       continue
-    shape, chunks = tuple(meta['shape']), tuple(meta['chunks'])
-    dtype = _zarr.parse_dtype(meta['dtype'])
-    keys = list(_zarr.grid(shape, chunks))
-    nbytes = math.prod(chunks) * dtype.itemsize
-    if len(keys) == 1 and chunks == shape and nbytes >= DIRECT_READ_MIN_BYTES:
-      where = source.location(name + '/' + _zarr.chunk_key(keys[0]))
-      if where is not None and where[2] == nbytes:
-        results[i] = _sources.aligned_empty(shape, dtype)
+    if layout.single_chunk and layout.chunk_nbytes >= DIRECT_READ_MIN_BYTES:
+      where = source.location(name + layout.key_suffixes[0])
+      if where is not None and where[2] == layout.chunk_nbytes:
+        results[i] = _sources.aligned_empty(layout.shape, layout.dtype)
         direct.append((results[i], where))
         continue
-    if guesses[i] is not None and keys == [(0,) * ndim_hints[i]]:
-      handles = [guesses[i]]
+    guess = guesses[i]
+    if guess is not None and layout.grid == ((0,) * guess[0],):
+      handles = [guess[1]]
     else:
-      handles = source.request([name + '/' + _zarr.chunk_key(k) for k in keys])
-    pending.append((i, name, shape, chunks, dtype, keys, handles))
+      handles = source.request([name + suffix for suffix in layout.key_suffixes])
+    pending.append((i, name, layout, handles))
   if fallback:
     arrays = _read_with_driver(directory, base, [names[i] for i in fallback], 'zarr', context,
                                missing_chunks_are_errors)
     for i, array in zip(fallback, arrays):
       results[i] = array
-  for i, name, shape, chunks, dtype, keys, handles in pending:
-    pieces = dict(zip(keys, source.collect(handles)))
-    _check_chunks(directory, name, pieces, math.prod(chunks) * dtype.itemsize,
-                  missing_chunks_are_errors)
-    results[i] = _zarr.assemble(shape, chunks, dtype, pieces)
+  for i, name, layout, handles in pending:
+    pieces = dict(zip(layout.grid, source.collect(handles)))
+    _check_chunks(directory, name, pieces, layout.chunk_nbytes, missing_chunks_are_errors)
+    results[i] = _zarr.assemble(layout.shape, layout.chunks, layout.dtype, pieces)
   if direct:
     with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
       list(pool.map(lambda job: _sources.read_into(*job), direct))

@@ -337,6 +337,7 @@ def _put_on_devices(out: list[Any], pending: list) -> None:
   for entry in pending:
     groups.setdefault(entry[2] or default, []).append(entry)
   for sharding, entries in groups.items():
-    arrays = jax.device_put([value for _, value, _, _ in entries], sharding)
+    # may_alias: the host buffers are ours alone, so jax may adopt them instead of copying.
+    arrays = jax.device_put([value for _, value, _, _ in entries], sharding, may_alias=True)
     for (slot, _, _, key_impl), array in zip(entries, arrays):
       out[slot] = jax.random.wrap_key_data(array, impl=key_impl) if key_impl else array

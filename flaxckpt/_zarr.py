@@ -12,7 +12,7 @@ import functools
 import itertools
 import json
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
@@ -65,8 +65,33 @@ def zarray_bytes(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str,
 
 
 @functools.lru_cache(maxsize=4096)
-def parse_zarray(data: bytes) -> dict[str, Any]:
+def parse_metadata_json(data: bytes) -> dict[str, Any]:
   return json.loads(data)
+
+
+class Zarr2Layout(NamedTuple):
+  """What a reader needs from one ``.zarray``."""
+  raw: bool  # Chunks are plain bytes flaxckpt decodes itself.
+  shape: tuple[int, ...]
+  chunks: tuple[int, ...]
+  dtype: np.dtype
+  grid: tuple[tuple[int, ...], ...]  # Every chunk index.
+  key_suffixes: tuple[str, ...]  # '/<chunk key>' for each index of ``grid``.
+  chunk_nbytes: int
+
+  @property
+  def single_chunk(self) -> bool:
+    return self.chunks == self.shape and len(self.grid) == 1
+
+
+@functools.lru_cache(maxsize=4096)  # Trees repeat a few array layouts many times.
+def zarr2_layout(zarray: bytes) -> Zarr2Layout:
+  meta = json.loads(zarray)
+  shape, chunks = tuple(meta['shape']), tuple(meta['chunks'])
+  dtype = parse_dtype(meta['dtype'])
+  indices = tuple(grid(shape, chunks))
+  return Zarr2Layout(is_raw_zarr2(meta), shape, chunks, dtype, indices,
+                     tuple('/' + chunk_key(i) for i in indices), math.prod(chunks) * dtype.itemsize)
 
 
 def is_raw_zarr2(meta: dict[str, Any]) -> bool:
