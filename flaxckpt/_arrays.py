@@ -9,7 +9,6 @@ one transaction. Reads decode raw chunks directly and hand everything else to te
 from __future__ import annotations
 
 import concurrent.futures
-import math
 import pathlib
 from typing import TYPE_CHECKING, Any, NamedTuple
 
