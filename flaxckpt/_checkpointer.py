@@ -15,13 +15,12 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from flaxckpt import _errors, _metadata, _storage
+from flaxckpt import _errors, _metadata, _restore, _storage
 from flaxckpt._handler import (AsyncCheckpointHandler, CheckpointArgs, CheckpointHandler,
                                args_type_for)
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpointHandler
 
-TMP_SUFFIX = '.orbax-checkpoint-tmp'
-_REPLACED_SUFFIX = TMP_SUFFIX + '-replaced'
+_REPLACED_SUFFIX = _metadata.TMP_SUFFIX + '-replaced'
 
 
 @contextlib.contextmanager
@@ -87,11 +86,7 @@ class Checkpointer:
     """
     args = self._adapt(legacy_item, args, legacy_kwargs, for_save=False)
     path = _storage.as_path(directory)
-    if not _storage.exists(path):
-      raise FileNotFoundError(f'No checkpoint at {path}: the path does not exist.')
-    if TMP_SUFFIX in path.name:
-      raise _errors.IncompleteCheckpointError(
-          f'{path}: this is the temporary directory of a save that never committed.')
+    _restore.check_committed(path)
     with _gc_paused():
       return self._handler.restore(path, args)
 
@@ -150,7 +145,7 @@ class Checkpointer:
     if _storage.exists(final) and not force:
       raise _errors.CheckpointExistsError(
           f'{final} already exists; pass force=True to replace it, or save to a new path.')
-    tmp = final.with_name(final.name + TMP_SUFFIX)
+    tmp = final.with_name(final.name + _metadata.TMP_SUFFIX)
     _storage.remove_tree(tmp)
     _storage.make_dirs(tmp)
     init_ns = _metadata.now_ns()

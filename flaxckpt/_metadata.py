@@ -24,6 +24,9 @@ SHARDING_FILE = '_sharding'
 STRINGS_FILE = '_strings.json'
 ARRAY_METADATAS_DIR = 'array_metadatas'
 COMMIT_SUCCESS_FILE = 'commit_success.txt'
+# A save writes into '<name>' + TMP_SUFFIX and renames it when complete; older Orbax releases
+# appended '-<n>' to it. Any name containing it is an uncommitted save.
+TMP_SUFFIX = '.orbax-checkpoint-tmp'
 LEGACY_AGGREGATE_FILE = 'checkpoint'
 
 JAX_ARRAY = 'jax.Array'

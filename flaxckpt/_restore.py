@@ -19,9 +19,6 @@ from flaxckpt import _arrays, _errors, _metadata, _storage, _transforms, _tree
 from flaxckpt._args import PyTreeRestore
 from flaxckpt._types import ArrayRestoreArgs, RestoreArgs, key_impl_name, normalize_dtype
 
-_TMP_MARKER = '.orbax-checkpoint-tmp'
-
-
 def restore(directory: pathlib.Path, args: PyTreeRestore) -> Any:
   """Restores the tree at ``directory`` as ``args`` asks (see ``PyTreeRestore``)."""
   meta = read_tree_metadata(directory)
@@ -131,7 +128,7 @@ def check_committed(directory: pathlib.Path) -> None:
   if not _storage.is_dir(directory):
     raise _errors.NotACheckpointError(f'{directory}: expected a checkpoint directory, found a '
                                       'file.')
-  if _TMP_MARKER in directory.name:
+  if _metadata.TMP_SUFFIX in directory.name:
     raise _errors.IncompleteCheckpointError(
         f'{directory}: this is the temporary directory of a save that never committed '
         '(its name contains ".orbax-checkpoint-tmp"); restore the committed checkpoint instead.')
@@ -211,7 +208,12 @@ class _Reader:
             f'{self.directory}: leaf {_tree.path_str(leaf.path)!r} is a string but '
             f'{_metadata.STRINGS_FILE} is missing.')
       self._strings = json.loads(_storage.read_text(path))
-    return _get_by_slash(self._strings, leaf.name)
+    try:
+      return _get_by_slash(self._strings, leaf.name)
+    except (KeyError, TypeError) as e:
+      raise _errors.NotACheckpointError(
+          f'{self.directory}: string leaf {_tree.path_str(leaf.path)!r} is missing from '
+          f'{_metadata.STRINGS_FILE}.') from e
 
   def saved_sharding(self, leaf: _metadata.LeafMetadata) -> jax.sharding.Sharding | None:
     if self._shardings is None:
