@@ -8,6 +8,7 @@ files are written while it commits.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import pathlib
@@ -36,6 +37,16 @@ class Prepared(NamedTuple):
 
   def write(self) -> None:
     pending = _arrays.start_write(self.directory, self.arrays, self.options)
+    try:
+      self._write_side_files(pending)
+    except BaseException:
+      # Let tensorstore finish before the caller deletes the directory under it.
+      with contextlib.suppress(Exception):
+        pending.wait()
+      raise
+    pending.wait()
+
+  def _write_side_files(self, pending: _arrays.PendingWrite) -> None:
     if self.strings:
       _storage.write_text(self.directory / _metadata.STRINGS_FILE,
                           json.dumps(self.strings, ensure_ascii=False, separators=(',', ':')))
@@ -50,7 +61,6 @@ class Prepared(NamedTuple):
     pending.advance()  # Arrays committed; the merge runs while _METADATA is encoded.
     _storage.write_text(self.directory / _metadata.METADATA_FILE,
                         _metadata.tree_metadata_json(self.tree_metadata))
-    pending.wait()
 
 
 def _nest_by_slash(strings: dict[str, str]) -> dict[str, Any]:
@@ -79,6 +89,10 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
   With ``copy`` every array is snapshotted, so the caller may change its data afterwards
   (async saves); otherwise host views are kept.
   """
+  try:
+    json.dumps(args.custom_metadata)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f'custom_metadata for {directory} must be JSON-serializable: {e}') from e
   leaves, _ = _tree.flatten(args.item)
   save_args = _save_args_by_path(args.save_args)
   max_chunk = getattr(args, 'ocdbt_target_data_file_size', None) or _zarr.MAX_CHUNK_BYTES

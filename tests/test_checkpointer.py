@@ -237,3 +237,10 @@ def test_process_killed_mid_save_never_leaves_a_complete_looking_checkpoint(tmp_
                                   force=True)
   assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
   assert list(ocp.StandardCheckpointer().restore(path)) == ['new']
+
+
+def test_unserializable_custom_metadata_fails_before_writing(tmp_path):
+  with pytest.raises(TypeError, match='custom_metadata.*JSON-serializable'):
+    ocp.PyTreeCheckpointer().save(tmp_path / 'c', args=ocp.args.PyTreeSave(
+        {'a': np.arange(3)}, custom_metadata={'bad': object()}))
+  assert list(tmp_path.iterdir()) == []
