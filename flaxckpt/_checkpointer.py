@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -67,7 +68,7 @@ class Checkpointer:
       CheckpointExistsError: ``directory`` exists and ``force`` is False.
     """
     args = self._adapt(legacy_item, args, legacy_kwargs, for_save=True)
-    final, tmp, init_ns = self._begin(directory, force)
+    final, tmp, init_ns = self._begin(directory, force, custom_metadata)
     try:
       with _gc_paused():
         self._handler.save(tmp, args)
@@ -140,8 +141,13 @@ class Checkpointer:
     except TypeError as e:
       raise TypeError(f'{args_type.__name__} does not accept {sorted(fields)}: {e}') from e
 
-  def _begin(self, directory: _storage.PathLike, force: bool):
+  def _begin(self, directory: _storage.PathLike, force: bool,
+             custom_metadata: dict[str, Any] | None):
     final = _storage.as_path(directory)
+    try:
+      json.dumps(custom_metadata)
+    except (TypeError, ValueError) as e:
+      raise TypeError(f'custom_metadata for {final} must be JSON-serializable: {e}') from e
     if _storage.exists(final) and not force:
       raise _errors.CheckpointExistsError(
           f'{final} already exists; pass force=True to replace it, or save to a new path.')
@@ -200,7 +206,7 @@ class AsyncCheckpointer(Checkpointer):
     """Starts a save; returns once the caller's arrays have been copied to host memory."""
     self.wait_until_finished()
     args = self._adapt(legacy_item, args, legacy_kwargs, for_save=True)
-    final, tmp, init_ns = self._begin(directory, force)
+    final, tmp, init_ns = self._begin(directory, force, custom_metadata)
     try:
       with _gc_paused():
         if isinstance(self._handler, AsyncCheckpointHandler):
