@@ -61,8 +61,9 @@ def process_db_name(process_index: int) -> str:
   return f'ocdbt.process_{process_index}'
 
 
-def _ocdbt_spec(path: pathlib.Path) -> dict[str, Any]:
-  return {'driver': 'ocdbt', 'base': _storage.kvstore_spec(path), 'config': _OCDBT_CONFIG}
+def _ocdbt_spec(path: pathlib.Path, for_write: bool = False) -> dict[str, Any]:
+  return {'driver': 'ocdbt', 'base': _storage.kvstore_spec(path, sync_each_write=not for_write),
+          'config': _OCDBT_CONFIG}
 
 
 def _array_kvstore(base: dict[str, Any], name: str) -> dict[str, Any]:
@@ -121,9 +122,9 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
   if options.use_ocdbt:
     process_dir = directory / process_db_name(options.process_index)
     _storage.make_dirs(process_dir)
-    base = _ocdbt_spec(process_dir)
+    base = _ocdbt_spec(process_dir, for_write=True)
   else:
-    base = _storage.kvstore_spec(directory)
+    base = _storage.kvstore_spec(directory, sync_each_write=False)
   txn = _tensorstore().Transaction(atomic=options.use_ocdbt)
   if options.use_zarr3 or options.use_compression:
     _write_with_drivers(base, arrays, options, context, txn)
@@ -181,11 +182,11 @@ def merge_process_databases(directory: pathlib.Path, process_dirs: list[pathlib.
   """
   ts = _tensorstore()
   context = context or _context()
-  root = ts.KvStore.open(_ocdbt_spec(directory), context=context).result()
+  root = ts.KvStore.open(_ocdbt_spec(directory, for_write=True), context=context).result()
   txn = ts.Transaction(atomic=True)
   copies = []
   for process_dir in process_dirs:
-    source = ts.KvStore.open(_ocdbt_spec(process_dir), context=context).result()
+    source = ts.KvStore.open(_ocdbt_spec(process_dir, for_write=True), context=context).result()
     copies.append(source.experimental_copy_range_to(root.with_transaction(txn)))
 
   def finish() -> None:
