@@ -175,14 +175,15 @@ def _jax_array_write(name: str, value: jax.Array, arg: SaveArgs, copy: bool, max
   dtype = normalize_dtype(arg.dtype) or np.dtype(value.dtype)
   if _on_one_device(value):
     blocks = [((0,) * value.ndim, value)]
+    write_shape = value.shape
   else:
     blocks = [(tuple(s.start or 0 for s in shard.index), shard.data)
               for shard in value.addressable_shards if shard.replica_id == 0]
+    write_shape = tuple(value.sharding.shard_shape(value.shape))
   host = []
   for origin, data in blocks:
     array = np.array(data, copy=True) if copy else np.asarray(data)
     host.append((origin, array if array.dtype == dtype else array.astype(dtype)))
-  write_shape = _write_shape(value)
   chunk_shape = _zarr.choose_chunk_shape(
       write_shape, value.shape, dtype.itemsize, _chunk_limit(arg, max_chunk, options))
   return (_arrays.ArrayWrite(name, value.shape, dtype, chunk_shape, tuple(host)), ext,
@@ -199,13 +200,6 @@ def _on_one_device(value: jax.Array) -> bool:
   sharding = value.sharding
   return isinstance(sharding, jax.sharding.SingleDeviceSharding) or len(
       sharding.device_set) == 1
-
-
-def _write_shape(value: jax.Array) -> tuple[int, ...]:
-  """The shape each process writes per shard (the whole array when on one device)."""
-  if _on_one_device(value):
-    return tuple(value.shape)
-  return tuple(value.sharding.shard_shape(value.shape))
 
 
 def _chunk_limit(arg: SaveArgs, max_chunk: int, options: _arrays.StorageOptions) -> int | None:

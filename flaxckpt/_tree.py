@@ -66,13 +66,27 @@ def leaves_from_pairs(pairs: list[tuple[tuple[Any, ...], Any]]) -> list[Leaf]:
   return leaves
 
 
+# Paths of recently flattened tree structures: a training run saves the same structure again
+# and again, and computing key paths costs several times more than flattening itself.
+_PATHS_BY_TREEDEF: dict[Any, list[tuple[Path, tuple[int, ...]]]] = {}
+_PATHS_CACHE_SIZE = 16
+
+
 def flatten(tree: Any) -> tuple[list[Leaf], Any]:
   """Flattens ``tree`` keeping None and empty containers as leaves.
 
   Returns the leaves in jax flatten order and the treedef to rebuild the tree with.
   """
-  pairs, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_empty_node)
-  return leaves_from_pairs(pairs), treedef
+  values, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_empty_node)
+  paths = _PATHS_BY_TREEDEF.get(treedef)
+  if paths is None:
+    pairs, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_empty_node)
+    leaves = leaves_from_pairs(pairs)
+    if len(_PATHS_BY_TREEDEF) >= _PATHS_CACHE_SIZE:
+      _PATHS_BY_TREEDEF.pop(next(iter(_PATHS_BY_TREEDEF)))
+    _PATHS_BY_TREEDEF[treedef] = [(leaf.path, leaf.key_types) for leaf in leaves]
+    return leaves, treedef
+  return [Leaf(path, kinds, value) for (path, kinds), value in zip(paths, values)], treedef
 
 
 def path_str(path: Path) -> str:
