@@ -228,7 +228,8 @@ class AsyncCheckpointer(Checkpointer):
         self._error = e
 
     self._pending_path = final
-    self._thread = threading.Thread(target=run, name='flaxckpt-save', daemon=True)
+    # Not a daemon: a normal interpreter exit waits for the save to commit.
+    self._thread = threading.Thread(target=run, name='flaxckpt-save', daemon=False)
     self._thread.start()
 
   def restore(self, directory: _storage.PathLike, *legacy_item: Any,

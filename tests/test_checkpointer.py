@@ -244,3 +244,12 @@ def test_unserializable_custom_metadata_fails_before_writing(tmp_path):
     ocp.PyTreeCheckpointer().save(tmp_path / 'c', args=ocp.args.PyTreeSave(
         {'a': np.arange(3)}, custom_metadata={'bad': object()}))
   assert list(tmp_path.iterdir()) == []
+
+
+def test_interpreter_exit_waits_for_a_pending_async_save(tmp_path):
+  code = ('import sys, numpy as np, flaxckpt as ocp\n'
+          'c = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())\n'
+          'c.save(sys.argv[1], args=ocp.args.StandardSave({"w": np.ones((512, 1024))}))\n')
+  subprocess.run([sys.executable, '-c', code, str(tmp_path / 'c')], check=True, timeout=120)
+  np.testing.assert_array_equal(ocp.StandardCheckpointer().restore(tmp_path / 'c')['w'],
+                                np.ones((512, 1024)))
