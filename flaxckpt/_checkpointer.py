@@ -193,7 +193,7 @@ class AsyncCheckpointer(Checkpointer):
     timeout_secs: how long ``wait_until_finished`` waits for a save before raising.
   """
 
-  def __init__(self, handler: CheckpointHandler, timeout_secs: float = 600, **unused: Any):
+  def __init__(self, handler: CheckpointHandler, timeout_secs: float = 600):
     super().__init__(handler)
     self._timeout = timeout_secs
     self._thread: threading.Thread | None = None
