@@ -47,12 +47,6 @@ _KEY_ENTRY = {
 }
 
 
-def key_entry(key: Any) -> tuple[str, int]:
-  """A jax key-path entry as (string, key type)."""
-  convert = _KEY_ENTRY.get(type(key))
-  return convert(key) if convert is not None else (str(key), DICT_KEY)
-
-
 def leaves_from_pairs(pairs: list[tuple[tuple[Any, ...], Any]]) -> list[Leaf]:
   leaves = []
   for keys, value in pairs:
