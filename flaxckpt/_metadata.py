@@ -179,8 +179,12 @@ def sharding_from_json(text: str) -> jax.sharding.Sharding | None:
     ids = np.array(_flatten_ids(entry['device_mesh']['mesh'])).reshape(entry['shape'])
     if not all(int(i) in devices for i in ids.flat):
       return None
+    axis_types = None
+    if entry.get('axis_types'):
+      axis_types = tuple(getattr(jax.sharding.AxisType, name.rsplit('.', 1)[-1])
+                         for name in entry['axis_types'])
     mesh = jax.sharding.Mesh(np.vectorize(lambda i: devices[int(i)], otypes=[object])(ids),
-                             tuple(entry['axis_names']))
+                             tuple(entry['axis_names']), axis_types=axis_types)
     spec = [tuple(p) if isinstance(p, list) else p for p in entry['partition_spec']]
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
   return None

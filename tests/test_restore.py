@@ -264,3 +264,14 @@ def test_composite_without_names_accepts_any_items(tmp_path):
 def test_type_handlers_namespace_names_the_same_classes():
   assert ocp.type_handlers.SaveArgs is ocp.SaveArgs
   assert ocp.type_handlers.ArrayRestoreArgs is ocp.ArrayRestoreArgs
+
+
+def test_saved_mesh_axis_types_are_restored(tmp_path):
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2), ('x', 'y'),
+                           axis_types=(jax.sharding.AxisType.Explicit,
+                                       jax.sharding.AxisType.Auto))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('x'))
+  restored = _save(tmp_path / 'c', {'w': jax.device_put(np.arange(8.0), sharding)}).restore(
+      tmp_path / 'c')
+  assert restored['w'].sharding.mesh.axis_types == mesh.axis_types
+  assert restored['w'].sharding == sharding
