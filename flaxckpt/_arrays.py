@@ -26,6 +26,7 @@ def _tensorstore():
   import tensorstore
   return tensorstore
 
+
 OCDBT_MANIFEST = 'manifest.ocdbt'
 
 # Chunks at least this large are read straight from their data file into 64-byte-aligned
@@ -138,7 +139,7 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
 def _stage_raw(kv: ts.KvStore, array: ArrayWrite) -> None:
   prefix = array.name + '/'
   kv[prefix + _zarr.ZARRAY] = _zarr.zarray_bytes(
-      array.global_shape, array.chunk_shape, _zarr.zarr2_dtype(array.dtype), None)
+      array.global_shape, array.chunk_shape, _zarr.zarr2_dtype(array.dtype))
   for origin, block in array.blocks:
     if block.shape == array.chunk_shape:
       key = _zarr.chunk_key(tuple(o // c for o, c in zip(origin, array.chunk_shape)))

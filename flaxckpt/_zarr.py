@@ -23,13 +23,6 @@ ZARR_JSON = 'zarr.json'
 # single value never exceeds one data file; we keep the same rule so chunk layouts match.
 MAX_CHUNK_BYTES = 2**31
 
-_ZARR3_DTYPE_NAMES = {
-    'bool': 'bool', 'int8': 'int8', 'int16': 'int16', 'int32': 'int32', 'int64': 'int64',
-    'uint8': 'uint8', 'uint16': 'uint16', 'uint32': 'uint32', 'uint64': 'uint64',
-    'float16': 'float16', 'float32': 'float32', 'float64': 'float64',
-    'complex64': 'complex64', 'complex128': 'complex128',
-}
-
 
 def zarr2_dtype(dtype: np.dtype) -> str:
   """The zarr v2 dtype string: numpy typestr, or the bare name for ml_dtypes (``bfloat16``)."""
@@ -47,12 +40,12 @@ def parse_dtype(name: str) -> np.dtype:
 
 
 @functools.lru_cache(maxsize=4096)
-def zarray_bytes(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str,
-                 compressor: str | None) -> bytes:
-  """``.zarray`` exactly as tensorstore writes it: compact JSON with sorted keys."""
+def zarray_bytes(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str) -> bytes:
+  """``.zarray`` of an uncompressed array exactly as tensorstore writes it: compact JSON with
+  sorted keys (compressed arrays are written by tensorstore itself)."""
   meta = {
       'chunks': list(chunks),
-      'compressor': {'id': 'zstd', 'level': 1} if compressor == 'zstd' else None,
+      'compressor': None,
       'dimension_separator': '.',
       'dtype': dtype,
       'fill_value': None,
@@ -108,10 +101,9 @@ def zarr3_spec_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: 
   inner = [{'name': 'bytes', 'configuration': {'endian': 'little'}}]
   if compress:
     inner.append({'name': 'zstd', 'configuration': {'level': 3, 'checksum': False}})
-  name = np.dtype(dtype).name
   return {
       'shape': list(shape),
-      'data_type': _ZARR3_DTYPE_NAMES.get(name, name),
+      'data_type': np.dtype(dtype).name,  # zarr v3 uses plain names: float32, bfloat16.
       'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': list(chunks)}},
       'chunk_key_encoding': {'name': 'default'},
       'codecs': [{
