@@ -72,8 +72,7 @@ def metadata(directory: pathlib.Path) -> Any:
     elif leaf.value_type == _metadata.STRING:
       value = str
     else:
-      value = _metadata.EMPTY_TYPES.get(leaf.value_type)
-      value = value() if value is not None else None
+      value = _empty_value(leaf)
     entries.append((leaf.path, leaf.key_types, value))
   return _tree.build(entries)
 
@@ -182,6 +181,7 @@ class _Reader:
     self.meta = meta
     self._strings: dict | None = None
     self._shardings: dict | None = None
+    self._parsed_shardings: dict[str, jax.sharding.Sharding | None] = {}
     self._ext: dict | None = None
 
   def read_many(self, leaves: list[_metadata.LeafMetadata]) -> dict[_tree.Path, Any]:
@@ -220,7 +220,11 @@ class _Reader:
       path = self.directory / _metadata.SHARDING_FILE
       self._shardings = json.loads(_storage.read_text(path)) if _storage.is_file(path) else {}
     text = self._shardings.get(_metadata.sharding_key(leaf.name))
-    return _metadata.sharding_from_json(text) if text else None
+    if not text:
+      return None
+    if text not in self._parsed_shardings:  # Most leaves share one sharding: build it once.
+      self._parsed_shardings[text] = _metadata.sharding_from_json(text)
+    return self._parsed_shardings[text]
 
   def key_impl(self, leaf: _metadata.LeafMetadata) -> str | None:
     if self._ext is None:
