@@ -79,9 +79,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     if not _storage.is_dir(directory):
       raise FileNotFoundError(f'No checkpoint at {directory}: the path does not exist.')
     if args is None or not len(args):
-      names = [n for n in _storage.list_names(directory)
-               if _storage.is_dir(directory / n) and not n.startswith('.')]
-      args = Composite({n: None for n in names})
+      args = Composite({n: None for n in _item_names(directory)})
     saved_handlers = _saved_item_handlers(directory)
     results = {}
     for name, item_args in args.items():
@@ -89,7 +87,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
       if not _storage.is_dir(item_dir):
         raise _errors.MissingKeysError(
             f'{directory}: no item {name!r} in this checkpoint; it holds '
-            f'{[n for n in _storage.list_names(directory) if _storage.is_dir(directory / n)]}.')
+            f'{_item_names(directory)}.')
       handler = self._handlers.get(name)
       if item_args is None:
         if handler is None:
@@ -105,16 +103,21 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     directory = _storage.as_path(directory)
     saved = _saved_item_handlers(directory)
     out = {}
-    for name in _storage.list_names(directory):
-      if _storage.is_dir(directory / name):
-        handler = self._handlers.get(name) or _infer_handler(directory / name, saved.get(name))
-        out[name] = handler.metadata(directory / name)
+    for name in _item_names(directory):
+      handler = self._handlers.get(name) or _infer_handler(directory / name, saved.get(name))
+      out[name] = handler.metadata(directory / name)
     return Composite(out)
 
   def close(self) -> None:
     for handler in self._handlers.values():
       if handler is not None:
         handler.close()
+
+
+def _item_names(directory: pathlib.Path) -> list[str]:
+  """The items of a composite checkpoint: its sub-directories."""
+  return [n for n in _storage.list_names(directory)
+          if _storage.is_dir(directory / n) and not n.startswith('.')]
 
 
 def _saved_item_handlers(directory: pathlib.Path) -> dict[str, str]:
