@@ -1,9 +1,11 @@
 """Writing and reading the array data of a checkpoint, all leaves at once.
 
-Default path (raw zarr v2): every ``.zarray`` and chunk of every leaf is written as a key of one
-OCDBT database in a single tensorstore transaction, then merged into the root database as Orbax
-does. Compressed (``use_compression``) and zarr v3 saves go through tensorstore's zarr drivers in
-one transaction. Reads decode raw chunks directly and hand everything else to tensorstore.
+Default path (raw zarr v2): all leaves go into one OCDBT database in a single tensorstore
+transaction, then are merged into the root database as Orbax does. Small arrays are staged as raw
+keys (``.zarray`` and chunks), which costs far less per leaf than opening a zarr array; large ones
+are written through tensorstore's zarr driver, which can reference the host buffers instead of
+copying them. Compressed (``use_compression``) and zarr v3 saves use the zarr drivers for every
+leaf. Reads decode raw chunks directly and hand everything else to tensorstore.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ OCDBT_MANIFEST = 'manifest.ocdbt'
 # buffers (which jax adopts without copying) instead of as bytes objects, which cost two extra
 # copies. Smaller chunks are cheaper to fetch all at once as bytes.
 DIRECT_READ_MIN_BYTES = 1 << 20
+# Arrays at least this large are saved through the zarr driver without copying their buffers;
+# below it, opening a driver per array costs more than copying the bytes.
+DRIVER_WRITE_MIN_BYTES = 1 << 18
 _READ_THREADS = 4
 _OCDBT_CONFIG = {
     'max_inline_value_bytes': 1024,
@@ -128,12 +133,21 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
     base = _storage.kvstore_spec(directory, sync_each_write=False)
   txn = _tensorstore().Transaction(atomic=options.use_ocdbt)
   if options.use_zarr3 or options.use_compression:
-    _write_with_drivers(base, arrays, options, context, txn)
+    by_driver, by_key = arrays, []
   else:
+    by_driver = [a for a in arrays if _nbytes(a) >= DRIVER_WRITE_MIN_BYTES]
+    by_key = [a for a in arrays if _nbytes(a) < DRIVER_WRITE_MIN_BYTES]
+  if by_driver:
+    _write_with_drivers(base, by_driver, options, context, txn)
+  if by_key:
     kv = _tensorstore().KvStore.open(base, context=context).result().with_transaction(txn)
-    for array in arrays:
+    for array in by_key:
       _stage_raw(kv, array)
   return PendingWrite(directory, txn.commit_async(), process_dir, context)
+
+
+def _nbytes(array: ArrayWrite) -> int:
+  return sum(block.nbytes for _, block in array.blocks)
 
 
 def _stage_raw(kv: ts.KvStore, array: ArrayWrite) -> None:
@@ -151,6 +165,8 @@ def _stage_raw(kv: ts.KvStore, array: ArrayWrite) -> None:
 
 def _write_with_drivers(base: dict[str, Any], arrays: list[ArrayWrite], options: StorageOptions,
                         context: ts.Context, txn: ts.Transaction) -> None:
+  """Writes through tensorstore's zarr drivers. The blocks are referenced, not copied: they are
+  host snapshots or views of immutable arrays that outlive the transaction."""
   opens = []
   for array in arrays:
     if options.use_zarr3:
@@ -162,6 +178,7 @@ def _write_with_drivers(base: dict[str, Any], arrays: list[ArrayWrite], options:
           'dtype': _zarr.zarr2_dtype(array.dtype), 'dimension_separator': '.',
           'compressor': {'id': 'zstd', 'level': 1} if options.use_compression else None}}
     spec['kvstore'] = _array_kvstore(base, array.name)
+    spec['store_data_equal_to_fill_value'] = True  # As Orbax: every chunk exists on disk.
     opens.append(_tensorstore().open(spec, create=True, open=True, context=context,
                                      transaction=txn))
   writes = []
@@ -169,7 +186,8 @@ def _write_with_drivers(base: dict[str, Any], arrays: list[ArrayWrite], options:
     store = future.result()
     for origin, block in array.blocks:
       region = tuple(slice(o, o + n) for o, n in zip(origin, block.shape))
-      writes.append(store[region].write(block) if region else store.write(block))
+      target = store[region] if region else store
+      writes.append(target.write(block, can_reference_source_data_indefinitely=True))
   for write in writes:
     write.result()
 

@@ -123,3 +123,43 @@ def test_missing_chunk_of_driver_read_array_is_an_error(tmp_path, options, chunk
   os.remove(path / chunk)
   with pytest.raises(ocp.NotACheckpointError, match="'x'"):
     ocp.PyTreeCheckpointer().restore(path)
+
+
+def _zarray(path, name):
+  kv = tensorstore.KvStore.open({'driver': 'ocdbt', 'base': f'file://{path}/'}).result()
+  return json.loads(kv.read(f'{name}/.zarray').result().value)
+
+
+def test_large_arrays_take_the_zero_copy_driver_path_and_orbax_reads_them(tmp_path):
+  """Arrays above DRIVER_WRITE_MIN_BYTES go through the zarr driver: sharded over devices,
+  split into several chunks, all zeros, bfloat16, saved beside small raw-key leaves."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ('x', 'y'))
+  sharded = jax.device_put(_big(2), jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('x', 'y')))
+  tree = {'sharded': sharded, 'zeros': jax.numpy.zeros((512, 512)),
+          'chunked': _big(3), 'bf16': jax.numpy.asarray(_big(4), jax.numpy.bfloat16),
+          'small': np.arange(7.0)}
+  assert all(x.nbytes >= _arrays.DRIVER_WRITE_MIN_BYTES for k, x in tree.items() if k != 'small')
+  save_args = jax.tree.map(lambda _: ocp.SaveArgs(), tree)
+  save_args['chunked'] = ocp.SaveArgs(chunk_byte_size=1 << 19)
+  ours, theirs = tmp_path / 'ours', tmp_path / 'theirs'
+  ocp.PyTreeCheckpointer().save(ours, args=ocp.args.PyTreeSave(tree, save_args=save_args))
+  orbax_save_args = jax.tree.map(lambda _: orbax.SaveArgs(), tree)
+  orbax_save_args['chunked'] = orbax.SaveArgs(chunk_byte_size=1 << 19)
+  orbax.Checkpointer(orbax.PyTreeCheckpointHandler()).save(
+      theirs, args=orbax.args.PyTreeSave(tree, save_args=orbax_save_args))
+  for name in ('zeros', 'chunked', 'bf16', 'small'):
+    theirs_meta = _zarray(theirs, name)
+    assert theirs_meta.pop('compressor') == {'id': 'zstd', 'level': 1}
+    assert _zarray(ours, name) == {**theirs_meta, 'compressor': None}, name
+  assert _zarray(ours, 'chunked')['chunks'] != [512, 1024]  # Really several chunks.
+  kv = tensorstore.KvStore.open({'driver': 'ocdbt', 'base': f'file://{ours}/'}).result()
+  assert len(kv.read('zeros/0.0').result().value) == 512 * 512 * 4  # Zero chunks are stored.
+  with pytest.warns(UserWarning, match='Sharding info not provided'):
+    by_orbax = orbax.PyTreeCheckpointer().restore(ours)
+  by_us = ocp.PyTreeCheckpointer().restore(ours, args=ocp.args.PyTreeRestore(
+      jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)))
+  for key, value in tree.items():
+    np.testing.assert_array_equal(np.asarray(by_orbax[key]), np.asarray(value))
+    np.testing.assert_array_equal(np.asarray(by_us[key]), np.asarray(value))
+  assert by_us['sharded'].sharding == sharded.sharding
