@@ -11,6 +11,7 @@ leaf. Reads decode raw chunks directly and hand everything else to tensorstore.
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import pathlib
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -132,11 +133,13 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
   else:
     base = _storage.kvstore_spec(directory, sync_each_write=False)
   txn = _tensorstore().Transaction(atomic=options.use_ocdbt)
+  by_driver, by_key = [], []
   if options.use_zarr3 or options.use_compression:
-    by_driver, by_key = arrays, []
+    by_driver = arrays
   else:
-    by_driver = [a for a in arrays if _nbytes(a) >= DRIVER_WRITE_MIN_BYTES]
-    by_key = [a for a in arrays if _nbytes(a) < DRIVER_WRITE_MIN_BYTES]
+    for array in arrays:
+      large = math.prod(array.global_shape) * array.dtype.itemsize >= DRIVER_WRITE_MIN_BYTES
+      (by_driver if large else by_key).append(array)
   if by_driver:
     _write_with_drivers(base, by_driver, options, context, txn)
   if by_key:
@@ -146,18 +149,13 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
   return PendingWrite(directory, txn.commit_async(), process_dir, context)
 
 
-def _nbytes(array: ArrayWrite) -> int:
-  return sum(block.nbytes for _, block in array.blocks)
-
-
 def _stage_raw(kv: ts.KvStore, array: ArrayWrite) -> None:
   prefix = array.name + '/'
   kv[prefix + _zarr.ZARRAY] = _zarr.zarray_bytes(
       array.global_shape, array.chunk_shape, _zarr.zarr2_dtype(array.dtype))
   for origin, block in array.blocks:
     if block.shape == array.chunk_shape:
-      key = _zarr.chunk_key(tuple(o // c for o, c in zip(origin, array.chunk_shape)))
-      kv[prefix + key] = _zarr.chunk_bytes(block)
+      kv[prefix + _zarr.chunk_key_at(origin, array.chunk_shape)] = _zarr.chunk_bytes(block)
       continue
     for key, piece in _zarr.split_into_chunks(block, origin, array.chunk_shape):
       kv[prefix + key] = _zarr.chunk_bytes(piece)

@@ -206,12 +206,18 @@ class ArrayMetadata(NamedTuple):
 
 def array_metadatas_json(entries: list[ArrayMetadata]) -> str:
   """The file as Orbax's ``json.dumps`` writes it (formatted directly, as for ``_METADATA``)."""
-  quote = json.encoder.encode_basestring_ascii
-  items = ', '.join(
-      f'{{"array_metadata": {{"param_name": {quote(e.param_name)}, "write_shape": '
-      f'{list(e.write_shape)}, "chunk_shape": {list(e.chunk_shape)}, "ext_metadata": '
-      f'{json.dumps(e.ext_metadata)}}}}}' for e in entries)
+  items = ', '.join([_array_entry_json(e.param_name, e.write_shape, e.chunk_shape,
+                                       'null' if e.ext_metadata is None
+                                       else json.dumps(e.ext_metadata)) for e in entries])
   return f'{{"array_metadatas": [{items}]}}'
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _array_entry_json(name: str, write_shape: tuple[int, ...], chunk_shape: tuple[int, ...],
+                      ext_json: str) -> str:
+  return (f'{{"array_metadata": {{"param_name": {json.encoder.encode_basestring_ascii(name)}, '
+          f'"write_shape": {list(write_shape)}, "chunk_shape": {list(chunk_shape)}, '
+          f'"ext_metadata": {ext_json}}}}}')
 
 
 def parse_array_metadatas(text: str) -> list[ArrayMetadata]:

@@ -9,7 +9,6 @@ files are written while it commits.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import pathlib
 from typing import Any, NamedTuple
@@ -96,14 +95,26 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
   leaves, _ = _tree.flatten(args.item)
   save_args = _save_args_by_path(args.save_args)
   max_chunk = getattr(args, 'ocdbt_target_data_file_size', None) or _zarr.MAX_CHUNK_BYTES
-  for leaf in leaves:  # Start every device-to-host copy before waiting on any.
+  # Leaves sharing shape, dtype, sharding and SaveArgs share a plan (SaveArgs by identity: they
+  # stay alive for the whole call).
+  plans: dict[tuple[Any, ...], _ArrayPlan] = {}
+  leaf_plans: list[_ArrayPlan | None] = []
+  for leaf in leaves:  # Plan every array and start its device-to-host copy before any waits.
     value = leaf.value
-    if isinstance(value, jax.Array) and _needs_host_copy(value.sharding) and not (
-        is_key_array(value)):
+    if not isinstance(value, jax.Array):
+      leaf_plans.append(None)
+      continue
+    arg = save_args.get(leaf.path, _DEFAULT_SAVE_ARGS) if save_args else _DEFAULT_SAVE_ARGS
+    signature = (value.shape, value.dtype, value.sharding, id(arg))
+    plan = plans.get(signature)
+    if plan is None:
+      plan = plans[signature] = _plan_array(value, arg, max_chunk, options)
+    leaf_plans.append(plan)
+    if plan.needs_host_copy:
       value.copy_to_host_async()
   seen: dict[str, _tree.Path] = {}
   arrays, strings, shardings, array_metas, entries = [], {}, {}, [], []
-  for leaf in leaves:
+  for leaf, plan in zip(leaves, leaf_plans):
     name = leaf.name
     if name in seen:
       raise _errors.NameCollisionError(
@@ -111,22 +122,22 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
           f'map to the stored name {name!r} (names join keys with "."); rename one key.')
     seen[name] = leaf.path
     value = leaf.value
-    arg = save_args.get(leaf.path, _DEFAULT_SAVE_ARGS) if save_args else _DEFAULT_SAVE_ARGS
     write_shape = None
-    if isinstance(value, jax.Array):  # The common case first: trees are mostly arrays.
+    if plan is not None:  # A jax.Array, the common case.
       value_type = _metadata.JAX_ARRAY
-      array, ext, write_shape = _jax_array_write(name, value, arg, copy, max_chunk, options)
-      arrays.append(array)
-      sharding = _metadata.sharding_to_json(value.sharding)
-      if sharding is not None:
-        shardings[_metadata.sharding_key(name)] = sharding
-      array_metas.append(_metadata.ArrayMetadata(name, write_shape, array.chunk_shape, ext))
+      write_shape = plan.write_shape
+      arrays.append(_jax_array_write(name, value, plan, copy))
+      if plan.sharding_json is not None:
+        shardings[_metadata.sharding_key(name)] = plan.sharding_json
+      array_metas.append(_metadata.ArrayMetadata(name, write_shape, plan.chunk_shape,
+                                                 plan.ext_metadata))
     elif _tree.is_empty_node(value):
       value_type = _empty_type(value)
     elif isinstance(value, str):
       value_type = _metadata.STRING
       strings[name] = value
     else:
+      arg = save_args.get(leaf.path, _DEFAULT_SAVE_ARGS) if save_args else _DEFAULT_SAVE_ARGS
       value_type, host = _host_value(leaf, copy, numpy_scalars_as_arrays)
       arrays.append(_host_array_write(name, host, arg, max_chunk, options))
     entries.append(_metadata.LeafMetadata(leaf.path, leaf.key_types, value_type,
@@ -165,41 +176,48 @@ def _host_value(leaf: _tree.Leaf, copy: bool, numpy_scalars_as_arrays: bool
       'Python int/float/bool, a numpy scalar, a str, None or an empty container.')
 
 
-def _jax_array_write(name: str, value: jax.Array, arg: SaveArgs, copy: bool, max_chunk: int,
-                     options: _arrays.StorageOptions
-                     ) -> tuple[_arrays.ArrayWrite, dict | None, tuple[int, ...]]:
+class _ArrayPlan(NamedTuple):
+  """How to store the jax.Arrays of one (shape, dtype, sharding, SaveArgs) signature."""
+  dtype: np.dtype  # As stored (after SaveArgs.dtype; key data for PRNG keys).
+  ext_metadata: dict[str, str] | None  # The PRNG implementation of typed keys.
+  one_device: bool
+  write_shape: tuple[int, ...]
+  chunk_shape: tuple[int, ...]
+  sharding_json: str | None
+  needs_host_copy: bool  # CPU arrays are already in host memory: numpy views them.
+
+
+def _plan_array(value: jax.Array, arg: SaveArgs, max_chunk: int,
+                options: _arrays.StorageOptions) -> _ArrayPlan:
   ext = None
   if is_key_array(value):
     ext = {'random_key_impl': key_impl_name(value.dtype)}
     value = jax.random.key_data(value)
   dtype = normalize_dtype(arg.dtype) or np.dtype(value.dtype)
-  if _on_one_device(value):
+  sharding = value.sharding
+  one_device = len(sharding.device_set) == 1
+  write_shape = value.shape if one_device else tuple(sharding.shard_shape(value.shape))
+  chunk_shape = _zarr.choose_chunk_shape(
+      write_shape, value.shape, dtype.itemsize, _chunk_limit(arg, max_chunk, options))
+  needs_host_copy = ext is None and any(d.platform != 'cpu' for d in sharding.device_set)
+  return _ArrayPlan(dtype, ext, one_device, write_shape, chunk_shape,
+                    _metadata.sharding_to_json(sharding), needs_host_copy)
+
+
+def _jax_array_write(name: str, value: jax.Array, plan: _ArrayPlan,
+                     copy: bool) -> _arrays.ArrayWrite:
+  if plan.ext_metadata is not None:
+    value = jax.random.key_data(value)
+  if plan.one_device:
     blocks = [((0,) * value.ndim, value)]
-    write_shape = value.shape
   else:
     blocks = [(tuple(s.start or 0 for s in shard.index), shard.data)
               for shard in value.addressable_shards if shard.replica_id == 0]
-    write_shape = tuple(value.sharding.shard_shape(value.shape))
   host = []
   for origin, data in blocks:
     array = np.array(data, copy=True) if copy else np.asarray(data)
-    host.append((origin, array if array.dtype == dtype else array.astype(dtype)))
-  chunk_shape = _zarr.choose_chunk_shape(
-      write_shape, value.shape, dtype.itemsize, _chunk_limit(arg, max_chunk, options))
-  return (_arrays.ArrayWrite(name, value.shape, dtype, chunk_shape, tuple(host)), ext,
-          write_shape)
-
-
-@functools.lru_cache(maxsize=256)
-def _needs_host_copy(sharding: jax.sharding.Sharding) -> bool:
-  """CPU arrays are already in host memory; numpy views them without a copy."""
-  return any(device.platform != 'cpu' for device in sharding.device_set)
-
-
-def _on_one_device(value: jax.Array) -> bool:
-  sharding = value.sharding
-  return isinstance(sharding, jax.sharding.SingleDeviceSharding) or len(
-      sharding.device_set) == 1
+    host.append((origin, array if array.dtype == plan.dtype else array.astype(plan.dtype)))
+  return _arrays.ArrayWrite(name, value.shape, plan.dtype, plan.chunk_shape, tuple(host))
 
 
 def _chunk_limit(arg: SaveArgs, max_chunk: int, options: _arrays.StorageOptions) -> int | None:

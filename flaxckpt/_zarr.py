@@ -156,6 +156,12 @@ def chunk_key(grid_index: tuple[int, ...]) -> str:
   return '.'.join(map(str, grid_index)) if grid_index else '0'
 
 
+@functools.lru_cache(maxsize=4096)  # Most trees store each array as one chunk at the origin.
+def chunk_key_at(origin: tuple[int, ...], chunks: tuple[int, ...]) -> str:
+  """The key of the chunk starting at the chunk-aligned ``origin``."""
+  return chunk_key(tuple(o // c for o, c in zip(origin, chunks)))
+
+
 def split_into_chunks(block: np.ndarray, origin: tuple[int, ...],
                       chunks: tuple[int, ...]) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (chunk key, chunk array) for a block whose origin is chunk-aligned.

@@ -275,3 +275,25 @@ def test_saved_mesh_axis_types_are_restored(tmp_path):
       tmp_path / 'c')
   assert restored['w'].sharding.mesh.axis_types == mesh.axis_types
   assert restored['w'].sharding == sharding
+
+
+@pytest.mark.parametrize('batched', [True, False])
+def test_single_device_leaves_are_placed_like_device_put(tmp_path, monkeypatch, batched):
+  """Restore places single-device leaves through jax's batched shard_args when this jax has
+  it (it does today: a jax upgrade that drops it must be noticed), else via device_put."""
+  from flaxckpt import _restore
+  assert _restore._shard_args is not None
+  if not batched:
+    monkeypatch.setattr(_restore, '_shard_args', None)
+  tree = {'f': jnp.arange(6.0).reshape(2, 3), 'b': jnp.array([True, False]),
+          'bf': jnp.ones(3, jnp.bfloat16), 'k': jax.random.key(1)}
+  ocp.PyTreeCheckpointer().save(tmp_path / 'c', args=ocp.args.PyTreeSave(tree))
+  restored = ocp.PyTreeCheckpointer().restore(tmp_path / 'c', args=ocp.args.PyTreeRestore(
+      jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)))
+  device = jax.devices()[0]
+  for key in ('f', 'b', 'bf'):
+    expected = jax.device_put(tree[key], device)
+    assert restored[key].committed and restored[key].sharding == expected.sharding
+    assert restored[key].dtype == expected.dtype and not restored[key].weak_type
+    np.testing.assert_array_equal(restored[key], expected)
+  assert jax.random.key_data(restored['k']).tolist() == jax.random.key_data(tree['k']).tolist()
