@@ -40,11 +40,10 @@ DIRECT_READ_MIN_BYTES = 1 << 20
 # below it, opening a driver per array costs more than copying the bytes.
 DRIVER_WRITE_MIN_BYTES = 1 << 18
 _READ_THREADS = 4
-_OCDBT_CONFIG = {
+_OCDBT_CONFIG = {  # Orbax's, except for the node compression (see _ocdbt_write_config).
     'max_inline_value_bytes': 1024,
     'max_decoded_node_bytes': 100_000_000,
     'version_tree_arity_log2': 4,
-    'compression': {'id': 'zstd'},
 }
 
 
@@ -68,9 +67,21 @@ def process_db_name(process_index: int) -> str:
   return f'ocdbt.process_{process_index}'
 
 
-def _ocdbt_spec(path: pathlib.Path, for_write: bool = False) -> dict[str, Any]:
-  return {'driver': 'ocdbt', 'base': _storage.kvstore_spec(path, sync_each_write=not for_write),
-          'config': _OCDBT_CONFIG}
+def _ocdbt_write_config(compress: bool) -> dict[str, Any]:
+  """The config of a new database. Its B-tree nodes hold the small chunks inline: zstd on them
+  (Orbax's choice, kept with ``use_compression``) would cost more than half of the commit of a
+  many-leaf save and gains little on float data."""
+  return {**_OCDBT_CONFIG, 'compression': {'id': 'zstd'} if compress else None}
+
+
+def _ocdbt_spec(path: pathlib.Path, write_config: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+  """An OCDBT kvstore spec; readers take the config from the manifest, whatever wrote it."""
+  spec = {'driver': 'ocdbt',
+          'base': _storage.kvstore_spec(path, sync_each_write=write_config is None)}
+  if write_config is not None:
+    spec['config'] = write_config
+  return spec
 
 
 def _array_kvstore(base: dict[str, Any], name: str) -> dict[str, Any]:
@@ -92,11 +103,12 @@ class PendingWrite:
   """
 
   def __init__(self, directory: pathlib.Path, commit: Any, process_dir: pathlib.Path | None,
-               context: ts.Context | None):
+               context: ts.Context | None, config: dict[str, Any] | None):
     self._directory = directory
     self._commit = commit
     self._process_dir = process_dir
     self._context = context
+    self._config = config
     self._finish_merge: Any = None
 
   def advance(self) -> None:
@@ -106,7 +118,7 @@ class PendingWrite:
     self._commit = None
     if self._process_dir is not None:
       self._finish_merge = merge_process_databases(self._directory, [self._process_dir],
-                                                   self._context)
+                                                   self._config, self._context)
 
   def wait(self) -> None:
     """Blocks until the arrays are durable and, with OCDBT, merged into the root database."""
@@ -123,13 +135,14 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
   The caller can do other work (the JSON side files) while tensorstore writes.
   """
   if not arrays:
-    return PendingWrite(directory, None, None, None)
+    return PendingWrite(directory, None, None, None, None)
   context = _context()
-  process_dir = None
+  process_dir = config = None
   if options.use_ocdbt:
     process_dir = directory / process_db_name(options.process_index)
     _storage.make_dirs(process_dir)
-    base = _ocdbt_spec(process_dir, for_write=True)
+    config = _ocdbt_write_config(options.use_compression)
+    base = _ocdbt_spec(process_dir, config)
   else:
     base = _storage.kvstore_spec(directory, sync_each_write=False)
   txn = _tensorstore().Transaction(atomic=options.use_ocdbt)
@@ -146,7 +159,7 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
     kv = _tensorstore().KvStore.open(base, context=context).result().with_transaction(txn)
     for array in by_key:
       _stage_raw(kv, array)
-  return PendingWrite(directory, txn.commit_async(), process_dir, context)
+  return PendingWrite(directory, txn.commit_async(), process_dir, context, config)
 
 
 def _stage_raw(kv: ts.KvStore, array: ArrayWrite) -> None:
@@ -191,7 +204,7 @@ def _write_with_drivers(base: dict[str, Any], arrays: list[ArrayWrite], options:
 
 
 def merge_process_databases(directory: pathlib.Path, process_dirs: list[pathlib.Path],
-                            context: ts.Context | None = None) -> Any:
+                            config: dict[str, Any], context: ts.Context | None = None) -> Any:
   """Starts copying every per-process OCDBT database into the root database at ``directory``.
 
   Returns a function that waits for the copy to commit. Large values stay in the per-process
@@ -199,11 +212,11 @@ def merge_process_databases(directory: pathlib.Path, process_dirs: list[pathlib.
   """
   ts = _tensorstore()
   context = context or _context()
-  root = ts.KvStore.open(_ocdbt_spec(directory, for_write=True), context=context).result()
+  root = ts.KvStore.open(_ocdbt_spec(directory, config), context=context).result()
   txn = ts.Transaction(atomic=True)
   copies = []
   for process_dir in process_dirs:
-    source = ts.KvStore.open(_ocdbt_spec(process_dir, for_write=True), context=context).result()
+    source = ts.KvStore.open(_ocdbt_spec(process_dir, config), context=context).result()
     copies.append(source.experimental_copy_range_to(root.with_transaction(txn)))
 
   def finish() -> None:

@@ -163,3 +163,17 @@ def test_large_arrays_take_the_zero_copy_driver_path_and_orbax_reads_them(tmp_pa
     np.testing.assert_array_equal(np.asarray(by_orbax[key]), np.asarray(value))
     np.testing.assert_array_equal(np.asarray(by_us[key]), np.asarray(value))
   assert by_us['sharded'].sharding == sharded.sharding
+
+
+@pytest.mark.parametrize('use_compression, expected', [(False, None), (True, {'id': 'zstd'})])
+def test_btree_nodes_are_compressed_only_with_use_compression(tmp_path, use_compression,
+                                                             expected):
+  path = tmp_path / 'c'
+  ocp.PyTreeCheckpointer(use_compression=use_compression).save(
+      path, args=ocp.args.PyTreeSave({'x': np.arange(4)}))
+  for db in (path, path / 'ocdbt.process_0'):
+    base = tensorstore.KvStore.open({'driver': 'file', 'path': f'{db}/'}).result()
+    config = tensorstore.ocdbt.dump(base).result()['config']
+    assert config.get('compression') == expected, db
+    assert config['max_inline_value_bytes'] == 1024
+  assert orbax.PyTreeCheckpointer().restore(path)['x'].tolist() == [0, 1, 2, 3]
