@@ -92,7 +92,7 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
     json.dumps(args.custom_metadata)
   except (TypeError, ValueError) as e:
     raise TypeError(f'custom_metadata for {directory} must be JSON-serializable: {e}') from e
-  leaves, _ = _tree.flatten(args.item)
+  leaves, treedef = _tree.flatten(args.item)
   save_args = _save_args_by_path(args.save_args)
   max_chunk = getattr(args, 'ocdbt_target_data_file_size', None) or _zarr.MAX_CHUNK_BYTES
   # Leaves sharing shape, dtype, sharding and SaveArgs share a plan (SaveArgs by identity: they
@@ -112,6 +112,18 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
     leaf_plans.append(plan)
     if plan.needs_host_copy:
       value.copy_to_host_async()
+  tree_meta = _metadata.TreeMetadata(
+      leaves=(), use_ocdbt=options.use_ocdbt, use_zarr3=options.use_zarr3,
+      store_array_data_equal_to_fill_value=True, custom_metadata=args.custom_metadata)
+  layout_key = None
+  if None not in leaf_plans:  # Only jax.Arrays: the metadata follows from structure and plans.
+    layout_key = (treedef, tuple(leaf_plans))
+    layout = _LAYOUTS.get(layout_key)
+    if layout is not None:
+      arrays = [_jax_array_write(meta.param_name, leaf.value, plan, copy)
+                for leaf, plan, meta in zip(leaves, leaf_plans, layout.array_metadatas)]
+      return Prepared(directory, arrays, {}, layout.shardings, layout.array_metadatas,
+                      tree_meta._replace(leaves=layout.entries), options)
   seen: dict[str, _tree.Path] = {}
   arrays, strings, shardings, array_metas, entries = [], {}, {}, [], []
   for leaf, plan in zip(leaves, leaf_plans):
@@ -129,8 +141,9 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
       arrays.append(_jax_array_write(name, value, plan, copy))
       if plan.sharding_json is not None:
         shardings[_metadata.sharding_key(name)] = plan.sharding_json
-      array_metas.append(_metadata.ArrayMetadata(name, write_shape, plan.chunk_shape,
-                                                 plan.ext_metadata))
+      array_metas.append(_metadata.ArrayMetadata(
+          name, write_shape, plan.chunk_shape,
+          None if plan.key_impl is None else {'random_key_impl': plan.key_impl}))
     elif _tree.is_empty_node(value):
       value_type = _empty_type(value)
     elif isinstance(value, str):
@@ -143,12 +156,25 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
     entries.append(_metadata.LeafMetadata(leaf.path, leaf.key_types, value_type,
                                           skip_deserialize=value_type in
                                           _metadata.EMPTY_TYPES, write_shape=write_shape))
-  tree_meta = _metadata.TreeMetadata(
-      leaves=tuple(entries), use_ocdbt=options.use_ocdbt,
-      use_zarr3=options.use_zarr3, store_array_data_equal_to_fill_value=True,
-      custom_metadata=args.custom_metadata)
+  if layout_key is not None:
+    if len(_LAYOUTS) >= _LAYOUTS_CACHE_SIZE:
+      _LAYOUTS.pop(next(iter(_LAYOUTS)))
+    _LAYOUTS[layout_key] = _Layout(shardings, array_metas, tuple(entries))
   return Prepared(directory, arrays, _nest_by_slash(strings), shardings, array_metas,
-                  tree_meta, options)
+                  tree_meta._replace(leaves=tuple(entries)), options)
+
+
+class _Layout(NamedTuple):
+  """The metadata of a tree of jax.Arrays, which depends only on its structure and plans."""
+  shardings: dict[str, str]
+  array_metadatas: list[_metadata.ArrayMetadata]
+  entries: tuple[_metadata.LeafMetadata, ...]
+
+
+# Layouts of recently saved trees: a training run saves the same structure again and again,
+# and building the metadata of thousands of leaves costs more than copying their data.
+_LAYOUTS: dict[tuple[Any, ...], _Layout] = {}
+_LAYOUTS_CACHE_SIZE = 8
 
 
 def _host_value(leaf: _tree.Leaf, copy: bool, numpy_scalars_as_arrays: bool
@@ -179,7 +205,7 @@ def _host_value(leaf: _tree.Leaf, copy: bool, numpy_scalars_as_arrays: bool
 class _ArrayPlan(NamedTuple):
   """How to store the jax.Arrays of one (shape, dtype, sharding, SaveArgs) signature."""
   dtype: np.dtype  # As stored (after SaveArgs.dtype; key data for PRNG keys).
-  ext_metadata: dict[str, str] | None  # The PRNG implementation of typed keys.
+  key_impl: str | None  # The PRNG implementation of typed keys.
   one_device: bool
   write_shape: tuple[int, ...]
   chunk_shape: tuple[int, ...]
@@ -189,9 +215,9 @@ class _ArrayPlan(NamedTuple):
 
 def _plan_array(value: jax.Array, arg: SaveArgs, max_chunk: int,
                 options: _arrays.StorageOptions) -> _ArrayPlan:
-  ext = None
+  key_impl = None
   if is_key_array(value):
-    ext = {'random_key_impl': key_impl_name(value.dtype)}
+    key_impl = key_impl_name(value.dtype)
     value = jax.random.key_data(value)
   dtype = normalize_dtype(arg.dtype) or np.dtype(value.dtype)
   sharding = value.sharding
@@ -199,14 +225,14 @@ def _plan_array(value: jax.Array, arg: SaveArgs, max_chunk: int,
   write_shape = value.shape if one_device else tuple(sharding.shard_shape(value.shape))
   chunk_shape = _zarr.choose_chunk_shape(
       write_shape, value.shape, dtype.itemsize, _chunk_limit(arg, max_chunk, options))
-  needs_host_copy = ext is None and any(d.platform != 'cpu' for d in sharding.device_set)
-  return _ArrayPlan(dtype, ext, one_device, write_shape, chunk_shape,
+  needs_host_copy = key_impl is None and any(d.platform != 'cpu' for d in sharding.device_set)
+  return _ArrayPlan(dtype, key_impl, one_device, write_shape, chunk_shape,
                     _metadata.sharding_to_json(sharding), needs_host_copy)
 
 
 def _jax_array_write(name: str, value: jax.Array, plan: _ArrayPlan,
                      copy: bool) -> _arrays.ArrayWrite:
-  if plan.ext_metadata is not None:
+  if plan.key_impl is not None:
     value = jax.random.key_data(value)
   if plan.one_device:
     blocks = [((0,) * value.ndim, value)]

@@ -1,5 +1,7 @@
 """Restore semantics: targets, casts, shapes, shardings, partial trees, and leaf kinds."""
 
+import json
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -297,3 +299,33 @@ def test_single_device_leaves_are_placed_like_device_put(tmp_path, monkeypatch, 
     assert restored[key].dtype == expected.dtype and not restored[key].weak_type
     np.testing.assert_array_equal(restored[key], expected)
   assert jax.random.key_data(restored['k']).tolist() == jax.random.key_data(tree['k']).tolist()
+
+
+def test_repeated_saves_of_one_structure_track_every_change(tmp_path):
+  """Saves of a structure seen before reuse its cached metadata; a change of values, dtype,
+  shape, sharding, key type or SaveArgs must still show up in what is written."""
+  mesh = _mesh()
+  ckptr = ocp.PyTreeCheckpointer()
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('x'))
+  variants = [
+      {'a': jnp.arange(8.0), 'b': {'c': jnp.ones((2, 2), jnp.int32)}},
+      {'a': jnp.arange(8.0) + 1, 'b': {'c': jnp.zeros((2, 2), jnp.int32)}},
+      {'a': jnp.arange(8.0, dtype=jnp.bfloat16), 'b': {'c': jnp.ones((3,), jnp.int32)}},
+      {'a': jax.device_put(jnp.arange(8.0), rows), 'b': {'c': jax.random.key(3)}},
+  ]
+  for i, tree in enumerate(variants * 2):
+    path = tmp_path / str(i)
+    ckptr.save(path, args=ocp.args.PyTreeSave(tree, custom_metadata={'i': i}))
+    restored = ckptr.restore(path)
+    assert restored['a'].dtype == tree['a'].dtype
+    assert restored['a'].sharding == tree['a'].sharding
+    np.testing.assert_array_equal(restored['a'], tree['a'])
+    if jax.dtypes.issubdtype(tree['b']['c'].dtype, jax.dtypes.prng_key):
+      assert jax.random.key_data(restored['b']['c']).tolist() == jax.random.key_data(
+          tree['b']['c']).tolist()
+    else:
+      np.testing.assert_array_equal(restored['b']['c'], tree['b']['c'])
+    assert json.loads((path / '_METADATA').read_text())['custom_metadata'] == {'i': i}
+  cast = {'a': ocp.SaveArgs(dtype=jnp.float16), 'b': {'c': ocp.SaveArgs()}}
+  ckptr.save(tmp_path / 'cast', args=ocp.args.PyTreeSave(variants[0], save_args=cast))
+  assert ckptr.restore(tmp_path / 'cast')['a'].dtype == jnp.float16
