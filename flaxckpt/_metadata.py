@@ -86,6 +86,7 @@ def _leaf_entry_json(leaf: LeafMetadata) -> str:
   return f'{quote(str(leaf.path))}: {{"key_metadata": [{keys}], "value_metadata": {value}}}}}'
 
 
+@functools.lru_cache(maxsize=8)  # The checkpoints of one run share their _METADATA text.
 def parse_tree_metadata(text: str) -> TreeMetadata:
   """Parses ``_METADATA``; paths come from ``key_metadata``, never from the repr'd keys."""
   raw = json.loads(text)
