@@ -7,7 +7,7 @@ Orbax's format, so either library reads what the other writes.
 import importlib as _importlib
 from typing import Any as _Any
 
-from flaxckpt import args, type_handlers, utils
+from flaxckpt import args, checkpoint_utils, type_handlers, utils
 from flaxckpt._checkpointer import (AsyncCheckpointer, Checkpointer, PyTreeCheckpointer,
                                     StandardCheckpointer)
 from flaxckpt._composite_handler import CompositeCheckpointHandler
@@ -15,6 +15,7 @@ from flaxckpt._errors import (AsyncSaveError, CheckpointError, CheckpointExistsE
                               IncompleteCheckpointError, MissingKeysError, NameCollisionError,
                               NotACheckpointError, StructureMismatchError, UnsupportedLeafError)
 from flaxckpt._handler import AsyncCheckpointHandler, CheckpointHandler
+from flaxckpt._manager import CheckpointManager, CheckpointManagerOptions
 from flaxckpt._json_handler import JsonCheckpointHandler
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpointHandler
 from flaxckpt._transforms import Transform
@@ -24,12 +25,13 @@ __version__ = '0.1.0'
 
 __all__ = [
     'ArrayRestoreArgs', 'AsyncCheckpointHandler', 'AsyncCheckpointer', 'AsyncSaveError',
-    'CheckpointError', 'CheckpointExistsError', 'CheckpointHandler', 'Checkpointer',
+    'CheckpointError', 'CheckpointExistsError', 'CheckpointHandler', 'CheckpointManager',
+    'CheckpointManagerOptions', 'Checkpointer',
     'CompositeCheckpointHandler', 'IncompleteCheckpointError', 'JsonCheckpointHandler',
     'MissingKeysError', 'NameCollisionError', 'NotACheckpointError', 'PyTreeCheckpointHandler',
     'PyTreeCheckpointer', 'RestoreArgs', 'SaveArgs', 'StandardCheckpointHandler',
     'StandardCheckpointer', 'StructureMismatchError', 'Transform', 'UnsupportedLeafError',
-    'args', 'test_utils', 'type_handlers', 'utils',
+    'args', 'checkpoint_utils', 'test_utils', 'type_handlers', 'utils',
 ]
 
 _LAZY_SUBMODULES = ('test_utils', 'legacy')

@@ -13,7 +13,7 @@ import contextlib
 import gc
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flaxckpt import _errors, _metadata, _restore, _storage
@@ -68,6 +68,13 @@ class Checkpointer:
       CheckpointExistsError: ``directory`` exists and ``force`` is False.
     """
     args = self._adapt(legacy_item, args, legacy_kwargs, for_save=True)
+    self._save(directory, args, force, custom_metadata)
+
+  def _save(self, directory: _storage.PathLike, args: CheckpointArgs, force: bool,
+            custom_metadata: dict[str, Any] | None,
+            on_commit: Callable[[], None] | None = None) -> None:
+    """The save itself; ``on_commit`` runs once the checkpoint is committed (managers apply
+    their retention there)."""
     final, tmp, init_ns = self._begin(directory, force, custom_metadata)
     try:
       with _gc_paused():
@@ -76,6 +83,8 @@ class Checkpointer:
     except BaseException:
       _storage.remove_tree(tmp)
       raise
+    if on_commit is not None:
+      on_commit()
 
   def restore(self, directory: _storage.PathLike, *legacy_item: Any,
               args: CheckpointArgs | None = None, **legacy_kwargs: Any) -> Any:
@@ -206,6 +215,12 @@ class AsyncCheckpointer(Checkpointer):
     """Starts a save; returns once the caller's arrays have been copied to host memory."""
     self.wait_until_finished()
     args = self._adapt(legacy_item, args, legacy_kwargs, for_save=True)
+    self._save(directory, args, force, custom_metadata)
+
+  def _save(self, directory: _storage.PathLike, args: CheckpointArgs, force: bool,
+            custom_metadata: dict[str, Any] | None,
+            on_commit: Callable[[], None] | None = None) -> None:
+    self.wait_until_finished()
     final, tmp, init_ns = self._begin(directory, force, custom_metadata)
     try:
       with _gc_paused():
@@ -226,6 +241,12 @@ class AsyncCheckpointer(Checkpointer):
       except BaseException as e:  # Surfaced to the caller by the next check.
         _storage.remove_tree(tmp)
         self._error = e
+        return
+      if on_commit is not None:
+        try:
+          on_commit()
+        except BaseException as e:
+          self._error = e
 
     self._pending_path = final
     # Not a daemon: a normal interpreter exit waits for the save to commit.

@@ -12,9 +12,11 @@ from flaxckpt._handler import (AsyncCheckpointHandler, CheckpointHandler, Writer
                                register_with_handler)
 from flaxckpt._json_handler import JsonCheckpointHandler
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpointHandler
+from flaxckpt._steps import LOCK_DIR, SNAPSHOTS_DIR
 
 _HANDLERS_BY_TYPESTR = {cls.typestr: cls for cls in (
     PyTreeCheckpointHandler, StandardCheckpointHandler, JsonCheckpointHandler)}
+_NOT_ITEMS = (LOCK_DIR, SNAPSHOTS_DIR)
 _DEFAULT_RESTORE_ARGS = {PyTreeCheckpointHandler: PyTreeRestore,
                          StandardCheckpointHandler: StandardRestore,
                          JsonCheckpointHandler: JsonRestore}
@@ -79,7 +81,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     if not _storage.is_dir(directory):
       raise FileNotFoundError(f'No checkpoint at {directory}: the path does not exist.')
     if args is None or not len(args):
-      args = Composite({n: None for n in _item_names(directory)})
+      args = Composite({n: None for n in item_names(directory)})
     saved_handlers = _saved_item_handlers(directory)
     results = {}
     for name, item_args in args.items():
@@ -87,7 +89,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
       if not _storage.is_dir(item_dir):
         raise _errors.MissingKeysError(
             f'{directory}: no item {name!r} in this checkpoint; it holds '
-            f'{_item_names(directory)}.')
+            f'{item_names(directory)}.')
       handler = self._handlers.get(name)
       if item_args is None:
         if handler is None:
@@ -103,7 +105,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     directory = _storage.as_path(directory)
     saved = _saved_item_handlers(directory)
     out = {}
-    for name in _item_names(directory):
+    for name in item_names(directory):
       handler = self._handlers.get(name) or _infer_handler(directory / name, saved.get(name))
       out[name] = handler.metadata(directory / name)
     return Composite(out)
@@ -114,10 +116,10 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
         handler.close()
 
 
-def _item_names(directory: pathlib.Path) -> list[str]:
-  """The items of a composite checkpoint: its sub-directories."""
+def item_names(directory: pathlib.Path) -> list[str]:
+  """The items of a composite checkpoint: its sub-directories, except reader locks."""
   return [n for n in _storage.list_names(directory)
-          if _storage.is_dir(directory / n) and not n.startswith('.')]
+          if _storage.is_dir(directory / n) and not n.startswith('.') and n not in _NOT_ITEMS]
 
 
 def _saved_item_handlers(directory: pathlib.Path) -> dict[str, str]:

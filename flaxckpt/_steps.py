@@ -1,0 +1,91 @@
+"""Step directories of a CheckpointManager root: their names and which of them are complete.
+
+Names follow Orbax: ``<prefix>_`` (when a prefix is set), then the step, zero-padded to a fixed
+length when one is set: ``3``, ``0003``, ``ckpt_3``, ``ckpt_00010``. A save in flight lives in
+``<name>.orbax-checkpoint-tmp``, which never matches the step pattern, so it is never listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import re
+
+from flaxckpt import _metadata, _storage
+
+# A directory inside a step that marks it as being read (created by wait_for_new_checkpoint);
+# retention leaves locked steps alone. Orbax wrote it from mid-2023 to late 2024.
+LOCK_DIR = 'LOCKED'
+# Where current Orbax copies a step while wait_for_new_checkpoint holds it; never an item.
+SNAPSHOTS_DIR = '_SNAPSHOTS'
+_TMP_STEP = re.compile(r'.*?_*?(\d+)' + re.escape(_metadata.TMP_SUFFIX) + '$')
+
+
+@dataclasses.dataclass(frozen=True)
+class StepNaming:
+  """How step numbers map to directory names."""
+  prefix: str | None = None
+  fixed_length: int | None = None
+
+  def name(self, step: int) -> str:
+    digits = f'{step:0{self.fixed_length}d}' if self.fixed_length else str(step)
+    return f'{self.prefix}_{digits}' if self.prefix else digits
+
+  @functools.cached_property
+  def _pattern(self) -> re.Pattern[str]:
+    prefix = re.escape(self.prefix) + '_' if self.prefix else ''
+    if self.fixed_length:
+      digits = rf'0\d{{{self.fixed_length - 1}}}|[1-9]\d{{{self.fixed_length - 1},}}'
+    else:
+      digits = r'0|[1-9]\d*'
+    return re.compile(rf'{prefix}({digits})')
+
+  def parse(self, name: str) -> int | None:
+    """The step a directory name stands for, or None if it is not a step name."""
+    match = self._pattern.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+  def list_steps(self, root: pathlib.Path) -> list[int]:
+    """Committed steps under ``root``, ascending. Temporary directories never match."""
+    if not _storage.is_dir(root):
+      return []
+    steps = []
+    for name in _storage.list_names(root):
+      step = self.parse(name)
+      if step is not None and _storage.is_dir(root / name):
+        steps.append(step)
+    return sorted(steps)
+
+  def path(self, root: pathlib.Path, step: int) -> pathlib.Path:
+    """The directory of ``step``: the conventional name, else any name that parses to it
+    (``0010`` written with another fixed length is still step 10)."""
+    conventional = root / self.name(step)
+    if _storage.is_dir(conventional) or not _storage.is_dir(root):
+      return conventional
+    for name in _storage.list_names(root):
+      if self.parse(name) == step and _storage.is_dir(root / name):
+        return root / name
+    return conventional
+
+
+def tmp_step_dirs(root: pathlib.Path) -> list[pathlib.Path]:
+  """Directories of saves that never committed."""
+  if not _storage.is_dir(root):
+    return []
+  return [root / name for name in _storage.list_names(root) if _TMP_STEP.fullmatch(name)]
+
+
+def is_locked(step_dir: pathlib.Path) -> bool:
+  return _storage.is_dir(step_dir / LOCK_DIR)
+
+
+def validate_step(step: object) -> int:
+  """Steps are non-negative ints (numpy integers too); anything else is refused."""
+  if isinstance(step, bool) or not hasattr(step, '__index__'):
+    raise TypeError(f'A step must be a non-negative int, got {step!r} '
+                    f'({type(step).__name__}).')
+  value = step.__index__()
+  if value < 0:
+    raise ValueError(f'A step must be a non-negative int, got {value}.')
+  return value
