@@ -4,11 +4,13 @@ Run with `make demo` or `python -m flaxckpt.demo`. The demo
 
 1. trains a small MLP (flax.linen + optax.adam, fixed seeds) for TOTAL_STEPS
    steps without interruption and records the loss of every step;
-2. trains a fresh copy for SAVE_STEP steps and saves its TrainState with
-   `AsyncCheckpointer(StandardCheckpointHandler())`;
-3. starts a new Python process (`--resume`) that builds a fresh TrainState,
-   restores the checkpoint into it with `StandardCheckpointer().restore` and an
-   abstract target, and trains on to TOTAL_STEPS;
+2. trains a fresh copy with a `CheckpointManager` (async saves every
+   SAVE_EVERY steps; it keeps the step with the best validation loss
+   (`best_fn`, `max_to_keep=1`) plus the newest step) and is interrupted after
+   step SAVE_STEP;
+3. starts a new Python process (`--resume`) that opens the same manager,
+   restores `latest_step()` into a fresh TrainState through an abstract
+   target, and trains on to TOTAL_STEPS;
 4. checks that the resumed losses equal the uninterrupted ones bit for bit.
 
 Everything it writes goes to ./demo_output/, which is wiped at the start.
@@ -33,6 +35,7 @@ import flaxckpt as ocp
 OUTPUT_DIR = Path('demo_output')
 TOTAL_STEPS = 40
 SAVE_STEP = 20
+SAVE_EVERY = 5
 NUM_SAMPLES = 256
 BATCH_SIZE = 64
 
@@ -56,6 +59,23 @@ def make_data() -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.float32)
 
 
+def make_validation_data() -> tuple[np.ndarray, np.ndarray]:
+    """Held-out data from the same function, used only to rank checkpoints."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    w = np.random.default_rng(0).normal(size=(8, 1)).astype(np.float32)
+    return x, np.sin(x @ w).astype(np.float32)
+
+
+def checkpoint_manager(root: Path, read_only: bool = False) -> ocp.CheckpointManager:
+    """Saves every SAVE_EVERY steps in the background; keeps the step with the lowest
+    validation loss and, whatever its loss, the newest one (to resume from)."""
+    return ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(
+        save_interval_steps=SAVE_EVERY, max_to_keep=1, keep_latest=1,
+        best_fn=lambda metrics: metrics['val_loss'], best_mode='min',
+        read_only=read_only))
+
+
 def fresh_state() -> train_state.TrainState:
     model = MLP()
     params = model.init(jax.random.key(42), jnp.zeros((1, 8)))['params']
@@ -73,8 +93,16 @@ def train_step(state, x, y):
     return state.apply_gradients(grads=grads), loss
 
 
-def train(state, data, until_step: int):
-    """Trains to `until_step`; the minibatch is chosen by the step number."""
+@jax.jit
+def eval_loss(state, x, y):
+    return jnp.mean((state.apply_fn({'params': state.params}, x) - y) ** 2)
+
+
+def train(state, data, until_step: int, after_step=None):
+    """Trains to `until_step`; the minibatch is chosen by the step number.
+
+    `after_step(state)` runs after every step (the demo saves checkpoints there).
+    """
     x, y = data
     losses = []
     while int(state.step) < until_step:
@@ -82,18 +110,20 @@ def train(state, data, until_step: int):
         batch = slice(start, start + BATCH_SIZE)
         state, loss = train_step(state, x[batch], y[batch])
         losses.append(float(loss))
+        if after_step is not None:
+            after_step(state)
     return state, losses
 
 
 def resume(ckpt_dir: Path, losses_file: Path) -> None:
-    """Child process: restore the checkpoint and train on to TOTAL_STEPS."""
+    """Child process: restore the latest step and train on to TOTAL_STEPS."""
     target = fresh_state()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    checkpointer = ocp.StandardCheckpointer()
-    # apply_fn and tx are not pytree leaves: they come from the target.
-    state = checkpointer.restore(ckpt_dir, abstract)
-    checkpointer.close()
-    print(f'[resume] restored step {int(state.step)}; the restored tree:')
+    with checkpoint_manager(ckpt_dir, read_only=True) as manager:
+        step = manager.latest_step()
+        # apply_fn and tx are not pytree leaves: they come from the target.
+        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    print(f'[resume] restored step {step} (latest_step()); the restored tree:')
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         name = jax.tree_util.keystr(path, simple=True, separator='/')
         dtype = getattr(leaf, 'dtype', type(leaf).__name__)
@@ -119,23 +149,43 @@ def main() -> int:
     out = OUTPUT_DIR.resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    ckpt_dir = out / f'checkpoint_step_{SAVE_STEP}'
+    ckpt_dir = out / 'checkpoints'
     losses_file = out / 'resumed_losses.json'
     data = make_data()
 
     print(f'1) uninterrupted run: {TOTAL_STEPS} steps')
     _, reference = train(fresh_state(), data, TOTAL_STEPS)
 
-    print(f'2) interrupted run: {SAVE_STEP} steps, then save')
-    state, before = train(fresh_state(), data, SAVE_STEP)
-    checkpointer = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
-    checkpointer.save(ckpt_dir, args=ocp.args.StandardSave(state))
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    print(f'   checkpoint written to {ckpt_dir}')
-    list_files(ckpt_dir)
+    print(f'2) interrupted run: {SAVE_STEP} steps with a CheckpointManager '
+          f'(async save every {SAVE_EVERY} steps), then stop')
+    val_x, val_y = make_validation_data()
+    manager = checkpoint_manager(ckpt_dir)
 
-    print(f'3) new process restores it and trains to step {TOTAL_STEPS}')
+    def save(state):
+        step = int(state.step)
+        if manager.should_save(step):
+            val_loss = float(eval_loss(state, val_x, val_y))
+            manager.save(step, args=ocp.args.StandardSave(state),
+                         metrics={'val_loss': val_loss})
+            print(f'   saved step {step:>2}: val_loss {val_loss:.6f}')
+
+    state, before = train(fresh_state(), data, SAVE_STEP, after_step=save)
+    manager.wait_until_finished()
+    kept, best, latest = manager.all_steps(), manager.best_step(), manager.latest_step()
+    print(f'   steps kept in {ckpt_dir}: {kept}')
+    for step in kept:
+        why = []
+        if step == best:
+            why.append('best val_loss (max_to_keep=1)')
+        if step == latest:
+            why.append('newest (keep_latest=1)')
+        print(f'     step {step:>2}: val_loss {manager.metrics(step)["val_loss"]:.6f}  '
+              f'-> {", ".join(why)}')
+    manager.close()
+    print(f'   files of the newest step ({latest}):')
+    list_files(ckpt_dir / str(latest))
+
+    print(f'3) new process restores latest_step() and trains to step {TOTAL_STEPS}')
     sys.stdout.flush()  # the child writes to the same stdout
     child = subprocess.run([sys.executable, '-m', 'flaxckpt.demo', '--resume',
                             str(ckpt_dir), '--losses', str(losses_file)],
