@@ -8,8 +8,8 @@ from typing import Any
 
 from flaxckpt import _errors, _metadata, _storage
 from flaxckpt._args import Composite, JsonRestore, PyTreeRestore, StandardRestore
-from flaxckpt._handler import (AsyncCheckpointHandler, CheckpointHandler, Writer, handler_for,
-                               register_with_handler)
+from flaxckpt._handler import (AsyncCheckpointHandler, CheckpointHandler, Writer, args_type_for,
+                               handler_for, register_with_handler)
 from flaxckpt._json_handler import JsonCheckpointHandler
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpointHandler
 from flaxckpt._steps import LOCK_DIR, SNAPSHOTS_DIR
@@ -50,6 +50,12 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     if handler is None:
       handler = handler_for(args)()
       self._handlers[name] = handler
+    elif not isinstance(handler, handler_for(args)):
+      expected = args_type_for(handler, for_save=True)
+      raise TypeError(
+          f'Item {name!r} is handled by {type(handler).__name__}, which does not take '
+          f'{type(args).__name__}; pass {expected.__name__ if expected else "its own args"} '
+          '(or the matching restore args) for it.')
     return handler
 
   def async_save(self, directory: pathlib.Path, args: Composite) -> Writer:
@@ -96,7 +102,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
           handler = _infer_handler(item_dir, saved_handlers.get(name))
           self._handlers[name] = handler
         item_args = _DEFAULT_RESTORE_ARGS.get(type(handler), lambda: None)()
-      elif handler is None:
+      else:
         handler = self._handler(name, item_args)
       results[name] = handler.restore(item_dir, item_args)
     return Composite(results)

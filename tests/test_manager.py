@@ -246,11 +246,16 @@ def test_bad_options_items_args_and_metrics_change_nothing(tmp_path):
     mngr.save(0, args=ocp.args.StandardSave(_state()))
   with pytest.raises(TypeError, match="Item 'state': expected a CheckpointArgs"):
     mngr.save(0, args=ocp.args.Composite(state=_state()))
+  mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(_state())))
+  mngr.wait_until_finished()
+  with pytest.raises(TypeError, match="Item 'state' is handled by StandardCheckpointHandler, "
+                     'which does not take JsonSave; pass StandardSave'):
+    mngr.save(1, args=ocp.args.Composite(state=ocp.args.JsonSave({'a': 1})))
   with pytest.raises(TypeError, match='Metrics of step 0 must be JSON-serializable'):
     mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(_state())),
               metrics={'loss': object()})
   mngr.wait_until_finished()
-  assert os.listdir(tmp_path) == []
+  assert os.listdir(tmp_path) == ['0'] and mngr.all_steps() == [0]
   single = ocp.CheckpointManager(tmp_path / 's')
   with pytest.raises(TypeError, match='args must be a CheckpointArgs'):
     single.save(0, args={'not': 'args'})
@@ -322,3 +327,17 @@ def test_construct_restore_args(tmp_path):
   overridden = checkpoint_utils.construct_restore_args(
       target, jax.tree.map(lambda _: other, target), set_global_shape=False)
   assert overridden['a'].sharding == other and overridden['a'].global_shape is None
+
+
+def test_item_handlers_for_a_single_item_and_legacy_root_metadata(tmp_path):
+  mngr = ocp.CheckpointManager(tmp_path, item_handlers=ocp.StandardCheckpointHandler)
+  mngr.save(3, args=ocp.args.StandardSave(_state(3)))
+  mngr.wait_until_finished()
+  fresh = ocp.CheckpointManager(tmp_path, item_handlers=ocp.StandardCheckpointHandler)
+  meta = fresh.item_metadata(3)
+  assert set(meta) == {'layer0'} and set(meta['layer0']) == {'bias', 'weight'}
+  assert fresh.metadata() == {}
+  (tmp_path / 'metadata').mkdir()
+  (tmp_path / 'metadata' / 'metadata').write_text('{"older": true}')  # Older Orbax's file.
+  assert fresh.metadata() == {'older': True}
+  assert fresh.all_steps() == [3]
