@@ -3,6 +3,8 @@
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -341,3 +343,31 @@ def test_item_handlers_for_a_single_item_and_legacy_root_metadata(tmp_path):
   (tmp_path / 'metadata' / 'metadata').write_text('{"older": true}')  # Older Orbax's file.
   assert fresh.metadata() == {'older': True}
   assert fresh.all_steps() == [3]
+
+
+_PREEMPTION_SCRIPT = '''
+import os, signal, socket, sys, time
+import jax
+sock = socket.socket(); sock.bind(('127.0.0.1', 0)); port = sock.getsockname()[1]; sock.close()
+jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=1,
+                           process_id=0)
+import flaxckpt as ocp
+mngr = ocp.CheckpointManager(sys.argv[1], options=ocp.CheckpointManagerOptions(
+    save_interval_steps=100))
+mngr.save(0, args=ocp.args.StandardSave({'a': 1}))
+mngr.wait_until_finished()
+print('before', mngr.reached_preemption(1), mngr.should_save(2))
+os.kill(os.getpid(), signal.SIGTERM)  # What a cluster scheduler sends before preempting.
+time.sleep(1)
+print('after', mngr.should_save(3), mngr.reached_preemption(4))
+'''
+
+
+def test_reached_preemption_follows_jax_preemption_sync_manager(tmp_path):
+  """With a real distributed runtime, a SIGTERM makes the next step a preemption sync point,
+  which should_save then saves whatever the interval."""
+  result = subprocess.run([sys.executable, '-c', _PREEMPTION_SCRIPT, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'before False False' in result.stdout
+  assert 'after True False' in result.stdout
