@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from flaxckpt import _errors, _storage
+from flaxckpt import _errors, _metadata, _storage
 from flaxckpt._args import Composite, JsonSave
 from flaxckpt._checkpointer import AsyncCheckpointer, Checkpointer
 from flaxckpt._composite_handler import CompositeCheckpointHandler, item_names
@@ -148,7 +148,7 @@ class CheckpointManager:
     else:
       self._checkpointer = Checkpointer(self._composite)
     self._lock = threading.Lock()
-    self._pending_step: int | None = None
+    self._started_step: int | None = None  # The step of the latest save started.
     if not self._options.read_only:
       if self._options.create:
         _storage.make_dirs(self._root)
@@ -280,19 +280,20 @@ class CheckpointManager:
     composite = self._save_args(items, save_kwargs, args)
     metrics = _jsonable_metrics(metrics, step)
     self.check_for_errors()
+    path = self._root / self._naming.name(step)  # A new step gets the conventional name.
     if step in self.all_steps():
+      path = self._step_dir(step)
       if not force:
         raise _errors.CheckpointExistsError(
-            f'Step {step} already exists at {self._step_dir(step)}; pass force=True to replace '
-            'it.')
+            f'Step {step} already exists at {path}; pass force=True to replace it.')
     elif not force and not self.should_save(step):
       logger.debug('Step %d skipped by the save policy (save_interval_steps=%d).', step,
                    self._options.save_interval_steps)
       return False
     if metrics is not None and self._options.best_fn is not None:
       composite = Composite({**composite, METRICS_ITEM: JsonSave(metrics)})
-    self._pending_step = step
-    self._checkpointer._save(self._step_dir(step), composite, force, custom_metadata,  # noqa: SLF001
+    self._started_step = step
+    self._checkpointer._save(path, composite, force, custom_metadata,  # noqa: SLF001
                              on_commit=lambda: self._committed(step, metrics))
     return True
 
@@ -300,8 +301,6 @@ class CheckpointManager:
     with self._lock:
       self._steps = [i for i in self._steps if i.step != step] + [_StepInfo(step, metrics)]
       self._steps.sort(key=lambda i: i.step)
-      if self._pending_step == step:
-        self._pending_step = None
       doomed = self._steps_to_delete()
     for info in doomed:
       self._delete_now(info.step)
@@ -313,14 +312,24 @@ class CheckpointManager:
     if self._options.read_only:
       return False
     latest = self.latest_step()
-    if self._pending_step is not None:
-      latest = max(latest or 0, self._pending_step)
+    in_flight = self._in_flight_step()
+    if in_flight is not None:
+      latest = max(latest or 0, in_flight)
     if latest is not None and latest >= step:
       return False
     options = self._options
     return (latest is None or step % options.save_interval_steps == 0
             or (options.save_on_steps is not None and step in options.save_on_steps)
             or self.reached_preemption(step))
+
+  def _in_flight_step(self) -> int | None:
+    """The step whose save has started but neither committed nor failed: its temporary
+    directory is still there (a commit renames it, a failure deletes it)."""
+    step = self._started_step
+    if step is None:
+      return None
+    tmp = self._root / (self._naming.name(step) + _metadata.TMP_SUFFIX)
+    return step if _storage.exists(tmp) else None
 
   def reached_preemption(self, step: int) -> bool:
     """True at a preemption sync point of JAX's distributed runtime; False without one."""

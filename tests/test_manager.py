@@ -371,3 +371,15 @@ def test_reached_preemption_follows_jax_preemption_sync_manager(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'before False False' in result.stdout
   assert 'after True False' in result.stdout
+
+
+@pytest.mark.parametrize('use_async', [True, False])
+def test_a_failed_save_can_be_retried_at_the_same_step(tmp_path, use_async):
+  mngr = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=use_async))
+  with pytest.raises(ocp.UnsupportedLeafError):
+    mngr.save(3, args=ocp.args.StandardSave({'bad': object()}))
+  assert mngr.should_save(3)
+  assert mngr.save(3, args=ocp.args.StandardSave(_state(3)))
+  mngr.wait_until_finished()
+  assert mngr.all_steps() == [3]
