@@ -7,22 +7,16 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import flaxckpt as ocp
+from trees import assert_trees_equal
 
 
 def _tree():
   return {'w': jnp.arange(6.0).reshape(2, 3), 'b': np.ones(3, np.int32), 'n': 7, 's': 'hi'}
-
-
-def _assert_tree_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_commit_layout_and_markers(tmp_path):
@@ -126,7 +120,7 @@ def test_older_call_forms_are_adapters(tmp_path):
   with pytest.raises(TypeError, match='either args'):
     ckptr.save(tmp_path / 'd', tree, args=ocp.args.PyTreeSave(tree))
   ckptr.save(tmp_path / 'e', tree, force=True)
-  _assert_tree_equal(ckptr.restore(tmp_path / 'e'), tree)
+  assert_trees_equal(ckptr.restore(tmp_path / 'e'), tree)
 
 
 def test_async_save_returns_before_commit_and_waits(tmp_path):

@@ -13,16 +13,11 @@ import pytest
 
 import flaxckpt as ocp
 from flaxckpt import checkpoint_utils
+from trees import assert_trees_equal
 
 
 def _state(i=0):
   return {'layer0': {'bias': jnp.full((2,), i, jnp.float32), 'weight': jnp.arange(3.0) + i}}
-
-
-def _assert_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_seed_000_single_item(tmp_path):
@@ -101,7 +96,7 @@ def test_seed_001_older_call_forms(tmp_path):
   raw = checkpoint_manager.restore(4)
   assert raw['model']['step'] == 1 and isinstance(raw['data'], list)
   restored = checkpoint_manager.restore(4, items=ckpt)
-  _assert_equal(restored, ckpt)
+  assert_trees_equal(restored, ckpt)
   custom_target = {**ckpt, 'model': {**ckpt['model'], 'batch_stats': np.arange(10)}}
   with pytest.raises(KeyError, match='batch_stats'):
     checkpoint_manager.restore(4, items=custom_target)
@@ -128,7 +123,7 @@ def test_dict_of_checkpointers_older_form(tmp_path):
                                           'meta': ocp.Checkpointer(ocp.JsonCheckpointHandler())})
   mngr.save(1, {'state': _state(1), 'meta': {'lr': 0.1}})
   out = mngr.restore(1, items={'state': _state(), 'meta': None})
-  _assert_equal(out['state'], _state(1))
+  assert_trees_equal(out['state'], _state(1))
   assert out['meta'] == {'lr': 0.1}
 
 
@@ -153,7 +148,7 @@ def test_best_fn_retention_survives_a_restart(tmp_path, use_async):
              metrics={'loss': .05})
   again.wait_until_finished()
   assert again.all_steps() == [10, 40] and again.best_step() == 40
-  _assert_equal(again.restore(40).state, _state(40))
+  assert_trees_equal(again.restore(40).state, _state(40))
 
 
 def test_keep_latest_together_with_best(tmp_path):
@@ -186,7 +181,7 @@ def test_existing_step_needs_force_and_skips_return_false(tmp_path, caplog):
   with pytest.raises(ocp.CheckpointExistsError, match='Step 0 already exists'):
     mngr.save(0, args=ocp.args.StandardSave(_state(9)))
   assert mngr.save(0, args=ocp.args.StandardSave(_state(9)), force=True)
-  _assert_equal(mngr.restore(0), _state(9))
+  assert_trees_equal(mngr.restore(0), _state(9))
   assert mngr.save(3, args=ocp.args.StandardSave(_state(3)), force=True)  # Off-interval.
   mngr.wait_until_finished()
   assert mngr.all_steps() == [0, 3]
@@ -196,7 +191,7 @@ def test_restore_waits_for_a_save_in_flight(tmp_path):
   mngr = ocp.CheckpointManager(tmp_path)
   big = {'w': jnp.ones((512, 1024))}
   mngr.save(7, args=ocp.args.StandardSave(big))
-  _assert_equal(mngr.restore(7), big)
+  assert_trees_equal(mngr.restore(7), big)
 
 
 def test_half_written_steps_are_ignored_and_cleaned_up_on_request(tmp_path):
@@ -222,7 +217,7 @@ def test_read_only_never_writes(tmp_path):
   assert mngr.save(2, args=ocp.args.StandardSave(_state(2))) is False
   mngr.delete(1)
   assert not mngr.should_save(9)
-  _assert_equal(mngr.restore(1), _state(1))
+  assert_trees_equal(mngr.restore(1), _state(1))
   assert sorted(str(p) for p in tmp_path.rglob('*')) == before
 
 
@@ -280,7 +275,7 @@ def test_wait_for_new_checkpoint_locks_the_step_against_retention(tmp_path):
   mngr.save(0, args=ocp.args.StandardSave(_state(0)))
   with checkpoint_utils.wait_for_new_checkpoint(tmp_path, timeout=5) as step:
     assert step == 0 and (tmp_path / '0' / 'LOCKED').is_dir()
-    _assert_equal(mngr.restore(0), _state(0))  # The lock is not an item.
+    assert_trees_equal(mngr.restore(0), _state(0))  # The lock is not an item.
     mngr.save(1, args=ocp.args.StandardSave(_state(1)))
     assert mngr.all_steps() == [0, 1]  # Step 0 is held.
   assert not (tmp_path / '0' / 'LOCKED').exists()

@@ -5,21 +5,15 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as orbax
 import pytest
 
 import flaxckpt as ocp
+from trees import assert_trees_equal
 
 
 def _state(i):
   return {'w': jnp.arange(4.0) + i, 'b': {'c': jnp.full((2, 2), i, jnp.int32)}}
-
-
-def _assert_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _options(lib, **kw):
@@ -63,7 +57,7 @@ def test_manager_directories_are_shared(tmp_path, writer, reader):
   restored = other.restore(30, args=reader.args.Composite(
       state=reader.args.StandardRestore(_abstract(reader, 30)),
       extra=reader.args.JsonRestore()))
-  _assert_equal(restored.state, _state(30))
+  assert_trees_equal(restored.state, _state(30))
   assert restored.extra == {'step': 30}
   # Retention keeps working across the libraries: a better step evicts the worse one.
   other.save(40, args=reader.args.Composite(state=reader.args.StandardSave(_state(40)),
@@ -87,6 +81,6 @@ def test_single_item_default_layout_is_shared(tmp_path, writer, reader):
   assert 'default' in os.listdir(tmp_path / '4')
   other = reader.CheckpointManager(tmp_path)
   assert list(other.all_steps()) == [2, 4]
-  _assert_equal(other.restore(4, args=reader.args.StandardRestore(_abstract(reader, 4))),
+  assert_trees_equal(other.restore(4, args=reader.args.StandardRestore(_abstract(reader, 4))),
                 _state(4))
   other.close()
