@@ -164,8 +164,8 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
 
 def _stage_raw(kv: ts.KvStore, array: ArrayWrite) -> None:
   prefix = array.name + '/'
-  kv[prefix + _zarr.ZARRAY] = _zarr.zarray_bytes(
-      array.global_shape, array.chunk_shape, _zarr.zarr2_dtype(array.dtype))
+  kv[prefix + _zarr.ZARRAY] = _zarr.zarray_bytes(array.global_shape, array.chunk_shape,
+                                                 array.dtype)
   for origin, block in array.blocks:
     if block.shape == array.chunk_shape:
       kv[prefix + _zarr.chunk_key_at(origin, array.chunk_shape)] = _zarr.chunk_bytes(block)

@@ -207,6 +207,7 @@ class _ArrayPlan(NamedTuple):
   dtype: np.dtype  # As stored (after SaveArgs.dtype; key data for PRNG keys).
   key_impl: str | None  # The PRNG implementation of typed keys.
   one_device: bool
+  global_shape: tuple[int, ...]
   write_shape: tuple[int, ...]
   chunk_shape: tuple[int, ...]
   sharding_json: str | None
@@ -226,7 +227,7 @@ def _plan_array(value: jax.Array, arg: SaveArgs, max_chunk: int,
   chunk_shape = _zarr.choose_chunk_shape(
       write_shape, value.shape, dtype.itemsize, _chunk_limit(arg, max_chunk, options))
   needs_host_copy = key_impl is None and any(d.platform != 'cpu' for d in sharding.device_set)
-  return _ArrayPlan(dtype, key_impl, one_device, write_shape, chunk_shape,
+  return _ArrayPlan(dtype, key_impl, one_device, value.shape, write_shape, chunk_shape,
                     _metadata.sharding_to_json(sharding), needs_host_copy)
 
 
@@ -235,7 +236,7 @@ def _jax_array_write(name: str, value: jax.Array, plan: _ArrayPlan,
   if plan.key_impl is not None:
     value = jax.random.key_data(value)
   if plan.one_device:
-    blocks = [((0,) * value.ndim, value)]
+    blocks = [(_ORIGINS[len(plan.global_shape)], value)]
   else:
     blocks = [(tuple(s.start or 0 for s in shard.index), shard.data)
               for shard in value.addressable_shards if shard.replica_id == 0]
@@ -243,7 +244,10 @@ def _jax_array_write(name: str, value: jax.Array, plan: _ArrayPlan,
   for origin, data in blocks:
     array = np.array(data, copy=True) if copy else np.asarray(data)
     host.append((origin, array if array.dtype == plan.dtype else array.astype(plan.dtype)))
-  return _arrays.ArrayWrite(name, value.shape, plan.dtype, plan.chunk_shape, tuple(host))
+  return _arrays.ArrayWrite(name, plan.global_shape, plan.dtype, plan.chunk_shape, tuple(host))
+
+
+_ORIGINS = [(0,) * ndim for ndim in range(65)]
 
 
 def _chunk_limit(arg: SaveArgs, max_chunk: int, options: _arrays.StorageOptions) -> int | None:

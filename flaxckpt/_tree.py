@@ -61,8 +61,11 @@ def leaves_from_pairs(pairs: list[tuple[tuple[Any, ...], Any]]) -> list[Leaf]:
 
 
 # Paths of recently flattened tree structures: a training run saves the same structure again
-# and again, and computing key paths costs several times more than flattening itself.
-_PATHS_BY_TREEDEF: dict[Any, list[tuple[Path, tuple[int, ...]]]] = {}
+# and again, and computing key paths costs several times more than flattening itself. Keyed by
+# the plain treedef (where None and empty containers are childless nodes), which fixes the paths.
+# The value is None for structures with such nodes: their flattening needs the ``is_leaf``
+# callback on every node, so only trees without them take the fast path.
+_PATHS_BY_TREEDEF: dict[Any, list[tuple[Path, tuple[int, ...]]] | None] = {}
 _PATHS_CACHE_SIZE = 16
 
 
@@ -71,16 +74,19 @@ def flatten(tree: Any) -> tuple[list[Leaf], Any]:
 
   Returns the leaves in jax flatten order and the treedef to rebuild the tree with.
   """
-  values, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_empty_node)
+  values, treedef = jax.tree_util.tree_flatten(tree)
   paths = _PATHS_BY_TREEDEF.get(treedef)
-  if paths is None:
-    pairs, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_empty_node)
-    leaves = leaves_from_pairs(pairs)
+  if paths is not None:
+    return [Leaf(path, kinds, value) for (path, kinds), value in zip(paths, values)], treedef
+  pairs, full_treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_empty_node)
+  leaves = leaves_from_pairs(pairs)
+  if treedef not in _PATHS_BY_TREEDEF:
     if len(_PATHS_BY_TREEDEF) >= _PATHS_CACHE_SIZE:
       _PATHS_BY_TREEDEF.pop(next(iter(_PATHS_BY_TREEDEF)))
-    _PATHS_BY_TREEDEF[treedef] = [(leaf.path, leaf.key_types) for leaf in leaves]
-    return leaves, treedef
-  return [Leaf(path, kinds, value) for (path, kinds), value in zip(paths, values)], treedef
+    has_empty_nodes = full_treedef.num_leaves != treedef.num_leaves
+    _PATHS_BY_TREEDEF[treedef] = None if has_empty_nodes else [
+        (leaf.path, leaf.key_types) for leaf in leaves]
+  return leaves, full_treedef
 
 
 def path_str(path: Path) -> str:

@@ -40,14 +40,14 @@ def parse_dtype(name: str) -> np.dtype:
 
 
 @functools.lru_cache(maxsize=4096)
-def zarray_bytes(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str) -> bytes:
+def zarray_bytes(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype) -> bytes:
   """``.zarray`` of an uncompressed array exactly as tensorstore writes it: compact JSON with
   sorted keys (compressed arrays are written by tensorstore itself)."""
   meta = {
       'chunks': list(chunks),
       'compressor': None,
       'dimension_separator': '.',
-      'dtype': dtype,
+      'dtype': zarr2_dtype(dtype),
       'fill_value': None,
       'filters': None,
       'order': 'C',

@@ -329,3 +329,23 @@ def test_repeated_saves_of_one_structure_track_every_change(tmp_path):
   cast = {'a': ocp.SaveArgs(dtype=jnp.float16), 'b': {'c': ocp.SaveArgs()}}
   ckptr.save(tmp_path / 'cast', args=ocp.args.PyTreeSave(variants[0], save_args=cast))
   assert ckptr.restore(tmp_path / 'cast')['a'].dtype == jnp.float16
+
+
+def test_repeated_saves_keep_none_and_empty_containers(tmp_path):
+  """Flattening caches paths per structure; structures that differ only in None or empty
+  containers must not share an entry, and those nodes must survive every repeat."""
+  x = jnp.arange(3.0)
+  variants = [
+      {'a': x},
+      {'a': x, 'e': None},
+      {'a': x, 'e': {}},
+      {'a': x, 'e': [], 'opt': (optax.EmptyState(), {'n': x})},
+  ]
+  ckptr = ocp.PyTreeCheckpointer()
+  for i, tree in enumerate(variants * 2):
+    ckptr.save(tmp_path / str(i), args=ocp.args.PyTreeSave(tree))
+    restored = ckptr.restore(tmp_path / str(i), args=ocp.args.PyTreeRestore(tree))
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(tree)
+    np.testing.assert_array_equal(restored['a'], x)
+    as_stored = ckptr.restore(tmp_path / str(i))
+    assert set(as_stored) == set(tree)
