@@ -7,10 +7,11 @@ only local paths are supported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
-from typing import Any
+from typing import Any, BinaryIO
 
 PathLike = str | os.PathLike
 
@@ -42,6 +43,10 @@ def list_names(path: pathlib.Path) -> list[str]:
   return sorted(os.listdir(path))
 
 
+def size(path: pathlib.Path) -> int:
+  return path.stat().st_size
+
+
 def make_dirs(path: pathlib.Path) -> None:
   path.mkdir(parents=True, exist_ok=True)
 
@@ -49,6 +54,15 @@ def make_dirs(path: pathlib.Path) -> None:
 def remove_tree(path: pathlib.Path) -> None:
   """Deletes a directory tree; missing paths are fine."""
   shutil.rmtree(path, ignore_errors=True)
+
+
+def remove(path: pathlib.Path) -> None:
+  """Deletes a file or a directory tree; missing paths are fine."""
+  if path.is_dir() and not path.is_symlink():
+    shutil.rmtree(path, ignore_errors=True)
+  else:
+    with contextlib.suppress(FileNotFoundError):
+      path.unlink()
 
 
 def rename(source: pathlib.Path, target: pathlib.Path) -> None:
@@ -59,6 +73,24 @@ def rename(source: pathlib.Path, target: pathlib.Path) -> None:
 
 def read_bytes(path: pathlib.Path) -> bytes:
   return path.read_bytes()
+
+
+def read_into_buffer(path: pathlib.Path) -> bytearray:
+  """The whole file in a new writable buffer, read without intermediate copies."""
+  with open(path, 'rb', buffering=0) as f:
+    buffer = bytearray(os.fstat(f.fileno()).st_size)
+    view, done = memoryview(buffer), 0
+    while done < len(buffer):
+      count = f.readinto(view[done:])
+      if not count:
+        raise EOFError(f'{path} shrank to {done} bytes while it was being read.')
+      done += count
+  return buffer
+
+
+def open_for_write(path: pathlib.Path) -> BinaryIO:
+  """A new (or truncated) file to stream bytes into; the caller closes it."""
+  return open(path, 'wb')
 
 
 def read_text(path: pathlib.Path) -> str:

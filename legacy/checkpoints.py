@@ -1,0 +1,517 @@
+"""A drop-in ``flax.training.checkpoints`` on flaxckpt's core.
+
+Same functions, signatures, defaults and files as flax 0.12 (FORMATS.md §3). With flax's flag
+``flax_use_orbax_checkpointing`` (or an ``orbax_checkpointer=``) a checkpoint is an Orbax PyTree
+directory written by flaxckpt's own checkpointers; otherwise it is a msgpack file with exactly
+the bytes ``flax.serialization.to_bytes`` gives, streamed to disk. ``restore_checkpoint`` reads
+either kind, and ``_gda`` multi-process arrays, whatever the flag says.
+
+Where we differ from flax: retention never deletes a save that is still in flight (``<prefix>tmp``
+or ``*.orbax-checkpoint-tmp*``), errors name the path they are about, and a corrupt msgpack file
+raises ``CorruptCheckpointError`` instead of a bare msgpack error.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import pathlib
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import flax
+import jax
+from flax import core, errors, serialization
+from jax.experimental import multihost_utils
+
+from flaxckpt import _errors, _storage
+from flaxckpt._checkpointer import AsyncCheckpointer, Checkpointer
+from flaxckpt._pytree_handler import PyTreeCheckpointHandler
+from flaxckpt.legacy import _gda, _msgpack, orbax_utils
+
+logger = logging.getLogger(__name__)
+
+PyTree = Any
+SIGNED_FLOAT_RE = re.compile(r'([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)')
+UNSIGNED_FLOAT_RE = re.compile(r'[-+]?((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)')
+MODULE_NUM_RE = re.compile(r'(.*)_\d+$')
+SCHEME_RE = re.compile('^(?P<scheme>[a-z][a-z0-9.+-]+://)?(?P<path>.*)', re.I)
+MP_ARRAY_POSTFIX = _gda.SUFFIX
+MP_ARRAY_PH = _gda.PLACEHOLDER
+COMMIT_SUCCESS_FILE = _gda.COMMIT_FILE
+ORBAX_CKPT_FILENAME = 'checkpoint'
+ORBAX_MANIFEST_OCDBT = 'manifest.ocdbt'
+ORBAX_METADATA_FILENAME = '_METADATA'
+_ORBAX_TMP_MARK = '.orbax-checkpoint-tmp'
+
+
+class CorruptCheckpointError(_errors.CheckpointError, ValueError):
+  """A msgpack checkpoint file is truncated or is not a msgpack checkpoint."""
+
+
+class AsyncManager:
+  """Runs msgpack saves on a background thread, one at a time.
+
+  Pass it as ``async_manager=`` to ``save_checkpoint``; ``wait_previous_save`` blocks until the
+  last save is committed and re-raises its error, if any.
+  """
+
+  def __init__(self, max_workers: int = 1):
+    self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers)
+    self.save_future: concurrent.futures.Future | None = None
+
+  def wait_previous_save(self) -> None:
+    if self.save_future is not None and not self.save_future.done():
+      logger.warning('The previous async save_checkpoint has not finished yet; waiting for it '
+                     'before the next save.')
+    if self.save_future is not None:
+      self.save_future.result()
+
+  def save_async(self, task: Callable[[], Any]) -> None:
+    self.wait_previous_save()
+    self.save_future = self.executor.submit(task)
+
+
+# --- names and listing -------------------------------------------------------------------------
+
+
+def natural_sort(file_list: Iterable[str], signed: bool = True) -> list[str]:
+  """Sorts names so that their numeric parts compare as numbers: ckpt_2 before ckpt_10,
+  ckpt_-1.0 before ckpt_0.01 (with ``signed``) and ckpt_1e5 last."""
+  float_re = SIGNED_FLOAT_RE if signed else UNSIGNED_FLOAT_RE
+
+  def sort_key(name: str) -> list[Any]:
+    return [float(part) if float_re.match(part) else part for part in float_re.split(name)]
+
+  return sorted(file_list, key=sort_key)
+
+
+def safe_normpath(path: str) -> str:
+  """``os.path.normpath`` that keeps a URL scheme such as ``gs://`` intact."""
+  match = SCHEME_RE.match(path)
+  assert match is not None  # The pattern matches every string.
+  return (match['scheme'] or '') + os.path.normpath(match['path'])
+
+
+def _checkpoint_path(ckpt_dir: str, step: int | float | str, prefix: str) -> str:
+  return os.path.join(ckpt_dir, f'{prefix}{step}')
+
+
+def _step_of(path: str) -> float | None:
+  """The last number in ``path`` (what flax takes as a checkpoint's step)."""
+  for part in reversed(SIGNED_FLOAT_RE.split(path)):
+    if SIGNED_FLOAT_RE.match(part):
+      return float(part)
+  return None
+
+
+def _names(directory: str) -> list[str]:
+  path = _storage.as_path(directory)
+  return _storage.list_names(path) if _storage.is_dir(path) else []
+
+
+def _is_in_flight(name: str, prefix: str) -> bool:
+  return name == f'{prefix}tmp' or _ORBAX_TMP_MARK in name
+
+
+def _all_checkpoints(ckpt_dir: str | os.PathLike, prefix: str = 'checkpoint_') -> list[str]:
+  ckpt_dir = os.fspath(ckpt_dir)
+  return natural_sort(
+      os.path.join(ckpt_dir, name) for name in _names(ckpt_dir)
+      if name.startswith(prefix) and not name.endswith(MP_ARRAY_POSTFIX)
+      and not _is_in_flight(name, prefix))
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = 'checkpoint_') -> str | None:
+  """The path of the newest checkpoint in ``ckpt_dir`` (natural sort order), or None."""
+  paths = _all_checkpoints(ckpt_dir, prefix)
+  return paths[-1] if paths else None
+
+
+def available_steps(ckpt_dir: str | os.PathLike, prefix: str = 'checkpoint_',
+                    step_type: type = int) -> list[int | float]:
+  """The steps of the checkpoints in ``ckpt_dir``, oldest first, as ``step_type``."""
+  steps = []
+  for path in _all_checkpoints(ckpt_dir, prefix):
+    text = path[path.rfind(prefix) + len(prefix):]
+    try:
+      steps.append(step_type(text))
+    except ValueError as e:
+      raise ValueError(f'Checkpoint {path}: step {text!r} is not a valid {step_type.__name__}; '
+                       'pass step_type=float for float steps.') from e
+  return steps
+
+
+def _is_orbax_checkpoint(path: str) -> bool:
+  root = _storage.as_path(path)
+  return any(_storage.exists(root / name) for name in
+             (ORBAX_CKPT_FILENAME, ORBAX_METADATA_FILENAME, ORBAX_MANIFEST_OCDBT))
+
+
+# --- saving ------------------------------------------------------------------------------------
+
+
+def _paths(ckpt_dir: str | os.PathLike, step: int | float, prefix: str) -> tuple[str, str, str]:
+  """(final path, temporary path, ``<dir>/<prefix>``) of a save."""
+  if any(c in prefix for c in '*?['):
+    raise ValueError(f'Checkpoint prefix {prefix!r} contains a glob character (* ? [); '
+                     'checkpoints with it could not be listed back.')
+  ckpt_dir = safe_normpath(os.fspath(ckpt_dir))
+  directory = _storage.as_path(ckpt_dir)
+  if _storage.exists(directory) and not _storage.is_dir(directory):
+    raise NotADirectoryError(f'Checkpoint directory {ckpt_dir} is a file; expected a directory '
+                             'to hold checkpoints.')
+  logger.info('Saving checkpoint at step: %s', step)
+  return (_checkpoint_path(ckpt_dir, step, prefix), _checkpoint_path(ckpt_dir, 'tmp', prefix),
+          os.path.join(ckpt_dir, prefix))
+
+
+def _check_not_outdated(tmp_path: str, ckpt_path: str, base_path: str,
+                        step: int | float) -> None:
+  """Flax refuses (without overwrite) a step that exists or is not newer than every other."""
+  dir_path, prefix = os.path.split(base_path)
+  existing = [os.path.join(dir_path, name) for name in _names(dir_path)
+              if name.startswith(prefix) and not name.endswith(MP_ARRAY_POSTFIX)]
+  if ckpt_path in existing:
+    raise errors.InvalidCheckpointError(ckpt_path, step)
+  ordered = [p for p in natural_sort(existing + [ckpt_path])
+             if p != tmp_path and not _is_in_flight(os.path.basename(p), prefix)]
+  if ordered[-1] != ckpt_path:
+    raise errors.InvalidCheckpointError(ckpt_path, step)
+
+
+def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overwrite: bool,
+                                keep_every_n_steps: int | None) -> None:
+  """Applies flax's retention after a save: with ``overwrite``, everything newer than
+  ``ckpt_path`` goes; then all but the newest ``keep``, sparing one every
+  ``keep_every_n_steps`` steps. A checkpoint's ``_gda`` folder goes with it."""
+  dir_path, prefix = os.path.split(base_path)
+  paths = natural_sort(
+      os.path.join(dir_path, name) for name in _names(dir_path)
+      if name.startswith(prefix) and not name.endswith(MP_ARRAY_POSTFIX)
+      and not _is_in_flight(name, prefix))
+  if overwrite and ckpt_path in paths:
+    cut = paths.index(ckpt_path) + 1
+    paths, newer = paths[:cut], paths[cut:]
+    for path in newer:
+      _delete_checkpoint(path)
+  if len(paths) <= keep:
+    return
+  last_kept = -float('inf')
+  for path in paths[:-keep] if keep > 0 else paths:
+    if keep_every_n_steps:
+      step = _step_of(path)
+      if step and step - last_kept >= keep_every_n_steps:
+        last_kept = step
+        continue
+    _delete_checkpoint(path)
+
+
+def _delete_checkpoint(path: str) -> None:
+  logger.info('Removing checkpoint at %s', path)
+  _storage.remove(_storage.as_path(path + MP_ARRAY_POSTFIX))
+  _storage.remove(_storage.as_path(path))
+
+
+def _orbax_save(ckpt_path: str, target: PyTree, overwrite: bool,
+                orbax_checkpointer: Checkpointer | None) -> None:
+  if isinstance(orbax_checkpointer, AsyncCheckpointer):
+    orbax_checkpointer.wait_until_finished()
+  checkpointer = orbax_checkpointer or Checkpointer(PyTreeCheckpointHandler())
+  if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(target)):
+    raise ValueError(
+        'The Orbax backend only saves pytrees, but the target for '
+        f'{ckpt_path} is a single {type(target).__name__}. Wrap it in a dict, or set '
+        "flax.config.update('flax_use_orbax_checkpointing', False) for a msgpack checkpoint.")
+  checkpointer.save(ckpt_path, target, force=overwrite)
+
+
+def _uses_orbax(orbax_checkpointer: Any) -> bool:
+  return bool(flax.config.flax_use_orbax_checkpointing or orbax_checkpointer)
+
+
+def _write_msgpack(state: Any, tmp_path: str) -> None:
+  path = _storage.as_path(tmp_path)
+  _storage.make_dirs(path.parent)
+  try:
+    with _storage.open_for_write(path) as file:
+      _msgpack.write(file, state)
+  except BaseException:
+    _storage.remove(path)
+    raise
+
+
+def _host_snapshot(state: Any) -> Any:
+  """``state`` with every array copied to host memory, for a save that finishes later."""
+  def snapshot(leaf: Any) -> Any:
+    if isinstance(leaf, jax.Array):
+      return _msgpack.host_array(leaf).copy()
+    return leaf.copy() if hasattr(leaf, 'copy') and hasattr(leaf, '__array__') else leaf
+  return jax.tree_util.tree_map(snapshot, state) if _has_arrays(state) else state
+
+
+def _has_arrays(state: Any) -> bool:
+  return any(hasattr(leaf, '__array__') for leaf in jax.tree_util.tree_leaves(state))
+
+
+def _commit(tmp_path: str, ckpt_path: str, base_path: str, keep: int, overwrite: bool,
+            keep_every_n_steps: int | None, has_gda: bool) -> None:
+  if has_gda:
+    gda_tmp, gda_final = (_storage.as_path(tmp_path + MP_ARRAY_POSTFIX),
+                          _storage.as_path(ckpt_path + MP_ARRAY_POSTFIX))
+    _storage.remove(gda_final)
+    _storage.rename(gda_tmp, gda_final)
+  _storage.rename(_storage.as_path(tmp_path), _storage.as_path(ckpt_path))
+  logger.info('Saved checkpoint at %s', ckpt_path)
+  _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
+
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, target: PyTree, step: int | float,
+                    prefix: str = 'checkpoint_', keep: int = 1, overwrite: bool = False,
+                    keep_every_n_steps: int | None = None,
+                    async_manager: AsyncManager | None = None,
+                    orbax_checkpointer: Checkpointer | None = None) -> str:
+  """Saves ``target`` as checkpoint ``step`` in ``ckpt_dir``, from a single process.
+
+  Writes ``<prefix><step>`` through ``<prefix>tmp`` (msgpack) or a temporary directory (Orbax)
+  and a rename, so an interrupted save never looks complete, then deletes checkpoints as
+  ``keep``, ``keep_every_n_steps`` and ``overwrite`` ask. With ``async_manager`` a msgpack save
+  is written on a background thread from a host copy of ``target``.
+
+  Returns:
+    The path of the new checkpoint.
+
+  Raises:
+    flax.errors.InvalidCheckpointError: without ``overwrite``, ``step`` exists already or is
+      not newer than every checkpoint in ``ckpt_dir``.
+  """
+  if async_manager:
+    async_manager.wait_previous_save()
+  ckpt_path, tmp_path, base_path = _paths(ckpt_dir, step, prefix)
+  if _uses_orbax(orbax_checkpointer):
+    if jax.process_count() > 1:
+      logger.warning('save_checkpoint is called with several JAX processes: every process must '
+                     'call it, or the devices hang; use save_checkpoint_multiprocess.')
+    _orbax_save(ckpt_path, target, overwrite, orbax_checkpointer)
+    if jax.process_index() == 0:
+      _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
+    return ckpt_path
+  if not overwrite:
+    _check_not_outdated(tmp_path, ckpt_path, base_path, step)
+  state = serialization.to_state_dict(target)
+
+  def write_and_commit(state: Any) -> None:
+    _write_msgpack(state, tmp_path)
+    _commit(tmp_path, ckpt_path, base_path, keep, overwrite, keep_every_n_steps, False)
+
+  if async_manager:
+    snapshot = _host_snapshot(state)
+    async_manager.save_async(lambda: write_and_commit(snapshot))
+  else:
+    write_and_commit(state)
+  return ckpt_path
+
+
+def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
+                                 step: int | float, prefix: str = 'checkpoint_', keep: int = 1,
+                                 overwrite: bool = False, keep_every_n_steps: int | None = None,
+                                 async_manager: AsyncManager | None = None,
+                                 gda_manager: Any | None = None,
+                                 orbax_checkpointer: Checkpointer | None = None) -> str:
+  """Saves ``target`` from every process of a multi-process job into one shared checkpoint.
+
+  Every process must call it. Process 0 writes the msgpack file and applies retention; arrays
+  that no single process holds whole go to ``<prefix><step>_gda/``, each process writing its
+  own shards. ``gda_manager`` is required when there are such arrays, as in flax; the arrays
+  are written by flaxckpt before this returns, so waiting on the manager afterwards is a no-op.
+
+  Returns:
+    The path of the new checkpoint.
+  """
+  multihost_utils.sync_global_devices('flaxckpt.legacy:save:start')
+  if async_manager:
+    async_manager.wait_previous_save()
+  ckpt_path, tmp_path, base_path = _paths(ckpt_dir, step, prefix)
+  if _uses_orbax(orbax_checkpointer):
+    if jax.process_index() == 0:
+      _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
+    _orbax_save(ckpt_path, target, overwrite, orbax_checkpointer)
+    return ckpt_path
+  state, gda_arrays = _gda.split(serialization.to_state_dict(target))
+  state = jax.tree_util.tree_map(lambda x: x, state)  # Flax's copy; it sorts dict keys.
+  if not overwrite:
+    _check_not_outdated(tmp_path, ckpt_path, base_path, step)
+    multihost_utils.sync_global_devices('flaxckpt.legacy:save:checked')
+  if gda_arrays and not gda_manager:
+    raise errors.MPACheckpointingRequiredError(ckpt_path, step)
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    _write_msgpack(_host_snapshot(state) if async_manager else state, tmp_path)
+  if gda_arrays:
+    gda_tmp = _storage.as_path(tmp_path + MP_ARRAY_POSTFIX)
+    if is_writer:
+      _storage.remove(gda_tmp)
+      _storage.make_dirs(gda_tmp)
+    multihost_utils.sync_global_devices('flaxckpt.legacy:save:gda_dir')
+    _gda.write(gda_tmp, gda_arrays)
+    multihost_utils.sync_global_devices('flaxckpt.legacy:save:gda_written')
+  if is_writer:
+    commit = lambda: _commit(tmp_path, ckpt_path, base_path, keep, overwrite,
+                             keep_every_n_steps, bool(gda_arrays))
+    if async_manager:
+      async_manager.save_async(commit)
+    else:
+      commit()
+  return ckpt_path
+
+
+# --- restoring ---------------------------------------------------------------------------------
+
+
+def _resolve(ckpt_dir: str, step: int | float | None, prefix: str) -> str | None:
+  """The checkpoint path to restore, or None when there is none (flax then returns target)."""
+  if step is not None:
+    ckpt_path = _checkpoint_path(ckpt_dir, step, prefix)
+    if not _storage.exists(_storage.as_path(ckpt_path)):
+      if _storage.is_file(_storage.as_path(ckpt_dir)):
+        raise ValueError(f'Matching checkpoint not found: {ckpt_path}. {ckpt_dir} is a '
+                         'checkpoint file; with step= pass the directory that holds it.')
+      raise ValueError(f'Matching checkpoint not found: {ckpt_path}')
+    return ckpt_path
+  directory = _storage.as_path(ckpt_dir)
+  if not _storage.exists(directory):
+    logger.warning('No checkpoint directory at %s; returning the target unchanged.', ckpt_dir)
+    return None
+  if not _storage.is_dir(directory) or _is_orbax_checkpoint(ckpt_dir):
+    return ckpt_dir
+  latest = latest_checkpoint(ckpt_dir, prefix)
+  if latest is None:
+    logger.warning('No checkpoint with prefix %r in %s; returning the target unchanged.',
+                   prefix, ckpt_dir)
+  return latest
+
+
+def _orbax_restore(ckpt_path: str, target: Any, orbax_checkpointer: Checkpointer | None,
+                   orbax_transforms: dict | None) -> Any:
+  checkpointer = orbax_checkpointer or Checkpointer(PyTreeCheckpointHandler())
+  kwargs = {}
+  if target is not None:
+    kwargs['restore_args'] = orbax_utils.restore_args_from_target(target)
+    if isinstance(getattr(checkpointer, 'handler', None), PyTreeCheckpointHandler):
+      kwargs['transforms'] = orbax_utils.maybe_construct_transformations(
+          target, orbax_transforms)
+  restored = serialization.to_state_dict(checkpointer.restore(ckpt_path, item=target, **kwargs))
+  return restored if target is None else serialization.from_state_dict(target, restored)
+
+
+def _read_msgpack(ckpt_path: str) -> Any:
+  path = _storage.as_path(ckpt_path)
+  if _storage.is_dir(path):
+    raise _errors.NotACheckpointError(
+        f'{ckpt_path} is a directory but not an Orbax checkpoint (it has no _METADATA, '
+        'manifest.ocdbt or checkpoint file), and a msgpack checkpoint is a file.')
+  try:
+    return _msgpack.decode(_storage.read_into_buffer(path))
+  except _msgpack.MsgpackDecodeError as e:
+    raise CorruptCheckpointError(
+        f'{ckpt_path} is not a complete flax msgpack checkpoint: {e}. The file is truncated or '
+        'was not written by save_checkpoint.') from e
+
+
+def _restore_gda_arrays(state: Any, target: Any, ckpt_path: str, step: int | float | None,
+                        gda_manager: Any, allow_partial: bool) -> Any:
+  found = _gda.placeholders(state)
+  if not found:
+    return state
+  if not gda_manager:
+    raise errors.MPACheckpointingRequiredError(ckpt_path, step)
+  if not target and not allow_partial:
+    raise errors.MPARestoreTargetRequiredError(ckpt_path, step)
+  if found[0][0] == ():
+    flat_target = {(): target}
+  elif target:
+    flat_target = flax.traverse_util.flatten_dict(serialization.to_state_dict(target),
+                                                  keep_empty_nodes=True)
+  else:
+    flat_target = {}
+  wanted = []
+  for key, subpath in found:
+    reference = flat_target.get(key)
+    if not _gda.is_multiprocess_array(reference):
+      if not allow_partial:
+        raise errors.MPARestoreTargetRequiredError(ckpt_path, step, key)
+      logger.warning('Multi-process array %s of %s is not restored: the target holds no '
+                     'multi-process jax.Array there.', '/'.join(key), ckpt_path)
+      continue
+    wanted.append((key, subpath, reference.sharding))
+  if not wanted:
+    return state
+  gda_dir = _storage.as_path(ckpt_path + MP_ARRAY_POSTFIX)
+  if ckpt_path.startswith('gs://') and not _storage.exists(gda_dir / COMMIT_SUCCESS_FILE):
+    raise errors.MPARestoreDataCorruptedError(step, ckpt_path)
+  arrays = _gda.read(gda_dir, [subpath for _, subpath, _ in wanted],
+                     [sharding for _, _, sharding in wanted])
+  return _gda.replace(state, {key: array for (key, _, _), array in zip(wanted, arrays)})
+
+
+def restore_checkpoint(ckpt_dir: str | os.PathLike, target: Any | None,
+                       step: int | float | None = None, prefix: str = 'checkpoint_',
+                       parallel: bool = True, gda_manager: Any | None = None,
+                       allow_partial_mpa_restoration: bool = False,
+                       orbax_checkpointer: Checkpointer | None = None,
+                       orbax_transforms: dict | None = None) -> PyTree:
+  """Restores the newest checkpoint in ``ckpt_dir`` (or ``step``, or ``ckpt_dir`` itself when it
+  is a checkpoint), whichever backend wrote it.
+
+  Without a target the raw state dict comes back (lists as ``{'0': ...}`` dicts, numpy arrays);
+  with one, ``flax.serialization.from_state_dict`` rebuilds its structure. When ``ckpt_dir``
+  does not exist or holds no checkpoint, ``target`` is returned unchanged (with a warning).
+  ``parallel`` is accepted for flax's call sites: files are read in one pass regardless.
+
+  Raises:
+    ValueError: ``step`` names a checkpoint that does not exist.
+    CorruptCheckpointError: a msgpack file is truncated or not a checkpoint.
+    flax.errors.MPARestoreTargetRequiredError: the checkpoint has ``_gda`` arrays and the
+      target has no multi-process jax.Array for them.
+  """
+  del parallel
+  if isinstance(orbax_checkpointer, AsyncCheckpointer):
+    orbax_checkpointer.wait_until_finished()
+  ckpt_dir = safe_normpath(os.fspath(ckpt_dir))
+  ckpt_path = _resolve(ckpt_dir, step, prefix)
+  if ckpt_path is None:
+    return target
+  if _is_orbax_checkpoint(ckpt_path):
+    logger.info('Restoring Orbax checkpoint from %s', ckpt_path)
+    return _orbax_restore(ckpt_path, target, orbax_checkpointer, orbax_transforms)
+  logger.info('Restoring legacy Flax checkpoint from %s', ckpt_path)
+  state = _restore_gda_arrays(_read_msgpack(ckpt_path), target, ckpt_path, step, gda_manager,
+                              allow_partial_mpa_restoration)
+  return state if target is None else serialization.from_state_dict(target, state)
+
+
+def convert_pre_linen(params: PyTree) -> PyTree:
+  """Renames pre-Linen submodules (numbered across classes: ``Conv_0, Dense_1``) to Linen's
+  per-class numbering (``Conv_0, Dense_0``); Linen trees come back unchanged."""
+  if not isinstance(params, (dict, core.FrozenDict)):
+    return params
+  renamed = {}
+  counts: dict[str, int] = {}
+  for name in natural_sort(params.keys()):
+    match = MODULE_NUM_RE.match(name)
+    new_name = name
+    if match:
+      module = match.group(1)
+      new_name = f'{module}_{counts.get(module, 0)}'
+      counts[module] = counts.get(module, 0) + 1
+    renamed[new_name] = convert_pre_linen(params[name])
+  return core.freeze(renamed) if isinstance(params, core.FrozenDict) else renamed
+
+
+__all__ = [
+    'AsyncManager', 'CorruptCheckpointError', 'available_steps', 'convert_pre_linen',
+    'latest_checkpoint', 'natural_sort', 'restore_checkpoint', 'safe_normpath',
+    'save_checkpoint', 'save_checkpoint_multiprocess',
+]
