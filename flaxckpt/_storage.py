@@ -7,14 +7,19 @@ only local paths are supported.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import pathlib
 import shutil
 from typing import Any, BinaryIO
 
+import numpy as np
+
 PathLike = str | os.PathLike
 
+_READ_SLICE_BYTES = 64 << 20
+_READ_THREADS = 4
 _SCHEMES = ('gs://', 's3://', 'http://', 'https://')
 
 
@@ -75,16 +80,31 @@ def read_bytes(path: pathlib.Path) -> bytes:
   return path.read_bytes()
 
 
-def read_into_buffer(path: pathlib.Path) -> bytearray:
-  """The whole file in a new writable buffer, read without intermediate copies."""
-  with open(path, 'rb', buffering=0) as f:
-    buffer = bytearray(os.fstat(f.fileno()).st_size)
-    view, done = memoryview(buffer), 0
-    while done < len(buffer):
-      count = f.readinto(view[done:])
-      if not count:
-        raise EOFError(f'{path} shrank to {done} bytes while it was being read.')
-      done += count
+def read_into_buffer(path: pathlib.Path) -> np.ndarray:
+  """The whole file in a new writable uint8 array, read without intermediate copies (and
+  without zero-filling the memory first, which costs as much as the read). Large files are
+  read in parallel slices: faulting in fresh memory is a good part of the cost."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    buffer = np.empty(os.fstat(fd).st_size, np.uint8)
+    slices = range(0, len(buffer), _READ_SLICE_BYTES)
+
+    def read_slice(start: int) -> None:
+      view = memoryview(buffer[start:start + _READ_SLICE_BYTES])
+      done = 0
+      while done < len(view):
+        count = os.preadv(fd, [view[done:]], start + done)
+        if not count:
+          raise EOFError(f'{path} shrank to {start + done} bytes while it was being read.')
+        done += count
+
+    if len(slices) > 1:
+      with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
+        list(pool.map(read_slice, slices))
+    elif slices:
+      read_slice(0)
+  finally:
+    os.close(fd)
   return buffer
 
 

@@ -71,11 +71,13 @@ def placeholders(state: Any) -> list[tuple[tuple[str, ...], str]]:
           if isinstance(value, str) and value.startswith(PLACEHOLDER)]
 
 
-def read(directory: pathlib.Path, subpaths: list[str], shardings: list[Any]) -> list[jax.Array]:
-  """Reads arrays stored by ``write`` and places each with its sharding."""
+def read(directory: pathlib.Path, subpaths: list[str], shardings: list[Any]
+         ) -> list[jax.Array | np.ndarray]:
+  """Reads arrays stored by ``write``; each is placed with its sharding (numpy for None)."""
   hosts = _arrays.read_arrays(directory, subpaths, use_ocdbt=False, use_zarr3=False,
                               missing_chunks_are_errors=True)
-  return [jax.device_put(host, sharding) for host, sharding in zip(hosts, shardings)]
+  return [host if sharding is None else jax.device_put(host, sharding)
+          for host, sharding in zip(hosts, shardings)]
 
 
 def replace(state: Any, restored: dict[tuple[str, ...], Any]) -> Any:

@@ -184,7 +184,7 @@ _FIXEXT_SIZES = {0xd4: 1, 0xd5: 2, 0xd6: 4, 0xd7: 8, 0xd8: 16}
 class _Reader:
   """A msgpack decoder over one buffer whose arrays are views into that buffer."""
 
-  def __init__(self, buffer: bytearray | bytes):
+  def __init__(self, buffer: np.ndarray | bytearray | bytes):
     self._buffer = buffer
     self._view = memoryview(buffer)
     self._pos = 0
@@ -316,8 +316,8 @@ def _unchunk(node: dict[str, Any]) -> np.ndarray:
   return np.concatenate(chunks).reshape(shape)
 
 
-def decode(buffer: bytearray | bytes) -> Any:
-  """The state dict encoded in ``buffer``; arrays are views into it (writable for a bytearray).
+def decode(buffer: np.ndarray | bytearray | bytes) -> Any:
+  """The state dict encoded in ``buffer``; arrays are views into it (writable unless it is bytes).
 
   Raises MsgpackDecodeError if ``buffer`` is not exactly one msgpack value.
   """

@@ -23,6 +23,7 @@ from typing import Any
 
 import flax
 import jax
+import numpy as np
 from flax import core, errors, serialization
 from jax.experimental import multihost_utils
 
@@ -324,8 +325,8 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
 
   Every process must call it. Process 0 writes the msgpack file and applies retention; arrays
   that no single process holds whole go to ``<prefix><step>_gda/``, each process writing its
-  own shards. ``gda_manager`` is required when there are such arrays, as in flax; the arrays
-  are written by flaxckpt before this returns, so waiting on the manager afterwards is a no-op.
+  own shards. Unlike flax, no ``gda_manager`` is needed (one passed is ignored): flaxckpt
+  writes the arrays itself before this returns.
 
   Returns:
     The path of the new checkpoint.
@@ -344,8 +345,6 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
   if not overwrite:
     _check_not_outdated(tmp_path, ckpt_path, base_path, step)
     multihost_utils.sync_global_devices('flaxckpt.legacy:save:checked')
-  if gda_arrays and not gda_manager:
-    raise errors.MPACheckpointingRequiredError(ckpt_path, step)
   is_writer = jax.process_index() == 0
   if is_writer:
     _write_msgpack(_host_snapshot(state) if async_manager else state, tmp_path)
@@ -421,17 +420,21 @@ def _read_msgpack(ckpt_path: str) -> Any:
 
 
 def _restore_gda_arrays(state: Any, target: Any, ckpt_path: str, step: int | float | None,
-                        gda_manager: Any, allow_partial: bool) -> Any:
+                        allow_partial: bool) -> Any:
+  """Reads the ``_gda`` arrays whose placeholders are in ``state``.
+
+  Each is placed like the target's array at its position: with its sharding for a jax.Array or
+  a ``jax.ShapeDtypeStruct`` with a sharding (flax accepts only arrays spread over several
+  processes; any sharding works here), as numpy for a numpy array.
+  """
   found = _gda.placeholders(state)
   if not found:
     return state
-  if not gda_manager:
-    raise errors.MPACheckpointingRequiredError(ckpt_path, step)
-  if not target and not allow_partial:
+  if target is None and not allow_partial:
     raise errors.MPARestoreTargetRequiredError(ckpt_path, step)
   if found[0][0] == ():
     flat_target = {(): target}
-  elif target:
+  elif target is not None:
     flat_target = flax.traverse_util.flatten_dict(serialization.to_state_dict(target),
                                                   keep_empty_nodes=True)
   else:
@@ -439,18 +442,21 @@ def _restore_gda_arrays(state: Any, target: Any, ckpt_path: str, step: int | flo
   wanted = []
   for key, subpath in found:
     reference = flat_target.get(key)
-    if not _gda.is_multiprocess_array(reference):
+    if not isinstance(reference, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)):
       if not allow_partial:
         raise errors.MPARestoreTargetRequiredError(ckpt_path, step, key)
-      logger.warning('Multi-process array %s of %s is not restored: the target holds no '
-                     'multi-process jax.Array there.', '/'.join(key), ckpt_path)
+      logger.warning('Multi-process array %s of %s is not restored: the target has no array '
+                     'there.', '/'.join(key), ckpt_path)
       continue
-    wanted.append((key, subpath, reference.sharding))
+    wanted.append((key, subpath, getattr(reference, 'sharding', None)))
   if not wanted:
     return state
   gda_dir = _storage.as_path(ckpt_path + MP_ARRAY_POSTFIX)
   if ckpt_path.startswith('gs://') and not _storage.exists(gda_dir / COMMIT_SUCCESS_FILE):
     raise errors.MPARestoreDataCorruptedError(step, ckpt_path)
+  if not _storage.is_dir(gda_dir):
+    raise _errors.IncompleteCheckpointError(
+        f'{ckpt_path} refers to multi-process arrays in {gda_dir}, which does not exist.')
   arrays = _gda.read(gda_dir, [subpath for _, subpath, _ in wanted],
                      [sharding for _, _, sharding in wanted])
   return _gda.replace(state, {key: array for (key, _, _), array in zip(wanted, arrays)})
@@ -468,7 +474,8 @@ def restore_checkpoint(ckpt_dir: str | os.PathLike, target: Any | None,
   Without a target the raw state dict comes back (lists as ``{'0': ...}`` dicts, numpy arrays);
   with one, ``flax.serialization.from_state_dict`` rebuilds its structure. When ``ckpt_dir``
   does not exist or holds no checkpoint, ``target`` is returned unchanged (with a warning).
-  ``parallel`` is accepted for flax's call sites: files are read in one pass regardless.
+  ``parallel`` and ``gda_manager`` are accepted for flax's call sites; flaxckpt reads files in
+  parallel slices and reads ``_gda`` arrays itself.
 
   Raises:
     ValueError: ``step`` names a checkpoint that does not exist.
@@ -476,7 +483,7 @@ def restore_checkpoint(ckpt_dir: str | os.PathLike, target: Any | None,
     flax.errors.MPARestoreTargetRequiredError: the checkpoint has ``_gda`` arrays and the
       target has no multi-process jax.Array for them.
   """
-  del parallel
+  del parallel, gda_manager  # flaxckpt reads the files itself.
   if isinstance(orbax_checkpointer, AsyncCheckpointer):
     orbax_checkpointer.wait_until_finished()
   ckpt_dir = safe_normpath(os.fspath(ckpt_dir))
@@ -487,7 +494,7 @@ def restore_checkpoint(ckpt_dir: str | os.PathLike, target: Any | None,
     logger.info('Restoring Orbax checkpoint from %s', ckpt_path)
     return _orbax_restore(ckpt_path, target, orbax_checkpointer, orbax_transforms)
   logger.info('Restoring legacy Flax checkpoint from %s', ckpt_path)
-  state = _restore_gda_arrays(_read_msgpack(ckpt_path), target, ckpt_path, step, gda_manager,
+  state = _restore_gda_arrays(_read_msgpack(ckpt_path), target, ckpt_path, step,
                               allow_partial_mpa_restoration)
   return state if target is None else serialization.from_state_dict(target, state)
 
