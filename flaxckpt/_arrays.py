@@ -61,6 +61,9 @@ class StorageOptions(NamedTuple):
   use_zarr3: bool = False
   use_compression: bool = False
   process_index: int = 0
+  # False when several processes write chunks of the same arrays: only the one that passes True
+  # writes each array's metadata (.zarray / zarr.json); concurrent creation would conflict.
+  writes_metadata: bool = True
 
 
 def process_db_name(process_index: int) -> str:
@@ -158,14 +161,15 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
   if by_key:
     kv = _tensorstore().KvStore.open(base, context=context).result().with_transaction(txn)
     for array in by_key:
-      _stage_raw(kv, array)
+      _stage_raw(kv, array, options.writes_metadata)
   return PendingWrite(directory, txn.commit_async(), process_dir, context, config)
 
 
-def _stage_raw(kv: ts.KvStore, array: ArrayWrite) -> None:
+def _stage_raw(kv: ts.KvStore, array: ArrayWrite, writes_metadata: bool) -> None:
   prefix = array.name + '/'
-  kv[prefix + _zarr.ZARRAY] = _zarr.zarray_bytes(array.global_shape, array.chunk_shape,
-                                                 array.dtype)
+  if writes_metadata:
+    kv[prefix + _zarr.ZARRAY] = _zarr.zarray_bytes(array.global_shape, array.chunk_shape,
+                                                   array.dtype)
   for origin, block in array.blocks:
     if block.shape == array.chunk_shape:
       kv[prefix + _zarr.chunk_key_at(origin, array.chunk_shape)] = _zarr.chunk_bytes(block)
@@ -190,8 +194,11 @@ def _write_with_drivers(base: dict[str, Any], arrays: list[ArrayWrite], options:
           'compressor': {'id': 'zstd', 'level': 1} if options.use_compression else None}}
     spec['kvstore'] = _array_kvstore(base, array.name)
     spec['store_data_equal_to_fill_value'] = True  # As Orbax: every chunk exists on disk.
-    opens.append(_tensorstore().open(spec, create=True, open=True, context=context,
-                                     transaction=txn))
+    if options.writes_metadata:
+      mode = {'create': True, 'open': True}
+    else:  # Write chunks only; the metadata is another process's to write.
+      mode = {'open': True, 'assume_metadata': True}
+    opens.append(_tensorstore().open(spec, **mode, context=context, transaction=txn))
   writes = []
   for array, future in zip(arrays, opens):
     store = future.result()

@@ -56,7 +56,8 @@ def write(directory: pathlib.Path, arrays: list[tuple[jax.Array, str]]) -> None:
         subpath, array.shape, np.dtype(array.dtype), tuple(max(1, n) for n in shard_shape),
         blocks))
   options = _arrays.StorageOptions(use_ocdbt=False, use_compression=True,
-                                   process_index=jax.process_index())
+                                   process_index=jax.process_index(),
+                                   writes_metadata=jax.process_index() == 0)
   _arrays.start_write(directory, writes, options).wait()
 
 

@@ -315,6 +315,12 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, target: PyTree, step: int | flo
   return ckpt_path
 
 
+def _sync_processes(name: str) -> None:
+  """A barrier across JAX processes (nothing to wait for in a single process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
                                  step: int | float, prefix: str = 'checkpoint_', keep: int = 1,
                                  overwrite: bool = False, keep_every_n_steps: int | None = None,
@@ -331,7 +337,7 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
   Returns:
     The path of the new checkpoint.
   """
-  multihost_utils.sync_global_devices('flaxckpt.legacy:save:start')
+  _sync_processes('flaxckpt.legacy:save:start')
   if async_manager:
     async_manager.wait_previous_save()
   ckpt_path, tmp_path, base_path = _paths(ckpt_dir, step, prefix)
@@ -344,7 +350,7 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
   state = jax.tree_util.tree_map(lambda x: x, state)  # Flax's copy; it sorts dict keys.
   if not overwrite:
     _check_not_outdated(tmp_path, ckpt_path, base_path, step)
-    multihost_utils.sync_global_devices('flaxckpt.legacy:save:checked')
+    _sync_processes('flaxckpt.legacy:save:checked')
   is_writer = jax.process_index() == 0
   if is_writer:
     _write_msgpack(_host_snapshot(state) if async_manager else state, tmp_path)
@@ -353,9 +359,9 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
     if is_writer:
       _storage.remove(gda_tmp)
       _storage.make_dirs(gda_tmp)
-    multihost_utils.sync_global_devices('flaxckpt.legacy:save:gda_dir')
+    _sync_processes('flaxckpt.legacy:save:gda_dir')
     _gda.write(gda_tmp, gda_arrays)
-    multihost_utils.sync_global_devices('flaxckpt.legacy:save:gda_written')
+    _sync_processes('flaxckpt.legacy:save:gda_written')
   if is_writer:
     commit = lambda: _commit(tmp_path, ckpt_path, base_path, keep, overwrite,
                              keep_every_n_steps, bool(gda_arrays))

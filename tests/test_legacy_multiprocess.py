@@ -1,0 +1,113 @@
+"""save_checkpoint_multiprocess with arrays spread over two real JAX processes.
+
+Two processes (two CPU devices each) join one ``jax.distributed`` runtime on localhost and save
+the same tree with flax's module and with ours; each then restores both checkpoints with both
+modules. The files must match flax's: the msgpack file byte for byte and the ``_gda`` zarr folders
+file for file.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+_SCRIPT = r'''
+import os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+os.environ['JAX_PLATFORMS'] = 'cpu'
+import jax
+process_id, port, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=process_id)
+import warnings
+warnings.simplefilter('ignore', DeprecationWarning)
+import flax
+import numpy as np
+from flax.training import checkpoints as flax_checkpoints
+from jax.experimental.array_serialization.serialization import GlobalAsyncCheckpointManager
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from flaxckpt.legacy import checkpoints as our_checkpoints
+
+flax.config.update('flax_use_orbax_checkpointing', False)
+mesh = Mesh(np.array(jax.devices()), ('x',))
+values = {'w': np.arange(32, dtype=np.float32).reshape(8, 4), 'b': np.linspace(0, 1, 4, dtype=np.float32)}
+w = jax.make_array_from_callback((8, 4), NamedSharding(mesh, PartitionSpec('x')),
+                                 lambda index: values['w'][index])
+b = jax.make_array_from_callback((4,), NamedSharding(mesh, PartitionSpec()),
+                                 lambda index: values['b'][index])
+assert not w.is_fully_addressable and not b.is_fully_addressable
+tree = {'params': {'w': w, 'b': b}, 'step': 7, 'host': np.arange(3)}
+manager = GlobalAsyncCheckpointManager()
+modules = {'flax': flax_checkpoints, 'ours': our_checkpoints}
+for name, module in modules.items():
+  module.save_checkpoint_multiprocess(f'{root}/{name}', tree, 7, gda_manager=manager)
+  manager.wait_until_finished()
+  multihost_utils.sync_global_devices(f'saved {name}')
+
+results = {}
+for writer in modules:
+  for reader, module in modules.items():
+    restored = module.restore_checkpoint(f'{root}/{writer}', tree, gda_manager=manager)
+    ok = restored['step'] == 7 and np.array_equal(restored['host'], np.arange(3))
+    for key in ('w', 'b'):
+      array = restored['params'][key]
+      ok = ok and array.sharding == tree['params'][key].sharding
+      ok = ok and all(np.array_equal(shard.data, values[key][shard.index])
+                      for shard in array.addressable_shards)
+    results[f'{writer}->{reader}'] = bool(ok)
+  try:
+    our_checkpoints.restore_checkpoint(f'{root}/{writer}', None)
+    results[f'{writer}:no-target'] = 'no error'
+  except flax.errors.MPARestoreTargetRequiredError:
+    results[f'{writer}:no-target'] = 'MPARestoreTargetRequiredError'
+print('RESULTS', process_id, __import__('json').dumps(results), flush=True)
+'''
+
+
+def _free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    return sock.getsockname()[1]
+
+
+def _files(root: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*'))
+          if p.is_file()}
+
+
+def test_multiprocess_arrays_match_flax_both_ways(tmp_path):
+  port = str(_free_port())
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
+  procs = [subprocess.Popen([sys.executable, '-c', _SCRIPT, str(i), port, str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for i in range(2)]
+  outputs = []
+  try:
+    for proc in procs:
+      out, err = proc.communicate(timeout=150)
+      assert proc.returncode == 0, err[-3000:]
+      outputs.append(out)
+  finally:
+    for proc in procs:
+      proc.kill()
+  for process_id, out in enumerate(outputs):
+    line = next(l for l in out.splitlines() if l.startswith(f'RESULTS {process_id} '))
+    results = json.loads(line.split(' ', 2)[2])
+    assert results == {
+        'flax->flax': True, 'flax->ours': True, 'ours->flax': True, 'ours->ours': True,
+        'flax:no-target': 'MPARestoreTargetRequiredError',
+        'ours:no-target': 'MPARestoreTargetRequiredError'}, (process_id, results)
+
+  flax_files, our_files = _files(tmp_path / 'flax'), _files(tmp_path / 'ours')
+  assert sorted(our_files) == sorted(flax_files)
+  assert 'checkpoint_7' in our_files and 'checkpoint_7_gda/params/w/.zarray' in our_files
+  assert {name for name in our_files if name.startswith('checkpoint_7_gda/params/w/')} == {
+      f'checkpoint_7_gda/params/w/{chunk}' for chunk in ('.zarray', '0.0', '1.0', '2.0', '3.0')}
+  for name, data in flax_files.items():
+    if name.endswith('.zarray') or name == 'checkpoint_7':
+      assert our_files[name] == data, name
+  assert b'//GDAPlaceholder:params/w' in our_files['checkpoint_7']
