@@ -1,9 +1,9 @@
-"""save_checkpoint_multiprocess with arrays spread over two real JAX processes.
+"""Legacy multi-process arrays (``<checkpoint>_gda`` folders), written and read.
 
 Two processes (two CPU devices each) join one ``jax.distributed`` runtime on localhost and save
 the same tree with flax's module and with ours; each then restores both checkpoints with both
 modules. The files must match flax's: the msgpack file byte for byte and the ``_gda`` zarr folders
-file for file.
+file for file. A ``_gda`` checkpoint written by flax 0.10.2 restores too.
 """
 
 import json
@@ -111,3 +111,47 @@ def test_multiprocess_arrays_match_flax_both_ways(tmp_path):
     if name.endswith('.zarray') or name == 'checkpoint_7':
       assert our_files[name] == data, name
   assert b'//GDAPlaceholder:params/w' in our_files['checkpoint_7']
+
+
+_OLD_FORMATS = pathlib.Path(__file__).parent / 'data' / 'old-formats'
+
+
+@pytest.fixture
+def old_state():
+  sys.path.insert(0, str(_OLD_FORMATS))
+  try:
+    import state  # The fixtures' own generator: rebuilds the saved values bit for bit.
+    yield state
+  finally:
+    sys.path.remove(str(_OLD_FORMATS))
+
+
+def test_restores_gda_checkpoint_written_by_flax_0_10(tmp_path, old_state):
+  """A ``save_checkpoint_multiprocess`` checkpoint of flax 0.10.2 (msgpack file plus ``_gda``
+  zarr folders) restores into a single-process target with the target's shardings."""
+  import jax
+  import numpy as np
+  import shutil
+  from flax import errors
+  from flaxckpt.legacy import checkpoints
+  shutil.copytree(_OLD_FORMATS / 'f0102-ocp0102' / 'flax_gda', tmp_path / 'ckpts')
+  target = old_state.make_sharded()
+  restored = checkpoints.restore_checkpoint(tmp_path / 'ckpts', target)
+  expected = old_state.sharded_values()
+  assert restored['step'] == expected['step'] == 5
+  for key in ('w', 'b'):
+    assert isinstance(restored[key], jax.Array)
+    assert restored[key].sharding == target[key].sharding
+    np.testing.assert_array_equal(np.asarray(restored[key]), expected[key])
+  host_target = {'w': np.zeros((8, 8), np.float32), 'b': np.zeros(8, np.float32), 'step': 0}
+  as_numpy = checkpoints.restore_checkpoint(tmp_path / 'ckpts', host_target)
+  assert type(as_numpy['w']) is np.ndarray
+  np.testing.assert_array_equal(as_numpy['w'], expected['w'])
+  with pytest.raises(errors.MPARestoreTargetRequiredError):
+    checkpoints.restore_checkpoint(tmp_path / 'ckpts', None)
+  partial = checkpoints.restore_checkpoint(tmp_path / 'ckpts', None,
+                                           allow_partial_mpa_restoration=True)
+  assert partial['w'] == '//GDAPlaceholder:w' and partial['step'] == 5
+  shutil.rmtree(tmp_path / 'ckpts' / 'checkpoint_4_gda')
+  with pytest.raises(ValueError, match='checkpoint_4_gda'):
+    checkpoints.restore_checkpoint(tmp_path / 'ckpts', target)
