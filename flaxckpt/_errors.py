@@ -22,8 +22,8 @@ class CheckpointExistsError(CheckpointError, ValueError):
   """Saving would overwrite an existing checkpoint and ``force`` was not set."""
 
 
-class UnsupportedLeafError(CheckpointError, TypeError):
-  """A tree leaf has a type that cannot be saved."""
+class UnsupportedLeafError(CheckpointError, TypeError, ValueError):
+  """A tree leaf has a type that cannot be saved (a ``ValueError`` too, as Orbax raises)."""
 
 
 class NameCollisionError(CheckpointError, ValueError):

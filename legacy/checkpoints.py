@@ -186,8 +186,14 @@ def _check_not_outdated(tmp_path: str, ckpt_path: str, base_path: str,
 def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overwrite: bool,
                                 keep_every_n_steps: int | None) -> None:
   """Applies flax's retention after a save: with ``overwrite``, everything newer than
-  ``ckpt_path`` goes; then all but the newest ``keep``, sparing one every
-  ``keep_every_n_steps`` steps. A checkpoint's ``_gda`` folder goes with it."""
+  ``ckpt_path`` goes; then all but the newest ``keep`` (none for ``keep=0``, as in flax), sparing
+  one every ``keep_every_n_steps`` steps. A checkpoint's ``_gda`` folder goes with it.
+
+  Unlike flax, in-flight entries (``<prefix>tmp``, Orbax temporary directories) neither count
+  nor are deleted: an async save may still be writing them, and until it commits the ``keep``
+  newest committed checkpoints are all there is. (Flax's result here depends on whether the
+  async save has created its directory yet.)
+  """
   dir_path, prefix = os.path.split(base_path)
   paths = natural_sort(
       os.path.join(dir_path, name) for name in _names(dir_path)
@@ -201,7 +207,7 @@ def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overw
   if len(paths) <= keep:
     return
   last_kept = -float('inf')
-  for path in paths[:-keep] if keep > 0 else paths:
+  for path in paths[:-keep]:
     if keep_every_n_steps:
       step = _step_of(path)
       if step and step - last_kept >= keep_every_n_steps:
@@ -245,16 +251,17 @@ def _write_msgpack(state: Any, tmp_path: str) -> None:
 
 
 def _host_snapshot(state: Any) -> Any:
-  """``state`` with every array copied to host memory, for a save that finishes later."""
-  def snapshot(leaf: Any) -> Any:
-    if isinstance(leaf, jax.Array):
-      return _msgpack.host_array(leaf).copy()
-    return leaf.copy() if hasattr(leaf, 'copy') and hasattr(leaf, '__array__') else leaf
-  return jax.tree_util.tree_map(snapshot, state) if _has_arrays(state) else state
+  """``state`` with every array copied to host memory, for a save that finishes later.
 
-
-def _has_arrays(state: Any) -> bool:
-  return any(hasattr(leaf, '__array__') for leaf in jax.tree_util.tree_leaves(state))
+  Dict order is kept: it is the order of the bytes in the file.
+  """
+  if type(state) is dict:
+    return {key: _host_snapshot(value) for key, value in state.items()}
+  if type(state) is list:
+    return [_host_snapshot(value) for value in state]
+  if isinstance(state, (jax.Array, np.ndarray, np.generic)):
+    return _msgpack.host_array(state).copy()
+  return state
 
 
 def _commit(tmp_path: str, ckpt_path: str, base_path: str, keep: int, overwrite: bool,

@@ -53,4 +53,7 @@ def restore_args_from_target(target: Any, mesh: jax.sharding.Mesh | None = None)
                   "target's arrays are used.", DeprecationWarning, stacklevel=2)
     shardings = jax.tree_util.tree_map(
         lambda s: jax.sharding.NamedSharding(mesh, s.spec), shardings)
-  return construct_restore_args(target, shardings, set_global_shape=False)
+  restore_args = construct_restore_args(target, shardings, set_global_shape=False)
+  # As flax's: None leaves of the target stay None.
+  return jax.tree_util.tree_map(lambda leaf, args: None if leaf is None else args, target,
+                                restore_args, is_leaf=lambda x: x is None)
