@@ -7,11 +7,12 @@ Orbax's format, so either library reads what the other writes.
 import importlib as _importlib
 from typing import Any as _Any
 
-from flaxckpt import args, checkpoint_utils, type_handlers, utils
+from flaxckpt import args, checkpoint_utils, multihost, type_handlers, utils
 from flaxckpt._checkpointer import (AsyncCheckpointer, Checkpointer, PyTreeCheckpointer,
                                     StandardCheckpointer)
 from flaxckpt._composite_handler import CompositeCheckpointHandler
-from flaxckpt._errors import (AsyncSaveError, CheckpointError, CheckpointExistsError,
+from flaxckpt._errors import (AsyncSaveError, BarrierTimeoutError, CheckpointError,
+                              CheckpointExistsError,
                               IncompleteCheckpointError, MissingKeysError, NameCollisionError,
                               NotACheckpointError, StructureMismatchError, UnsupportedLeafError)
 from flaxckpt._handler import AsyncCheckpointHandler, CheckpointHandler
@@ -25,13 +26,14 @@ __version__ = '0.1.0'
 
 __all__ = [
     'ArrayRestoreArgs', 'AsyncCheckpointHandler', 'AsyncCheckpointer', 'AsyncSaveError',
+    'BarrierTimeoutError',
     'CheckpointError', 'CheckpointExistsError', 'CheckpointHandler', 'CheckpointManager',
     'CheckpointManagerOptions', 'Checkpointer',
     'CompositeCheckpointHandler', 'IncompleteCheckpointError', 'JsonCheckpointHandler',
     'MissingKeysError', 'NameCollisionError', 'NotACheckpointError', 'PyTreeCheckpointHandler',
     'PyTreeCheckpointer', 'RestoreArgs', 'SaveArgs', 'StandardCheckpointHandler',
     'StandardCheckpointer', 'StructureMismatchError', 'Transform', 'UnsupportedLeafError',
-    'args', 'checkpoint_utils', 'test_utils', 'type_handlers', 'utils',
+    'args', 'checkpoint_utils', 'multihost', 'test_utils', 'type_handlers', 'utils',
 ]
 
 _LAZY_SUBMODULES = ('test_utils', 'legacy')

@@ -64,6 +64,8 @@ class StorageOptions(NamedTuple):
   # False when several processes write chunks of the same arrays: only the one that passes True
   # writes each array's metadata (.zarray / zarr.json); concurrent creation would conflict.
   writes_metadata: bool = True
+  # False in multi-process saves: the primary merges every process's database at finalize.
+  merge_into_root: bool = True
 
 
 def process_db_name(process_index: int) -> str:
@@ -162,7 +164,8 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
     kv = _tensorstore().KvStore.open(base, context=context).result().with_transaction(txn)
     for array in by_key:
       _stage_raw(kv, array, options.writes_metadata)
-  return PendingWrite(directory, txn.commit_async(), process_dir, context, config)
+  return PendingWrite(directory, txn.commit_async(),
+                      process_dir if options.merge_into_root else None, context, config)
 
 
 def _stage_raw(kv: ts.KvStore, array: ArrayWrite, writes_metadata: bool) -> None:
@@ -232,6 +235,14 @@ def merge_process_databases(directory: pathlib.Path, process_dirs: list[pathlib.
     txn.commit_async().result()
 
   return finish
+
+
+def merge_all_process_databases(directory: pathlib.Path, compress: bool) -> None:
+  """Merges every ``ocdbt.process_<i>`` database below ``directory`` into its root database."""
+  process_dirs = [directory / name for name in _storage.list_names(directory)
+                  if name.startswith(process_db_name(0)[:-1])]
+  if process_dirs:
+    merge_process_databases(directory, process_dirs, _ocdbt_write_config(compress))()
 
 
 # --- reading ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flaxckpt import _errors, _metadata, _restore, _storage
+from flaxckpt import _multihost, _errors, _metadata, _restore, _storage
 from flaxckpt._handler import (AsyncCheckpointHandler, CheckpointArgs, CheckpointHandler,
                                args_type_for)
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpointHandler
@@ -81,7 +81,8 @@ class Checkpointer:
         self._handler.save(tmp, args)
       self._commit(final, tmp, init_ns, custom_metadata)
     except BaseException:
-      _storage.remove_tree(tmp)
+      if _multihost.is_primary():
+        _storage.remove_tree(tmp)
       raise
     if on_commit is not None:
       on_commit()
@@ -161,13 +162,29 @@ class Checkpointer:
       raise _errors.CheckpointExistsError(
           f'{final} already exists; pass force=True to replace it, or save to a new path.')
     tmp = final.with_name(final.name + _metadata.TMP_SUFFIX)
-    _storage.remove_tree(tmp)
-    _storage.make_dirs(tmp)
     init_ns = _metadata.now_ns()
-    self._write_checkpoint_metadata(tmp, init_ns, None, None)
+    if _multihost.is_primary():
+      _storage.remove_tree(tmp)
+      _storage.make_dirs(tmp)
+      self._write_checkpoint_metadata(tmp, init_ns, None, None)
+    try:
+      _multihost.barrier(f'save-begin:{final}')  # The others write into tmp from here on.
+    except _errors.BarrierTimeoutError:
+      if _multihost.is_primary():
+        _storage.remove_tree(tmp)
+      raise
     return final, tmp, init_ns
 
   def _commit(self, final, tmp, init_ns: int, custom_metadata: dict[str, Any] | None) -> None:
+    """The primary finalizes and commits once every process has written its part; the others
+    return when the commit is done, so a save ends at the same point everywhere."""
+    _multihost.barrier(f'save-written:{final}')
+    if _multihost.is_primary():
+      self._commit_as_primary(final, tmp, init_ns, custom_metadata)
+    _multihost.barrier(f'save-committed:{final}')
+
+  def _commit_as_primary(self, final, tmp, init_ns: int,
+                         custom_metadata: dict[str, Any] | None) -> None:
     self._handler.finalize(tmp)
     self._write_checkpoint_metadata(tmp, init_ns, _metadata.now_ns(), custom_metadata)
     _storage.write_text(tmp / _metadata.COMMIT_SUCCESS_FILE, _metadata.commit_message(final))
@@ -230,7 +247,8 @@ class AsyncCheckpointer(Checkpointer):
           self._handler.save(tmp, args)
           writer = None
     except BaseException:
-      _storage.remove_tree(tmp)
+      if _multihost.is_primary():
+        _storage.remove_tree(tmp)
       raise
 
     def run() -> None:
@@ -239,7 +257,8 @@ class AsyncCheckpointer(Checkpointer):
           writer()
         self._commit(final, tmp, init_ns, custom_metadata)
       except BaseException as e:  # Surfaced to the caller by the next check.
-        _storage.remove_tree(tmp)
+        if _multihost.is_primary():
+          _storage.remove_tree(tmp)
         self._error = e
         return
       if on_commit is not None:

@@ -43,3 +43,7 @@ class MissingKeysError(CheckpointError, KeyError):
 
 class AsyncSaveError(CheckpointError, RuntimeError):
   """A background save failed; raised from the next call that checks on it."""
+
+
+class BarrierTimeoutError(CheckpointError, TimeoutError):
+  """Some processes of a multi-host job did not reach a checkpoint barrier in time."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 
-from flaxckpt import _arrays, _restore, _save, _storage
+from flaxckpt import _arrays, _multihost, _restore, _save, _storage
 from flaxckpt._args import PyTreeRestore, PyTreeSave, StandardRestore, StandardSave
 from flaxckpt._handler import AsyncCheckpointHandler, Writer, register_with_handler
 
@@ -39,8 +39,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
                restore_concurrent_gb: int | None = None):
     del save_concurrent_gb, restore_concurrent_gb  # Accepted for Orbax call sites; unused.
     self._options = _arrays.StorageOptions(
-        use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, use_compression=use_compression,
-        process_index=jax.process_index())
+        use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, use_compression=use_compression)
 
   def save(self, directory: pathlib.Path, args: PyTreeSave) -> None:
     self._prepare(directory, args, copy=False).write()
@@ -50,8 +49,20 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
 
   def _prepare(self, directory: pathlib.Path, args: PyTreeSave | StandardSave,
                copy: bool) -> _save.Prepared:
-    return _save.prepare(_storage.as_path(directory), args, self._options, copy,
+    # In a multi-process save each process writes its own shards into its own database; the
+    # primary alone writes metadata and host (non-jax) values, and merges at finalize.
+    primary, single = _multihost.is_primary(), _multihost.process_count() == 1
+    options = self._options._replace(process_index=_multihost.process_index(),
+                                     writes_metadata=primary, merge_into_root=single)
+    return _save.prepare(_storage.as_path(directory), args, options, copy,
                          self._numpy_scalars_as_arrays)
+
+  def finalize(self, directory: pathlib.Path) -> None:
+    """Merges every process's OCDBT database into the root one (multi-process saves only: a
+    single process merges its own while writing)."""
+    if self._options.use_ocdbt and _multihost.process_count() > 1:
+      _arrays.merge_all_process_databases(_storage.as_path(directory),
+                                          self._options.use_compression)
 
   def restore(self, directory: pathlib.Path, args: PyTreeRestore | None = None) -> Any:
     return _restore.restore(_storage.as_path(directory), args or PyTreeRestore())

@@ -46,10 +46,11 @@ class Prepared(NamedTuple):
     pending.wait()
 
   def _write_side_files(self, pending: _arrays.PendingWrite) -> None:
-    if self.strings:
+    primary = self.options.writes_metadata  # Only one process of a multi-process save.
+    if self.strings and primary:
       _storage.write_text(self.directory / _metadata.STRINGS_FILE,
                           json.dumps(self.strings, ensure_ascii=False, separators=(',', ':')))
-    if self.shardings:
+    if self.shardings and primary:
       _storage.write_text(self.directory / _metadata.SHARDING_FILE,
                           json.dumps(self.shardings, separators=(',', ':')))
     if self.array_metadatas:
@@ -58,8 +59,9 @@ class Prepared(NamedTuple):
       _storage.write_text(folder / f'process_{self.options.process_index}',
                           _metadata.array_metadatas_json(self.array_metadatas))
     pending.advance()  # Arrays committed; the merge runs while _METADATA is encoded.
-    _storage.write_text(self.directory / _metadata.METADATA_FILE,
-                        _metadata.tree_metadata_json(self.tree_metadata))
+    if primary:
+      _storage.write_text(self.directory / _metadata.METADATA_FILE,
+                          _metadata.tree_metadata_json(self.tree_metadata))
 
 
 def _nest_by_slash(strings: dict[str, str]) -> dict[str, Any]:
@@ -152,7 +154,8 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
     else:
       arg = save_args.get(leaf.path, _DEFAULT_SAVE_ARGS) if save_args else _DEFAULT_SAVE_ARGS
       value_type, host = _host_value(leaf, copy, numpy_scalars_as_arrays)
-      arrays.append(_host_array_write(name, host, arg, max_chunk, options))
+      if options.writes_metadata:  # Every process has host values; one writes them.
+        arrays.append(_host_array_write(name, host, arg, max_chunk, options))
     entries.append(_metadata.LeafMetadata(leaf.path, leaf.key_types, value_type,
                                           skip_deserialize=value_type in
                                           _metadata.EMPTY_TYPES, write_shape=write_shape))

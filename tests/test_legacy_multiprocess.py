@@ -6,22 +6,15 @@ modules. The files must match flax's: the msgpack file byte for byte and the ``_
 file for file. A ``_gda`` checkpoint written by flax 0.10.2 restores too.
 """
 
-import json
-import os
 import pathlib
-import socket
-import subprocess
 import sys
 
 import pytest
 
+import multiprocess
+
 _SCRIPT = r'''
-import os, sys
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
-os.environ['JAX_PLATFORMS'] = 'cpu'
-import jax
-process_id, port, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=process_id)
+root = ARGS[0]
 import warnings
 warnings.simplefilter('ignore', DeprecationWarning)
 import flax
@@ -64,14 +57,8 @@ for writer in modules:
     results[f'{writer}:no-target'] = 'no error'
   except flax.errors.MPARestoreTargetRequiredError:
     results[f'{writer}:no-target'] = 'MPARestoreTargetRequiredError'
-print('RESULTS', process_id, __import__('json').dumps(results), flush=True)
+report(results)
 '''
-
-
-def _free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(('127.0.0.1', 0))
-    return sock.getsockname()[1]
 
 
 def _files(root: pathlib.Path) -> dict[str, bytes]:
@@ -80,27 +67,12 @@ def _files(root: pathlib.Path) -> dict[str, bytes]:
 
 
 def test_multiprocess_arrays_match_flax_both_ways(tmp_path):
-  port = str(_free_port())
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
-  procs = [subprocess.Popen([sys.executable, '-c', _SCRIPT, str(i), port, str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-           for i in range(2)]
-  outputs = []
-  try:
-    for proc in procs:
-      out, err = proc.communicate(timeout=150)
-      assert proc.returncode == 0, err[-3000:]
-      outputs.append(out)
-  finally:
-    for proc in procs:
-      proc.kill()
-  for process_id, out in enumerate(outputs):
-    line = next(l for l in out.splitlines() if l.startswith(f'RESULTS {process_id} '))
-    results = json.loads(line.split(' ', 2)[2])
-    assert results == {
+  results = multiprocess.run(_SCRIPT, 2, 2, str(tmp_path))
+  for process_id, result in enumerate(results):
+    assert result == {
         'flax->flax': True, 'flax->ours': True, 'ours->flax': True, 'ours->ours': True,
         'flax:no-target': 'MPARestoreTargetRequiredError',
-        'ours:no-target': 'MPARestoreTargetRequiredError'}, (process_id, results)
+        'ours:no-target': 'MPARestoreTargetRequiredError'}, (process_id, result)
 
   flax_files, our_files = _files(tmp_path / 'flax'), _files(tmp_path / 'ours')
   assert sorted(our_files) == sorted(flax_files)

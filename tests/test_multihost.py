@@ -1,0 +1,168 @@
+"""Checkpoints of arrays sharded over several real JAX processes (``jax.distributed`` on
+localhost, CPU devices), against Orbax in the same processes, and restored on other topologies.
+"""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import flaxckpt as ocp
+import multiprocess
+
+# The tree every multi-process script saves, rebuilt here to check restores in this process.
+VALUES = {'w': np.arange(64, dtype=np.float32).reshape(8, 8) / 4,
+          'b': np.arange(8, dtype=np.int32) - 3,
+          'r': np.linspace(0, 1, 4, dtype=np.float32)}
+
+_TREE = r'''
+import warnings
+warnings.simplefilter('ignore')
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import flaxckpt as ocp
+import orbax.checkpoint as orbax
+
+VALUES = {'w': np.arange(64, dtype=np.float32).reshape(8, 8) / 4,
+          'b': np.arange(8, dtype=np.int32) - 3,
+          'r': np.linspace(0, 1, 4, dtype=np.float32)}
+mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ('x', 'y'))
+def sharded(key, spec):
+  value = VALUES[key]
+  return jax.make_array_from_callback(value.shape, NamedSharding(mesh, spec),
+                                      lambda index: value[index])
+tree = {'params': {'w': sharded('w', P('x', 'y')), 'b': sharded('b', P('y'))},
+        'replicated': sharded('r', P()), 'host': np.arange(5)}
+assert not tree['params']['w'].is_fully_addressable
+abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    if isinstance(x, jax.Array) else x, tree)
+
+def matches(restored):
+  """Every local shard holds the right values, with the target's sharding."""
+  if not np.array_equal(restored['host'], np.arange(5)):
+    return 'host differs'
+  for path, key in ((('params', 'w'), 'w'), (('params', 'b'), 'b'), (('replicated',), 'r')):
+    array, want = restored, abstract
+    for part in path:
+      array, want = array[part], want[part]
+    if not isinstance(array, jax.Array) or array.sharding != want.sharding:
+      return f'{key}: {type(array).__name__} {getattr(array, "sharding", None)}'
+    for shard in array.addressable_shards:
+      if not np.array_equal(np.asarray(shard.data), VALUES[key][shard.index]):
+        return f'{key}: shard {shard.index} differs'
+  return 'ok'
+'''
+
+_SAVE_AND_CROSS_RESTORE = _TREE + r'''
+root = ARGS[0]
+ours = ocp.StandardCheckpointer()
+theirs = orbax.StandardCheckpointer()
+ours.save(f'{root}/ours', tree)
+theirs.save(f'{root}/orbax', tree)
+theirs.wait_until_finished()
+result = {}
+for writer in ('ours', 'orbax'):
+  result[f'{writer}->ours'] = matches(ours.restore(f'{root}/{writer}', abstract))
+  result[f'{writer}->orbax'] = matches(theirs.restore(f'{root}/{writer}', abstract))
+report(result)
+'''
+
+
+@pytest.fixture(scope='module')
+def two_process_checkpoints(tmp_path_factory):
+  """Checkpoints of the same tree saved by flaxckpt and by Orbax from 2 processes x 2 devices,
+  with what each process saw when both libraries restored both."""
+  root = tmp_path_factory.mktemp('two_process')
+  results = multiprocess.run(_SAVE_AND_CROSS_RESTORE, 2, 2, str(root))
+  return root, results
+
+
+def test_two_processes_save_and_restore_both_ways_with_orbax(two_process_checkpoints):
+  _, results = two_process_checkpoints
+  for process_id, result in enumerate(results):
+    assert result == {'ours->ours': 'ok', 'ours->orbax': 'ok', 'orbax->ours': 'ok',
+                      'orbax->orbax': 'ok'}, process_id
+
+
+def test_two_process_layout_is_orbax_layout(two_process_checkpoints):
+  """Each process wrote its own database and array metadata; the primary wrote the tree
+  metadata once and merged both databases into the root one."""
+  root, _ = two_process_checkpoints
+  for name in ('ours', 'orbax'):
+    names = sorted(p.name for p in (root / name).iterdir())
+    assert {'ocdbt.process_0', 'ocdbt.process_1', 'manifest.ocdbt', '_METADATA',
+            '_sharding', 'array_metadatas', '_CHECKPOINT_METADATA'} <= set(names), (name, names)
+    assert sorted(p.name for p in (root / name / 'array_metadatas').iterdir()) == [
+        'process_0', 'process_1'], name
+  ours_meta = json.loads((root / 'ours' / '_METADATA').read_text())
+  orbax_meta = json.loads((root / 'orbax' / '_METADATA').read_text())
+  assert ours_meta['tree_metadata'].keys() == orbax_meta['tree_metadata'].keys()
+  assert [p.name for p in (root / 'ours').iterdir() if 'tmp' in p.name] == []
+
+
+@pytest.mark.parametrize('writer', ['ours', 'orbax'])
+def test_two_process_checkpoint_restores_in_one_process_on_another_mesh(
+    two_process_checkpoints, writer):
+  """A 2-process checkpoint restores here (1 process, 8 devices) with other PartitionSpecs, as
+  numpy, and without a target."""
+  root, _ = two_process_checkpoints
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ('a', 'b'))
+  specs = {'w': PartitionSpec('b', 'a'), 'b': PartitionSpec('a'), 'r': PartitionSpec()}
+  abstract = {'params': {key: jax.ShapeDtypeStruct(VALUES[key].shape, VALUES[key].dtype,
+                                                   sharding=NamedSharding(mesh, specs[key]))
+                         for key in ('w', 'b')},
+              'replicated': jax.ShapeDtypeStruct((4,), np.float32,
+                                                 sharding=NamedSharding(mesh, specs['r'])),
+              'host': np.zeros(5, np.int64)}
+  restored = ocp.StandardCheckpointer().restore(root / writer, abstract)
+  for key, array in (('w', restored['params']['w']), ('b', restored['params']['b']),
+                     ('r', restored['replicated'])):
+    assert array.sharding == NamedSharding(mesh, specs[key])
+    np.testing.assert_array_equal(np.asarray(array), VALUES[key])
+  np.testing.assert_array_equal(restored['host'], np.arange(5))
+  raw = ocp.PyTreeCheckpointer().restore(root / writer)
+  np.testing.assert_array_equal(np.asarray(raw['params']['w']), VALUES['w'])
+
+
+_RESTORE_IN_FOUR = _TREE + r'''
+root = ARGS[0]
+result = {}
+for writer in ('ours', 'orbax'):
+  result[writer] = matches(ocp.StandardCheckpointer().restore(f'{root}/{writer}', abstract))
+report(result)
+'''
+
+
+def test_two_process_checkpoint_restores_in_four_processes(two_process_checkpoints):
+  root, _ = two_process_checkpoints
+  results = multiprocess.run(_RESTORE_IN_FOUR, 4, 2, str(root))
+  assert results == [{'ours': 'ok', 'orbax': 'ok'}] * 4
+
+
+_SAVE_ON_PRIMARY_ONLY = _TREE + r'''
+import time
+root = ARGS[0]
+ocp.multihost.set_barrier_timeout(3)
+result = {}
+if PROCESS_ID == 0:  # The classic mistake: only the primary saves.
+  try:
+    ocp.StandardCheckpointer().save(f'{root}/lonely', tree)
+    result['error'] = None
+  except ocp.BarrierTimeoutError as e:
+    result['error'] = str(e)
+else:
+  time.sleep(5)
+result['listing'] = sorted(os.listdir(root))
+report(result)
+'''
+
+
+def test_save_on_one_process_only_times_out_naming_the_missing_one(tmp_path):
+  results = multiprocess.run(_SAVE_ON_PRIMARY_ONLY, 2, 2, str(tmp_path))
+  error = results[0]['error']
+  assert error is not None and 'processes [1]' in error and 'save-begin' in error, error
+  assert results[0]['listing'] == results[1]['listing'] == [], results
