@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flaxckpt import _multihost, _errors, _metadata, _restore, _storage
+from flaxckpt import _errors, _metadata, _multihost, _restore, _storage
 from flaxckpt._handler import (AsyncCheckpointHandler, CheckpointArgs, CheckpointHandler,
                                args_type_for)
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpointHandler

@@ -74,13 +74,22 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
                         h.save(d, a)))
 
     def write() -> None:
-      for item_dir, handler, writer in writers:
+      for _, _, writer in writers:
         writer()
-        handler.finalize(item_dir)
-        _storage.write_text(item_dir / _metadata.COMMIT_SUCCESS_FILE,
-                            _metadata.commit_message(item_dir))
 
     return write
+
+  def finalize(self, directory: pathlib.Path) -> None:
+    """Finalizes and marks each saved item (on the primary, once every process has written)."""
+    directory = _storage.as_path(directory)
+    for name in _storage.list_names(directory):
+      handler = self._handlers.get(name)
+      item_dir = directory / name
+      if handler is None or not _storage.is_dir(item_dir):
+        continue
+      handler.finalize(item_dir)
+      _storage.write_text(item_dir / _metadata.COMMIT_SUCCESS_FILE,
+                          _metadata.commit_message(item_dir))
 
   def restore(self, directory: pathlib.Path, args: Composite | None = None) -> Composite:
     directory = _storage.as_path(directory)

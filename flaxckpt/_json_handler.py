@@ -6,7 +6,7 @@ import json
 import pathlib
 from typing import Any
 
-from flaxckpt import _errors, _storage
+from flaxckpt import _errors, _multihost, _storage
 from flaxckpt._args import JsonRestore, JsonSave
 from flaxckpt._handler import CheckpointHandler, register_with_handler
 
@@ -24,7 +24,8 @@ class JsonCheckpointHandler(CheckpointHandler):
       text = json.dumps(args.item)
     except TypeError as e:
       raise TypeError(f'JsonSave item for {directory} is not JSON-serializable: {e}') from e
-    _storage.write_text(_storage.as_path(directory) / self._filename, text)
+    if _multihost.is_primary():  # Every process has the same object; one writes it.
+      _storage.write_text(_storage.as_path(directory) / self._filename, text)
 
   def restore(self, directory: pathlib.Path, args: JsonRestore | None = None) -> Any:
     path = _storage.as_path(directory) / self._filename

@@ -2,7 +2,7 @@
 
 Two processes (two CPU devices each) join one ``jax.distributed`` runtime on localhost and save
 the same tree with flax's module and with ours; each then restores both checkpoints with both
-modules. The files must match flax's: the msgpack file byte for byte and the ``_gda`` zarr folders
+modules, with the msgpack backend and with the Orbax one. The msgpack files must match flax's: the msgpack file byte for byte and the ``_gda`` zarr folders
 file for file. A ``_gda`` checkpoint written by flax 0.10.2 restores too.
 """
 
@@ -57,6 +57,22 @@ for writer in modules:
     results[f'{writer}:no-target'] = 'no error'
   except flax.errors.MPARestoreTargetRequiredError:
     results[f'{writer}:no-target'] = 'MPARestoreTargetRequiredError'
+
+# The Orbax backend: both modules write Orbax directories from both processes.
+flax.config.update('flax_use_orbax_checkpointing', True)
+for name, module in modules.items():
+  module.save_checkpoint_multiprocess(f'{root}/{name}_orbax', tree, 7)
+  multihost_utils.sync_global_devices(f'saved {name} orbax')
+for writer in modules:
+  for reader, module in modules.items():
+    restored = module.restore_checkpoint(f'{root}/{writer}_orbax', tree)
+    ok = restored['step'] == 7 and np.array_equal(restored['host'], np.arange(3))
+    for key in ('w', 'b'):
+      array = restored['params'][key]
+      ok = ok and array.sharding == tree['params'][key].sharding
+      ok = ok and all(np.array_equal(shard.data, values[key][shard.index])
+                      for shard in array.addressable_shards)
+    results[f'orbax:{writer}->{reader}'] = bool(ok)
 report(results)
 '''
 
@@ -72,8 +88,14 @@ def test_multiprocess_arrays_match_flax_both_ways(tmp_path):
     assert result == {
         'flax->flax': True, 'flax->ours': True, 'ours->flax': True, 'ours->ours': True,
         'flax:no-target': 'MPARestoreTargetRequiredError',
-        'ours:no-target': 'MPARestoreTargetRequiredError'}, (process_id, result)
+        'ours:no-target': 'MPARestoreTargetRequiredError',
+        'orbax:flax->flax': True, 'orbax:flax->ours': True, 'orbax:ours->flax': True,
+        'orbax:ours->ours': True}, (process_id, result)
 
+  for name in ('flax_orbax', 'ours_orbax'):
+    assert sorted(p.name for p in (tmp_path / name).iterdir()) == ['checkpoint_7']
+    assert {'ocdbt.process_0', 'ocdbt.process_1', '_METADATA'} <= {
+        p.name for p in (tmp_path / name / 'checkpoint_7').iterdir()}
   flax_files, our_files = _files(tmp_path / 'flax'), _files(tmp_path / 'ours')
   assert sorted(our_files) == sorted(flax_files)
   assert 'checkpoint_7' in our_files and 'checkpoint_7_gda/params/w/.zarray' in our_files

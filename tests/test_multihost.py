@@ -166,3 +166,39 @@ def test_save_on_one_process_only_times_out_naming_the_missing_one(tmp_path):
   error = results[0]['error']
   assert error is not None and 'processes [1]' in error and 'save-begin' in error, error
   assert results[0]['listing'] == results[1]['listing'] == [], results
+
+
+_MANAGER = _TREE + r'''
+root = ARGS[0]
+options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=1)
+with ocp.CheckpointManager(f'{root}/run', options=options) as manager:
+  for step in range(4):
+    manager.save(step, args=ocp.args.StandardSave(tree), metrics={'loss': 1.0 / (step + 1)})
+  manager.wait_until_finished()
+  steps = manager.all_steps()
+  latest = manager.latest_step()
+  restored = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+async_checkpointer = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+async_checkpointer.save(f'{root}/async', args=ocp.args.StandardSave(tree))
+async_checkpointer.wait_until_finished()
+from_async = ocp.StandardCheckpointer().restore(f'{root}/async', abstract)
+report({'steps': steps, 'latest': latest, 'restored': matches(restored),
+        'async': matches(from_async), 'listing': sorted(os.listdir(f'{root}/run'))})
+'''
+
+
+def test_manager_and_async_checkpointer_across_two_processes(tmp_path):
+  """All processes agree on the steps, retention deletes once, async saves commit everywhere."""
+  results = multiprocess.run(_MANAGER, 2, 2, str(tmp_path))
+  assert results[0] == results[1] == {'steps': [2, 3], 'latest': 3, 'restored': 'ok',
+                                      'async': 'ok', 'listing': ['2', '3']}, results
+  assert (tmp_path / 'async' / 'commit_success.txt').exists()
+  # Orbax reads what the manager wrote from two processes.
+  import orbax.checkpoint as orbax
+  as_numpy = orbax.RestoreArgs(restore_type=np.ndarray)
+  restore_args = {'params': {'w': as_numpy, 'b': as_numpy}, 'replicated': as_numpy,
+                  'host': as_numpy}
+  restored = orbax.PyTreeCheckpointer().restore(
+      tmp_path / 'run' / '3' / 'default', args=orbax.args.PyTreeRestore(
+          restore_args=restore_args))
+  np.testing.assert_array_equal(np.asarray(restored['params']['w']), VALUES['w'])
