@@ -248,10 +248,25 @@ def merge_all_process_databases(directory: pathlib.Path, compress: bool) -> None
 # --- reading ---------------------------------------------------------------------------------
 
 
+class Region(NamedTuple):
+  """Part of a stored array: ``data`` is the box ((start, stop) per dimension) of it."""
+  data: np.ndarray
+  box: tuple[tuple[int, int], ...]
+
+
+class RegionRequest(NamedTuple):
+  """Read only ``box`` of an array expected to have ``shape`` (else the whole array)."""
+  shape: tuple[int, ...]
+  box: tuple[tuple[int, int], ...]
+
+
 def read_arrays(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | None,
                 use_zarr3: bool, missing_chunks_are_errors: bool,
-                ndim_hints: list[int | None] | None = None) -> list[np.ndarray]:
-  """Reads whole arrays by parameter name.
+                ndim_hints: list[int | None] | None = None,
+                regions: list[RegionRequest | None] | None = None
+                ) -> list[np.ndarray | Region]:
+  """Reads arrays by parameter name: whole, or a ``Region`` where ``regions`` asks for one and
+  the stored shape is the expected one (then only the chunks overlapping it are read).
 
   Raw zarr v2 arrays are decoded here; compressed and zarr v3 ones are read by tensorstore.
   ``ndim_hints`` (the rank each array probably has) lets a kvstore read of a single-chunk
@@ -259,14 +274,15 @@ def read_arrays(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | 
   """
   if not names:
     return []
+  regions = regions or [None] * len(names)
   use_ocdbt, base, context = _read_setup(directory, use_ocdbt)
   if use_zarr3:
     return _read_with_driver(directory, base, names, 'zarr3', context,
-                             missing_chunks_are_errors)
+                             missing_chunks_are_errors, regions)
   source = _open_source(directory, base, use_ocdbt, context)
   try:
     return _read_zarr2(directory, base, names, source, context, missing_chunks_are_errors,
-                       ndim_hints if source.speculative else None)
+                       ndim_hints if source.speculative else None, regions)
   finally:
     source.close()
 
@@ -318,7 +334,8 @@ def _open_source(directory: pathlib.Path, base: dict[str, Any], use_ocdbt: bool,
 
 def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str], source: Any,
                 context: ts.Context, missing_chunks_are_errors: bool,
-                ndim_hints: list[int | None] | None) -> list[np.ndarray]:
+                ndim_hints: list[int | None] | None,
+                regions: list[RegionRequest | None]) -> list[np.ndarray | Region]:
   metas = source.collect(source.request([name + '/' + _zarr.ZARRAY for name in names]))
   guesses: list[Any] = [None] * len(names)
   if ndim_hints:
@@ -338,6 +355,12 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
     if not layout.raw:
       fallback.append(i)
       continue
+    region = regions[i]
+    if region is not None and region.shape == layout.shape and not layout.single_chunk:
+      grid = tuple(_zarr.grid_in(region.box, layout.chunks))
+      handles = source.request([name + '/' + _zarr.chunk_key(index) for index in grid])
+      pending.append((i, name, layout, handles, grid, region.box))
+      continue
     if layout.single_chunk and layout.chunk_nbytes >= DIRECT_READ_MIN_BYTES:
       where = source.location(name + layout.key_suffixes[0])
       if where is not None and where[2] == layout.chunk_nbytes:
@@ -349,16 +372,17 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
       handles = [guess[1]]
     else:
       handles = source.request([name + suffix for suffix in layout.key_suffixes])
-    pending.append((i, name, layout, handles))
+    pending.append((i, name, layout, handles, layout.grid, None))
   if fallback:
     arrays = _read_with_driver(directory, base, [names[i] for i in fallback], 'zarr', context,
-                               missing_chunks_are_errors)
+                               missing_chunks_are_errors, [regions[i] for i in fallback])
     for i, array in zip(fallback, arrays):
       results[i] = array
-  for i, name, layout, handles in pending:
-    pieces = dict(zip(layout.grid, source.collect(handles)))
+  for i, name, layout, handles, grid, box in pending:
+    pieces = dict(zip(grid, source.collect(handles)))
     _check_chunks(directory, name, pieces, layout.chunk_nbytes, missing_chunks_are_errors)
-    results[i] = _zarr.assemble(layout.shape, layout.chunks, layout.dtype, pieces)
+    array = _zarr.assemble(layout.shape, layout.chunks, layout.dtype, pieces, box=box)
+    results[i] = array if box is None else Region(array, box)
   if direct:
     with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
       list(pool.map(lambda job: _sources.read_into(*job), direct))
@@ -379,8 +403,8 @@ def _check_chunks(directory: pathlib.Path, name: str, pieces: dict[tuple[int, ..
 
 
 def _read_with_driver(directory: pathlib.Path, base: dict[str, Any], names: list[str],
-                      driver: str, context: ts.Context,
-                      missing_chunks_are_errors: bool) -> list[np.ndarray]:
+                      driver: str, context: ts.Context, missing_chunks_are_errors: bool,
+                      regions: list[RegionRequest | None]) -> list[np.ndarray | Region]:
   """Reads arrays through tensorstore's zarr/zarr3 driver (compressed chunks, zarr v3)."""
   opens = [_tensorstore().open({'driver': driver, 'kvstore': _array_kvstore(base, name),
                                 'fill_missing_data_reads': not missing_chunks_are_errors},
@@ -392,11 +416,15 @@ def _read_with_driver(directory: pathlib.Path, base: dict[str, Any], names: list
     except ValueError as e:
       raise _errors.NotACheckpointError(
           f'{directory}: cannot open array {name!r} as {driver}: {e}') from e
-  reads = [store.read() for store in stores]
+  boxes = [region.box if region is not None and tuple(store.shape) == region.shape else None
+           for store, region in zip(stores, regions)]
+  reads = [(store if box is None else store[tuple(slice(a, b) for a, b in box)]).read()
+           for store, box in zip(stores, boxes)]
   out = []
-  for name, read in zip(names, reads):
+  for name, read, box in zip(names, reads, boxes):
     try:
-      out.append(np.asarray(read.result()))
+      array = np.asarray(read.result())
+      out.append(array if box is None else Region(array, box))
     except ValueError as e:
       raise _errors.NotACheckpointError(
           f'{directory}: cannot read array {name!r}; a chunk is missing or damaged ({e}).') from e

@@ -45,17 +45,20 @@ def restore(directory: pathlib.Path, args: PyTreeRestore) -> Any:
   sources = _transforms.resolve([leaf.path for leaf in wanted],
                                 [leaf.path for leaf in meta.leaves], args.transforms)
   by_path = {leaf.path: leaf for leaf in meta.leaves}
+  wants = [_Want.of(leaf, restore_args.get(leaf.path), args.strict and args.item is not None)
+           for leaf in wanted]
+  regions = {source.checkpoint_path: region for want, source in zip(wants, sources)
+             if source.value_fn is None and (region := _local_region(want)) is not None}
   values = reader.read_many([by_path[s.checkpoint_path] for s in sources
-                             if s.checkpoint_path is not None])
+                             if s.checkpoint_path is not None], regions)
   from_checkpoint = {}
-  for leaf, source in zip(wanted, sources):
+  for leaf, want, source in zip(wanted, wants, sources):
     if source.checkpoint_path is None:
       continue
     stored = by_path[source.checkpoint_path]
     value = values[source.checkpoint_path]
     if source.value_fn is not None:
       value = source.value_fn(reader.as_stored_type(stored, value))
-    want = _Want.of(leaf, restore_args.get(leaf.path), args.strict and args.item is not None)
     from_checkpoint[leaf.path] = (leaf.path, want, stored, value)
   converted = dict(zip(from_checkpoint, _materialize(list(from_checkpoint.values()), reader)))
   out = [converted[leaf.path] if leaf.path in converted else leaf.value
@@ -191,14 +194,19 @@ class _Reader:
     self._parsed_shardings: dict[str, jax.sharding.Sharding | None] = {}
     self._ext: dict | None = None
 
-  def read_many(self, leaves: list[_metadata.LeafMetadata]) -> dict[_tree.Path, Any]:
-    """Raw values: numpy arrays for stored arrays/scalars, str for strings, None else."""
+  def read_many(self, leaves: list[_metadata.LeafMetadata],
+                regions: dict[_tree.Path, _arrays.RegionRequest] | None = None
+                ) -> dict[_tree.Path, Any]:
+    """Raw values: numpy arrays for stored arrays/scalars (``_arrays.Region`` where
+    ``regions`` asks for part of one), str for strings, None else."""
     arrays = [leaf for leaf in leaves if _is_stored_array(leaf)]
+    regions = regions or {}
     data = _arrays.read_arrays(
         self.directory, [leaf.name for leaf in arrays], use_ocdbt=self.meta.use_ocdbt,
         use_zarr3=self.meta.use_zarr3,
         missing_chunks_are_errors=self.meta.store_array_data_equal_to_fill_value,
-        ndim_hints=[_rank_hint(leaf) for leaf in arrays])
+        ndim_hints=[_rank_hint(leaf) for leaf in arrays],
+        regions=[regions.get(leaf.path) for leaf in arrays] if regions else None)
     out: dict[_tree.Path, Any] = {leaf.path: value for leaf, value in zip(arrays, data)}
     for leaf in leaves:
       if leaf.value_type == _metadata.STRING:
@@ -283,8 +291,38 @@ def _materialize(items: list[tuple[_tree.Path, _Want, _metadata.LeafMetadata, An
   return out
 
 
+def _local_region(want: _Want) -> _arrays.RegionRequest | None:
+  """The part of an array this process needs, when its target spans several processes."""
+  sharding = want.sharding
+  if (want.kind != 'jax' or sharding is None or sharding.is_fully_addressable
+      or want.key_impl is not None or not want.shape):
+    return None
+  indices = list(sharding.addressable_devices_indices_map(want.shape).values())
+  box = tuple((min(index[d].indices(n)[0] for index in indices),
+               max(index[d].indices(n)[1] for index in indices))
+              for d, n in enumerate(want.shape))
+  return _arrays.RegionRequest(tuple(want.shape), box)
+
+
+def _from_region(region: _arrays.Region, want: _Want) -> jax.Array:
+  """A global array from the part of it this process read."""
+  data = region.data
+  if want.dtype is not None and data.dtype != want.dtype:
+    data = data.astype(want.dtype)
+  starts = [start for start, _ in region.box]
+
+  def local(index: tuple[slice, ...]) -> np.ndarray:
+    return data[tuple(slice(lo - start, hi - start) for (lo, hi, _), start in
+                      zip((s.indices(n) for s, n in zip(index, want.shape)), starts))]
+
+  return jax.make_array_from_callback(tuple(want.shape), want.sharding, local)
+
+
 def _convert(slot: int, path: _tree.Path, want: _Want, stored: _metadata.LeafMetadata,
              value: Any, reader: _Reader, out: list[Any], pending: list) -> None:
+  if isinstance(value, _arrays.Region):
+    out[slot] = _from_region(value, want)
+    return
   kind = want.kind
   if kind == 'stored':
     if stored.value_type == _metadata.JAX_ARRAY:

@@ -193,18 +193,36 @@ def grid(shape: tuple[int, ...], chunks: tuple[int, ...]) -> Iterator[tuple[int,
 
 
 def assemble(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype,
-             pieces: dict[tuple[int, ...], bytes | None], fill: Any = 0) -> np.ndarray:
-  """Builds an array from raw chunk bytes; ``None`` pieces take ``fill``."""
-  if len(pieces) == 1 and tuple(chunks) == tuple(shape):
+             pieces: dict[tuple[int, ...], bytes | None], fill: Any = 0,
+             box: tuple[tuple[int, int], ...] | None = None) -> np.ndarray:
+  """Builds an array from raw chunk bytes; ``None`` pieces take ``fill``.
+
+  With ``box`` ((start, stop) per dimension) only that region is built, from the pieces that
+  overlap it.
+  """
+  if box is None and len(pieces) == 1 and tuple(chunks) == tuple(shape):
     (data,) = pieces.values()
     if data is not None:
       return np.frombuffer(data, dtype=dtype, count=math.prod(shape)).reshape(shape)
-  out = np.empty(shape, dtype=dtype)
+  box = box or tuple((0, n) for n in shape)
+  out = np.empty(tuple(stop - start for start, stop in box), dtype=dtype)
   for index, data in pieces.items():
-    region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
+    lows = [i * c for i, c in zip(index, chunks)]
+    spans = [(max(low, start), min(low + c, n, stop))
+             for low, c, n, (start, stop) in zip(lows, chunks, shape, box)]
+    if any(a >= b for a, b in spans):
+      continue
+    target = tuple(slice(a - start, b - start) for (a, b), (start, _) in zip(spans, box))
     if data is None:
-      out[region] = fill
+      out[target] = fill
       continue
     piece = np.frombuffer(data, dtype=dtype, count=math.prod(chunks)).reshape(chunks)
-    out[region] = piece[tuple(slice(0, r.stop - r.start) for r in region)]
+    out[target] = piece[tuple(slice(a - low, b - low) for (a, b), low in zip(spans, lows))]
   return out
+
+
+def grid_in(box: tuple[tuple[int, int], ...], chunks: tuple[int, ...]
+            ) -> Iterator[tuple[int, ...]]:
+  """The chunk grid indices that overlap ``box``."""
+  return itertools.product(*(range(start // c, -(-stop // c))
+                             for (start, stop), c in zip(box, chunks)))

@@ -202,3 +202,39 @@ def test_manager_and_async_checkpointer_across_two_processes(tmp_path):
       tmp_path / 'run' / '3' / 'default', args=orbax.args.PyTreeRestore(
           restore_args=restore_args))
   np.testing.assert_array_equal(np.asarray(restored['params']['w']), VALUES['w'])
+
+
+_RESTORE_OWN_COPY = r'''
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import flaxckpt as ocp
+directory = f'{ARGS[0]}/process_{PROCESS_ID}'  # Holds only the chunks of this process's rows.
+mesh = Mesh(np.array(jax.devices()), ('x',))
+target = {'w': jax.ShapeDtypeStruct((8, 8), np.float32,
+                                    sharding=NamedSharding(mesh, PartitionSpec('x')))}
+checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
+restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(target))
+expected = np.arange(64, dtype=np.float32).reshape(8, 8)
+report(all(np.array_equal(np.asarray(s.data), expected[s.index])
+           for s in restored['w'].addressable_shards))
+'''
+
+
+@pytest.mark.parametrize('compressed', [False, True], ids=['raw', 'zstd'])
+def test_each_process_reads_only_the_chunks_of_its_shards(tmp_path, compressed):
+  """Each process restores from a copy holding only its own rows' chunk files: it succeeds only
+  if it never asks for the other rows' chunks."""
+  import shutil
+  mesh = Mesh(np.array(jax.devices()[:4]), ('x',))
+  w = jax.device_put(np.arange(64, dtype=np.float32).reshape(8, 8),
+                     NamedSharding(mesh, PartitionSpec('x')))
+  handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=compressed)
+  ocp.Checkpointer(handler).save(tmp_path / 'full', args=ocp.args.PyTreeSave({'w': w}))
+  assert sorted(p.name for p in (tmp_path / 'full' / 'w').iterdir()) == [
+      '.zarray', '0.0', '1.0', '2.0', '3.0']
+  for process_id, foreign in ((0, ('2.0', '3.0')), (1, ('0.0', '1.0'))):
+    copy = tmp_path / f'process_{process_id}'
+    shutil.copytree(tmp_path / 'full', copy)
+    for chunk in foreign:
+      (copy / 'w' / chunk).unlink()
+  assert multiprocess.run(_RESTORE_OWN_COPY, 2, 2, str(tmp_path)) == [True, True]
