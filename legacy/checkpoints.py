@@ -25,9 +25,8 @@ import flax
 import jax
 import numpy as np
 from flax import core, errors, serialization
-from jax.experimental import multihost_utils
 
-from flaxckpt import _errors, _storage
+from flaxckpt import _errors, _multihost, _storage
 from flaxckpt._checkpointer import AsyncCheckpointer, Checkpointer
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler
 from flaxckpt.legacy import _gda, _msgpack, orbax_utils
@@ -322,12 +321,6 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, target: PyTree, step: int | flo
   return ckpt_path
 
 
-def _sync_processes(name: str) -> None:
-  """A barrier across JAX processes (nothing to wait for in a single process)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
 def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
                                  step: int | float, prefix: str = 'checkpoint_', keep: int = 1,
                                  overwrite: bool = False, keep_every_n_steps: int | None = None,
@@ -344,7 +337,7 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
   Returns:
     The path of the new checkpoint.
   """
-  _sync_processes('flaxckpt.legacy:save:start')
+  _multihost.barrier('flaxckpt.legacy:save:start')
   if async_manager:
     async_manager.wait_previous_save()
   ckpt_path, tmp_path, base_path = _paths(ckpt_dir, step, prefix)
@@ -357,7 +350,7 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
   state = jax.tree_util.tree_map(lambda x: x, state)  # Flax's copy; it sorts dict keys.
   if not overwrite:
     _check_not_outdated(tmp_path, ckpt_path, base_path, step)
-    _sync_processes('flaxckpt.legacy:save:checked')
+    _multihost.barrier('flaxckpt.legacy:save:checked')
   is_writer = jax.process_index() == 0
   if is_writer:
     _write_msgpack(_host_snapshot(state) if async_manager else state, tmp_path)
@@ -366,9 +359,9 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
     if is_writer:
       _storage.remove(gda_tmp)
       _storage.make_dirs(gda_tmp)
-    _sync_processes('flaxckpt.legacy:save:gda_dir')
+    _multihost.barrier('flaxckpt.legacy:save:gda_dir')
     _gda.write(gda_tmp, gda_arrays)
-    _sync_processes('flaxckpt.legacy:save:gda_written')
+    _multihost.barrier('flaxckpt.legacy:save:gda_written')
   if is_writer:
     commit = lambda: _commit(tmp_path, ckpt_path, base_path, keep, overwrite,
                              keep_every_n_steps, bool(gda_arrays))
