@@ -161,7 +161,10 @@ class Checkpointer:
     if _storage.exists(final) and not force:
       raise _errors.CheckpointExistsError(
           f'{final} already exists; pass force=True to replace it, or save to a new path.')
-    tmp = final.with_name(final.name + _metadata.TMP_SUFFIX)
+    # Without atomic renames (object stores) the checkpoint is written in place and committed by
+    # its commit_success.txt alone.
+    in_place = not _storage.renames_atomically(final)
+    tmp = final if in_place else final.with_name(final.name + _metadata.TMP_SUFFIX)
     init_ns = _metadata.now_ns()
     if _multihost.is_primary():
       _storage.remove_tree(tmp)
@@ -187,6 +190,11 @@ class Checkpointer:
                          custom_metadata: dict[str, Any] | None) -> None:
     self._handler.finalize(tmp)
     self._write_checkpoint_metadata(tmp, init_ns, _metadata.now_ns(), custom_metadata)
+    if tmp == final:  # Written in place: the commit marker, written last, is the commit.
+      _storage.sync_tree(tmp)
+      _storage.write_text(tmp / _metadata.COMMIT_SUCCESS_FILE, _metadata.commit_message(final),
+                          sync=True)
+      return
     _storage.write_text(tmp / _metadata.COMMIT_SUCCESS_FILE, _metadata.commit_message(final))
     _storage.sync_tree(tmp)
     if _storage.exists(final):

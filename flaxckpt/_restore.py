@@ -141,6 +141,11 @@ def check_committed(directory: pathlib.Path) -> None:
     raise _errors.IncompleteCheckpointError(
         f'{directory}: this is the temporary directory of a save that never committed '
         '(its name contains ".orbax-checkpoint-tmp"); restore the committed checkpoint instead.')
+  if (not _storage.renames_atomically(directory)
+      and not _storage.exists(directory / _metadata.COMMIT_SUCCESS_FILE)):
+    raise _errors.IncompleteCheckpointError(
+        f'{directory}: no {_metadata.COMMIT_SUCCESS_FILE}; on this storage a checkpoint is '
+        'committed only once that file exists, so this save never finished.')
 
 
 class _Want(NamedTuple):

@@ -51,9 +51,11 @@ class StepNaming:
     if not _storage.is_dir(root):
       return []
     steps = []
+    needs_marker = not _storage.renames_atomically(root)  # Object stores: see _storage.
     for name in _storage.list_names(root):
       step = self.parse(name)
-      if step is not None and _storage.is_dir(root / name):
+      if step is not None and _storage.is_dir(root / name) and (
+          not needs_marker or _storage.exists(root / name / _metadata.COMMIT_SUCCESS_FILE)):
         steps.append(step)
     return sorted(steps)
 

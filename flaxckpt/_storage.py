@@ -32,6 +32,17 @@ def as_path(path: PathLike) -> pathlib.Path:
   return pathlib.Path(os.path.abspath(text))
 
 
+def renames_atomically(path: pathlib.Path) -> bool:
+  """Whether a directory renamed to ``path`` appears whole or not at all.
+
+  True for local filesystems. Object stores (``gs://``, ``s3://``, once supported) answer
+  False: there a checkpoint is written in place and counts as committed only once its
+  ``commit_success.txt`` exists, which the primary process writes last.
+  """
+  del path  # Every path supported today is local.
+  return True
+
+
 def exists(path: pathlib.Path) -> bool:
   return path.exists()
 

@@ -247,3 +247,36 @@ def test_interpreter_exit_waits_for_a_pending_async_save(tmp_path):
   subprocess.run([sys.executable, '-c', code, str(tmp_path / 'c')], check=True, timeout=120)
   np.testing.assert_array_equal(ocp.StandardCheckpointer().restore(tmp_path / 'c')['w'],
                                 np.ones((512, 1024)))
+
+
+def test_without_atomic_renames_the_commit_marker_is_the_commit(tmp_path, monkeypatch):
+  """On storage whose renames are not atomic (object stores) a save writes in place and the
+  commit marker, written last, is what makes it a checkpoint: readers and managers ignore a
+  directory without one. Simulated on local disk by declaring renames non-atomic."""
+  from flaxckpt import _storage
+  monkeypatch.setattr(_storage, 'renames_atomically', lambda path: False)
+  tree = {'w': np.arange(4.0), 'b': {'c': np.ones(2)}}
+  seen = []
+  real_write_text = _storage.write_text
+
+  def recording_write_text(path, text, sync=False):
+    seen.append(path.name)
+    real_write_text(path, text, sync)
+
+  monkeypatch.setattr(_storage, 'write_text', recording_write_text)
+  ocp.PyTreeCheckpointer().save(tmp_path / 'ckpt', args=ocp.args.PyTreeSave(tree))
+  assert seen[-1] == 'commit_success.txt'
+  assert [p.name for p in tmp_path.iterdir()] == ['ckpt']  # No temporary directory.
+  np.testing.assert_array_equal(ocp.PyTreeCheckpointer().restore(tmp_path / 'ckpt')['w'],
+                                tree['w'])
+  (tmp_path / 'ckpt' / 'commit_success.txt').unlink()  # A save that died before its commit.
+  with pytest.raises(ocp.IncompleteCheckpointError, match='commit_success.txt'):
+    ocp.PyTreeCheckpointer().restore(tmp_path / 'ckpt')
+
+  with ocp.CheckpointManager(tmp_path / 'run', options=ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=False)) as manager:
+    for step in (1, 2):
+      manager.save(step, args=ocp.args.StandardSave(tree))
+  (tmp_path / 'run' / '2' / 'commit_success.txt').unlink()
+  with ocp.CheckpointManager(tmp_path / 'run') as manager:
+    assert manager.all_steps() == [1]
