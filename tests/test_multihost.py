@@ -68,6 +68,10 @@ result = {}
 for writer in ('ours', 'orbax'):
   result[f'{writer}->ours'] = matches(ours.restore(f'{root}/{writer}', abstract))
   result[f'{writer}->orbax'] = matches(theirs.restore(f'{root}/{writer}', abstract))
+  # Without a target: the saved shardings, which exist in these same processes.
+  as_saved = ocp.PyTreeCheckpointer().restore(f'{root}/{writer}')
+  result[f'{writer}->ours, no target'] = matches(
+      {**as_saved, 'params': {'w': as_saved['params']['w'], 'b': as_saved['params']['b']}})
 report(result)
 '''
 
@@ -85,7 +89,8 @@ def test_two_processes_save_and_restore_both_ways_with_orbax(two_process_checkpo
   _, results = two_process_checkpoints
   for process_id, result in enumerate(results):
     assert result == {'ours->ours': 'ok', 'ours->orbax': 'ok', 'orbax->ours': 'ok',
-                      'orbax->orbax': 'ok'}, process_id
+                      'orbax->orbax': 'ok', 'ours->ours, no target': 'ok',
+                      'orbax->ours, no target': 'ok'}, process_id
 
 
 def test_two_process_layout_is_orbax_layout(two_process_checkpoints):
@@ -146,7 +151,8 @@ def test_two_process_checkpoint_restores_in_four_processes(two_process_checkpoin
 def test_four_processes_save_and_restore_both_ways_with_orbax(tmp_path):
   results = multiprocess.run(_SAVE_AND_CROSS_RESTORE, 4, 2, str(tmp_path))
   assert results == [{'ours->ours': 'ok', 'ours->orbax': 'ok', 'orbax->ours': 'ok',
-                      'orbax->orbax': 'ok'}] * 4
+                      'orbax->orbax': 'ok', 'ours->ours, no target': 'ok',
+                      'orbax->ours, no target': 'ok'}] * 4
   assert sorted(p.name for p in (tmp_path / 'ours' / 'array_metadatas').iterdir()) == [
       f'process_{i}' for i in range(4)]
 
