@@ -9,7 +9,6 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-import jax
 
 from flaxckpt import _arrays, _multihost, _restore, _save, _storage
 from flaxckpt._args import PyTreeRestore, PyTreeSave, StandardRestore, StandardSave

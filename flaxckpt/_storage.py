@@ -59,10 +59,6 @@ def list_names(path: pathlib.Path) -> list[str]:
   return sorted(os.listdir(path))
 
 
-def size(path: pathlib.Path) -> int:
-  return path.stat().st_size
-
-
 def make_dirs(path: pathlib.Path) -> None:
   path.mkdir(parents=True, exist_ok=True)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import pathlib
 import re
 from collections.abc import Callable, Iterable
 from typing import Any

@@ -3,7 +3,6 @@ localhost, CPU devices), against Orbax in the same processes, and restored on ot
 """
 
 import json
-import pathlib
 
 import jax
 import numpy as np
