@@ -297,36 +297,43 @@ def _materialize(items: list[tuple[_tree.Path, _Want, _metadata.LeafMetadata, An
 
 
 def _local_region(want: _Want) -> _arrays.RegionRequest | None:
-  """The part of an array this process needs, when its target spans several processes."""
-  sharding = want.sharding
-  if (want.kind != 'jax' or sharding is None or sharding.is_fully_addressable
-      or want.key_impl is not None or not want.shape):
+  if want.kind != 'jax' or want.key_impl is not None or not want.shape:
     return None
-  indices = list(sharding.addressable_devices_indices_map(want.shape).values())
+  return local_region(want.sharding, tuple(want.shape))
+
+
+def local_region(sharding: jax.sharding.Sharding | None, shape: tuple[int, ...]
+                 ) -> _arrays.RegionRequest | None:
+  """The part of an array this process needs, when its sharding spans several processes."""
+  if sharding is None or sharding.is_fully_addressable or not shape:
+    return None
+  indices = list(sharding.addressable_devices_indices_map(shape).values())
   box = tuple((min(index[d].indices(n)[0] for index in indices),
                max(index[d].indices(n)[1] for index in indices))
-              for d, n in enumerate(want.shape))
-  return _arrays.RegionRequest(tuple(want.shape), box)
+              for d, n in enumerate(shape))
+  return _arrays.RegionRequest(shape, box)
 
 
-def _from_region(region: _arrays.Region, want: _Want) -> jax.Array:
+def array_from_region(region: _arrays.Region, shape: tuple[int, ...],
+                      sharding: jax.sharding.Sharding, dtype: np.dtype | None = None
+                      ) -> jax.Array:
   """A global array from the part of it this process read."""
   data = region.data
-  if want.dtype is not None and data.dtype != want.dtype:
-    data = data.astype(want.dtype)
+  if dtype is not None and data.dtype != dtype:
+    data = data.astype(dtype)
   starts = [start for start, _ in region.box]
 
   def local(index: tuple[slice, ...]) -> np.ndarray:
     return data[tuple(slice(lo - start, hi - start) for (lo, hi, _), start in
-                      zip((s.indices(n) for s, n in zip(index, want.shape)), starts))]
+                      zip((s.indices(n) for s, n in zip(index, shape)), starts))]
 
-  return jax.make_array_from_callback(tuple(want.shape), want.sharding, local)
+  return jax.make_array_from_callback(shape, sharding, local)
 
 
 def _convert(slot: int, path: _tree.Path, want: _Want, stored: _metadata.LeafMetadata,
              value: Any, reader: _Reader, out: list[Any], pending: list) -> None:
   if isinstance(value, _arrays.Region):
-    out[slot] = _from_region(value, want)
+    out[slot] = array_from_region(value, tuple(want.shape), want.sharding, want.dtype)
     return
   kind = want.kind
   if kind == 'stored':

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from flaxckpt import _arrays
+from flaxckpt import _arrays, _restore
 
 SUFFIX = '_gda'
 PLACEHOLDER = '//GDAPlaceholder:'
@@ -72,13 +72,23 @@ def placeholders(state: Any) -> list[tuple[tuple[str, ...], str]]:
           if isinstance(value, str) and value.startswith(PLACEHOLDER)]
 
 
-def read(directory: pathlib.Path, subpaths: list[str], shardings: list[Any]
+def read(directory: pathlib.Path, subpaths: list[str], references: list[Any]
          ) -> list[jax.Array | np.ndarray]:
-  """Reads arrays stored by ``write``; each is placed with its sharding (numpy for None)."""
+  """Reads arrays stored by ``write``, each placed like its reference (a jax.Array or sharded
+  ``ShapeDtypeStruct``; numpy for anything else). A process reads only the chunks its shards
+  of a multi-process array need."""
+  shardings = [getattr(reference, 'sharding', None) for reference in references]
+  regions = [_restore.local_region(sharding, tuple(reference.shape))
+             for sharding, reference in zip(shardings, references)]
   hosts = _arrays.read_arrays(directory, subpaths, use_ocdbt=False, use_zarr3=False,
-                              missing_chunks_are_errors=True)
-  return [host if sharding is None else jax.device_put(host, sharding)
-          for host, sharding in zip(hosts, shardings)]
+                              missing_chunks_are_errors=True, regions=regions)
+  out = []
+  for host, sharding, region in zip(hosts, shardings, regions):
+    if isinstance(host, _arrays.Region):
+      out.append(_restore.array_from_region(host, region.shape, sharding))
+    else:
+      out.append(host if sharding is None else jax.device_put(host, sharding))
+  return out
 
 
 def replace(state: Any, restored: dict[tuple[str, ...], Any]) -> Any:

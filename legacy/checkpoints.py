@@ -453,7 +453,7 @@ def _restore_gda_arrays(state: Any, target: Any, ckpt_path: str, step: int | flo
       logger.warning('Multi-process array %s of %s is not restored: the target has no array '
                      'there.', '/'.join(key), ckpt_path)
       continue
-    wanted.append((key, subpath, getattr(reference, 'sharding', None)))
+    wanted.append((key, subpath, reference))
   if not wanted:
     return state
   gda_dir = _storage.as_path(ckpt_path + MP_ARRAY_POSTFIX)
@@ -463,7 +463,7 @@ def _restore_gda_arrays(state: Any, target: Any, ckpt_path: str, step: int | flo
     raise _errors.IncompleteCheckpointError(
         f'{ckpt_path} refers to multi-process arrays in {gda_dir}, which does not exist.')
   arrays = _gda.read(gda_dir, [subpath for _, subpath, _ in wanted],
-                     [sharding for _, _, sharding in wanted])
+                     [reference for _, _, reference in wanted])
   return _gda.replace(state, {key: array for (key, _, _), array in zip(wanted, arrays)})
 
 
