@@ -1,4 +1,4 @@
-# Developer entry points: `make demo`, `make test`, `make bench`, `make clean`.
+# Developer entry points: `make demo`, `make test`, `make bench`, `make notebooks`, `make clean`.
 # Every target runs inside .venv, which is created on first use and re-synced
 # (pip install -e '.[test]') whenever setup.cfg or pyproject.toml changes.
 
@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 
-.PHONY: demo test bench clean $(VENV)
+.PHONY: demo test bench notebooks clean $(VENV)
 
 demo: $(VENV)
 	$(PY) -m flaxckpt.demo
@@ -18,6 +18,10 @@ test: $(VENV)
 
 bench: $(VENV)
 	$(PY) benchmarks/bench.py
+
+# Executed copies land in build/notebooks/ (make test executes them too, in tests/).
+notebooks: $(VENV)
+	$(PY) notebooks/execute.py
 
 $(VENV): $(STAMP)
 
