@@ -142,6 +142,8 @@ class CheckpointManager:
     names = [n for n, h in handlers.items() if h is None]
     self._composite = CompositeCheckpointHandler(
         *names, **{n: h for n, h in handlers.items() if h is not None})
+    if use_async is None:  # Not fixed by the older form's checkpointers: the options decide.
+      use_async = self._options.enable_async_checkpointing
     if use_async:
       self._checkpointer: Checkpointer = AsyncCheckpointer(
           self._composite, timeout_secs=self._options.async_timeout_secs)

@@ -378,3 +378,47 @@ def test_a_failed_save_can_be_retried_at_the_same_step(tmp_path, use_async):
   assert mngr.save(3, args=ocp.args.StandardSave(_state(3)))
   mngr.wait_until_finished()
   assert mngr.all_steps() == [3]
+
+
+class _GatedHandler(ocp.PyTreeCheckpointHandler):
+  """A PyTree handler whose background write waits until the test opens the gate."""
+
+  def __init__(self):
+    super().__init__()
+    import threading
+    self.gate = threading.Event()
+
+  def async_save(self, directory, args):
+    write = super().async_save(directory, args)
+
+    def gated_write():
+      assert self.gate.wait(60), 'the test never opened the gate'
+      write()
+
+    return gated_write
+
+
+@pytest.mark.parametrize('enable_async', [True, False])
+def test_manager_saves_in_the_background_unless_disabled(tmp_path, enable_async):
+  """By default save returns while the write is still pending (the step is not yet listed and
+  its temporary directory exists); enable_async_checkpointing=False saves before returning."""
+  import threading
+  handler = _GatedHandler()
+  options = ocp.CheckpointManagerOptions(enable_async_checkpointing=enable_async)
+  manager = ocp.CheckpointManager(tmp_path, options=options, item_handlers=handler)
+  tree = {'w': np.arange(3.0)}
+  if not enable_async:
+    handler.gate.set()
+  saver = threading.Thread(target=manager.save, args=(1,),
+                           kwargs={'args': ocp.args.PyTreeSave(tree)})
+  saver.start()
+  saver.join(30)
+  if enable_async:
+    assert not saver.is_alive()  # save returned although the write cannot run yet
+    assert manager.all_steps() == []
+    assert (tmp_path / '1.orbax-checkpoint-tmp').is_dir()
+    handler.gate.set()
+  manager.wait_until_finished()
+  assert manager.all_steps() == [1]
+  np.testing.assert_array_equal(manager.restore(1)['w'], tree['w'])
+  manager.close()
