@@ -1,4 +1,5 @@
-# Developer entry points: `make demo`, `make test`, `make bench`, `make notebooks`, `make clean`.
+# Developer entry points: `make demo`, `make test`, `make bench`, `make notebooks`, `make docs`,
+# `make clean`.
 # Every target runs inside .venv, which is created on first use and re-synced
 # (pip install -e '.[test]') whenever setup.cfg or pyproject.toml changes.
 
@@ -7,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 
-.PHONY: demo test bench notebooks clean $(VENV)
+.PHONY: demo test bench notebooks docs clean $(VENV)
 
 demo: $(VENV)
 	$(PY) -m flaxckpt.demo
@@ -23,6 +24,11 @@ bench: $(VENV)
 notebooks: $(VENV)
 	$(PY) notebooks/execute.py
 
+# HTML in build/html, warnings as errors; renders the notebooks as `make notebooks` executed them.
+docs: notebooks
+	rm -rf docs/_notebooks && mkdir -p docs/_notebooks && cp build/notebooks/*.ipynb docs/_notebooks/
+	$(PY) -m sphinx -W --keep-going -q -b html docs build/html
+
 $(VENV): $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml | $(PY)
@@ -33,5 +39,5 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 clean:
-	rm -rf build dist *.egg-info demo_output bench_output
+	rm -rf build dist *.egg-info demo_output bench_output docs/_notebooks
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

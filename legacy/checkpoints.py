@@ -77,8 +77,8 @@ class AsyncManager:
 
 
 def natural_sort(file_list: Iterable[str], signed: bool = True) -> list[str]:
-  """Sorts names so that their numeric parts compare as numbers: ckpt_2 before ckpt_10,
-  ckpt_-1.0 before ckpt_0.01 (with ``signed``) and ckpt_1e5 last."""
+  """Sorts names so that their numeric parts compare as numbers: ``ckpt_2`` before
+  ``ckpt_10``, ``ckpt_-1.0`` before ``ckpt_0.01`` (with ``signed``) and ``ckpt_1e5`` last."""
   float_re = SIGNED_FLOAT_RE if signed else UNSIGNED_FLOAT_RE
 
   def sort_key(name: str) -> list[Any]:
