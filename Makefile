@@ -18,7 +18,9 @@ test: $(VENV)
 	$(PY) -m pytest -n 2 -q
 
 bench: $(VENV)
-	$(PY) benchmarks/bench.py
+	mkdir -p build/bench
+	$(PY) benchmarks/bench.py --json build/bench/results.json
+	$(PY) benchmarks/report.py build/bench/results.json
 
 # Executed copies land in build/notebooks/ (make test executes them too, in tests/).
 notebooks: $(VENV)

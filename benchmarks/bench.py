@@ -519,11 +519,22 @@ def run_msgpack_case(a, workdir: Path) -> dict:
         flax.config.update("flax_use_orbax_checkpointing", prev)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), for naming the machine in reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> None:
     a = parse_args(argv)
     mods = load_libs(a.no_orbax)
     vers = {"python": platform.python_version(), "jax": jax.__version__, "numpy": np.__version__,
-            "cpus": os.cpu_count(), "loadavg": os.getloadavg()[0]}
+            "cpus": os.cpu_count(), "cpu": cpu_model(), "loadavg": os.getloadavg()[0]}
     for dist in ("flax", "orbax-checkpoint", "tensorstore"):
         try:
             vers[dist] = importlib.metadata.version(dist)

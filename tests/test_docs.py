@@ -29,3 +29,15 @@ def test_doc_section_runs_and_prints_what_it_says(code, tmp_path):
                           text=True, env=env, cwd=tmp_path, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.splitlines() == expected
+
+
+def test_readme_front_page_example_runs(tmp_path):
+  """The first example of the README (the ten-line one) runs as written."""
+  readme = (DOCS.parent / 'README.md').read_text()
+  code = re.findall(r'```python\n(.*?)```', readme, flags=re.S)[0]
+  script = tmp_path / 'readme.py'
+  script.write_text(code.replace("'/tmp/", f"'{tmp_path}/"))
+  result = subprocess.run([sys.executable, '-W', 'ignore', str(script)], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (tmp_path / 'run' / '1' / 'default' / '_METADATA').is_file()
