@@ -1,6 +1,5 @@
 """The notebooks run top to bottom in a fresh kernel; their assert cells are the checks."""
 
-import os
 import pathlib
 
 import nbformat
