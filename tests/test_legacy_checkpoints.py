@@ -41,7 +41,8 @@ import flaxckpt as ocp
 from flaxckpt.legacy import _msgpack
 from flaxckpt.legacy import checkpoints
 from flaxckpt.legacy import orbax_utils
-from trees import assert_trees_equal
+from seed001 import CustomTrainState
+from trees import assert_trees_equal, files_under
 
 # orbax (inside flax's restore) warns on every restore without a target that it reads the
 # shardings from the checkpoint; that is the reference library talking, not us.
@@ -72,14 +73,6 @@ def _fixture_state_module():
 # ==================================================================================================
 # Helpers
 # ==================================================================================================
-
-
-@pytest.fixture
-def set_flag():
-  """Sets ``flax_use_orbax_checkpointing`` for one test and restores the old value after it."""
-  old = flax.config.flax_use_orbax_checkpointing
-  yield lambda value: flax.config.update('flax_use_orbax_checkpointing', value)
-  flax.config.update('flax_use_orbax_checkpointing', old)
 
 
 @pytest.fixture(params=[False, True], ids=['msgpack', 'orbax'])
@@ -146,18 +139,12 @@ def _listing(directory) -> list[str]:
   return sorted(os.listdir(directory))
 
 
-def _files(root) -> dict[str, bytes]:
-  """Every file under ``root`` (relative path -> bytes)."""
-  root = pathlib.Path(root)
-  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*')) if p.is_file()}
-
-
 def _mesh():
   return jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2), ('x', 'y'))
 
 
-def _msgpack_tree():
-  """Every kind of leaf and container the msgpack backend stores."""
+def _common_tree():
+  """Leaves and containers both backends store."""
   return {
       'params': {'dense': {'kernel': jnp.arange(6, dtype=jnp.float32).reshape(2, 3),
                            'bias': np.linspace(-1, 1, 3, dtype=np.float32)}},
@@ -166,47 +153,44 @@ def _msgpack_tree():
           'bf16_np': np.array([0.5, 8], jnp.bfloat16),
           'c64': np.array([1 + 2j, -3j], np.complex64),
           'bool': np.array([True, False, True]),
-          'i8': np.array([-128, 0, 127], np.int8),
           'u32': np.array([0, 7, 2**32 - 1], np.uint32),
-          'f16': jnp.array([0.25, -1.0], jnp.float16),
-          'zero_size': np.zeros((0, 3), np.float32),
           'zero_d': np.asarray(2.5, np.float64),
-          'jax_zero_d': jnp.asarray(7, jnp.int32),
-      },
-      'scalars': {
-          'np_f32': np.float32(1), 'np_i64': np.int64(-5), 'np_bool': np.bool_(True),
-          'np_u8': np.uint8(200), 'int': 7, 'big_int': 2**62, 'neg': -3, 'float': 0.25,
-          'complex': 1.5 - 2j, 'bool': True, 'false': False, 'str': 'héllo', 'none': None,
       },
       'list': [1, 'two', np.arange(3), [2.5, None]],
-      'tuple': (np.float32(3), [None, {}], ()),
       'empty_dict': {},
       'empty_list': [],
   }
+
+
+def _msgpack_tree():
+  """Every kind of leaf and container the msgpack backend stores."""
+  tree = _common_tree()
+  tree['dtypes'].update({
+      'i8': np.array([-128, 0, 127], np.int8),
+      'f16': jnp.array([0.25, -1.0], jnp.float16),
+      'zero_size': np.zeros((0, 3), np.float32),
+      'jax_zero_d': jnp.asarray(7, jnp.int32),
+  })
+  tree['scalars'] = {
+      'np_f32': np.float32(1), 'np_i64': np.int64(-5), 'np_bool': np.bool_(True),
+      'np_u8': np.uint8(200), 'int': 7, 'big_int': 2**62, 'neg': -3, 'float': 0.25,
+      'complex': 1.5 - 2j, 'bool': True, 'false': False, 'str': 'héllo', 'none': None,
+  }
+  tree['tuple'] = (np.float32(3), [None, {}], ())
+  return tree
 
 
 def _orbax_tree():
   """The leaves and containers flax's Orbax backend stores (no complex or numpy scalars)."""
-  return {
-      'params': {'dense': {'kernel': jnp.arange(6, dtype=jnp.float32).reshape(2, 3),
-                           'bias': np.linspace(-1, 1, 3, dtype=np.float32)}},
-      'dtypes': {
-          'bf16': jnp.array([1.5, -2.0, 3.25], jnp.bfloat16),
-          'bf16_np': np.array([0.5, 8], jnp.bfloat16),
-          'c64': np.array([1 + 2j, -3j], np.complex64),
-          'c64_jax': jnp.array([2 - 1j], jnp.complex64),
-          'bool': np.array([True, False, True]),
-          'i8': jnp.array([-128, 0, 127], jnp.int8),
-          'u32': np.array([0, 7, 2**32 - 1], np.uint32),
-          'zero_d': np.asarray(2.5, np.float64),
-      },
-      'scalars': {'int': 7, 'neg': -3, 'float': 0.25, 'bool': True, 'str': 'héllo',
-                  'none': None},
-      'list': [1, 'two', np.arange(3), [2.5, None]],
-      'tuple': (jnp.ones(2), 4),
-      'empty_dict': {},
-      'empty_list': [],
-  }
+  tree = _common_tree()
+  tree['dtypes'].update({
+      'c64_jax': jnp.array([2 - 1j], jnp.complex64),
+      'i8': jnp.array([-128, 0, 127], jnp.int8),
+  })
+  tree['scalars'] = {'int': 7, 'neg': -3, 'float': 0.25, 'bool': True, 'str': 'héllo',
+                     'none': None}
+  tree['tuple'] = (jnp.ones(2), 4)
+  return tree
 
 
 def _adam_train_state():
@@ -459,11 +443,11 @@ def test_errors_match_flax(tmp_path, set_flag, case):
     for name, module in MODULES.items():
       directory = tmp_path / f'{name}-{use_orbax}'
       module.save_checkpoint(directory, {'x': 1}, 2)
-      before = _files(directory)
+      before = files_under(directory)
       with pytest.raises(Exception) as info:
         function(module, directory)
       raised[name] = info.value
-      after = _files(directory)
+      after = files_under(directory)
       assert {k: v for k, v in after.items() if k in before} == before
       assert checkpoints.latest_checkpoint(directory) == str(directory / 'checkpoint_2')
     assert isinstance(raised['flax'], flax_error), repr(raised['flax'])
@@ -874,10 +858,6 @@ def test_async_checkpointer_saves_and_keeps_like_flax(tmp_path, set_flag):
 # ==================================================================================================
 
 
-class CustomTrainState(train_state.TrainState):
-  batch_stats: Any = None
-
-
 @pytest.mark.parametrize('writer', list(MODULES))
 def test_orbax_transforms_fill_missing_field_from_target(tmp_path, set_flag, writer):
   """A TrainState checkpoint restored into a CustomTrainState with orbax_transforms={} takes
@@ -1055,11 +1035,11 @@ def test_saving_into_a_regular_file_raises_and_changes_nothing(tmp_path, use_orb
   """ckpt_dir that is an existing file: an error naming it; nothing on disk changes."""
   path = tmp_path / 'not_a_dir'
   path.write_bytes(b'precious')
-  before = _files(tmp_path)
+  before = files_under(tmp_path)
   with pytest.raises((OSError, ValueError)) as info:
     getattr(checkpoints, function)(path, {'x': np.arange(2)}, 1)
   assert str(path) in str(info.value)
-  assert _files(tmp_path) == before
+  assert files_under(tmp_path) == before
   assert _listing(tmp_path) == ['not_a_dir']
 
 
@@ -1081,11 +1061,11 @@ def test_failed_save_leaves_earlier_checkpoints_intact(tmp_path, use_orbax):
   tree = {'w': np.arange(10.0), 'n': {'s': 'x'}}
   checkpoints.save_checkpoint(tmp_path, tree, 1, keep=2)
   checkpoints.save_checkpoint(tmp_path, jax.tree.map(lambda x: x, tree), 2, keep=2)
-  before = _files(tmp_path)
+  before = files_under(tmp_path)
   names_before = checkpoints.available_steps(tmp_path)
   with pytest.raises((TypeError, ValueError)):
     checkpoints.save_checkpoint(tmp_path, {'w': np.arange(3.0), 'bad': object()}, 3, keep=1)
-  after = _files(tmp_path)
+  after = files_under(tmp_path)
   assert {k: after.get(k) for k in before} == before
   assert checkpoints.available_steps(tmp_path) == names_before == [1, 2]
   assert not os.path.exists(tmp_path / 'checkpoint_3')

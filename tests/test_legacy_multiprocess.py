@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import multiprocess
+from trees import files_under
 
 _SCRIPT = r'''
 root = ARGS[0]
@@ -41,17 +42,22 @@ for name, module in modules.items():
   manager.wait_until_finished()
   multihost_utils.sync_global_devices(f'saved {name}')
 
+def restores_correctly(module, directory, **kwargs):
+  """Whether ``module`` restores the tree from ``directory``, shards in place."""
+  restored = module.restore_checkpoint(directory, tree, **kwargs)
+  ok = restored['step'] == 7 and np.array_equal(restored['host'], np.arange(3))
+  for key in ('w', 'b'):
+    array = restored['params'][key]
+    ok = ok and array.sharding == tree['params'][key].sharding
+    ok = ok and all(np.array_equal(shard.data, values[key][shard.index])
+                    for shard in array.addressable_shards)
+  return bool(ok)
+
 results = {}
 for writer in modules:
   for reader, module in modules.items():
-    restored = module.restore_checkpoint(f'{root}/{writer}', tree, gda_manager=manager)
-    ok = restored['step'] == 7 and np.array_equal(restored['host'], np.arange(3))
-    for key in ('w', 'b'):
-      array = restored['params'][key]
-      ok = ok and array.sharding == tree['params'][key].sharding
-      ok = ok and all(np.array_equal(shard.data, values[key][shard.index])
-                      for shard in array.addressable_shards)
-    results[f'{writer}->{reader}'] = bool(ok)
+    results[f'{writer}->{reader}'] = restores_correctly(module, f'{root}/{writer}',
+                                                        gda_manager=manager)
   try:
     our_checkpoints.restore_checkpoint(f'{root}/{writer}', None)
     results[f'{writer}:no-target'] = 'no error'
@@ -65,21 +71,9 @@ for name, module in modules.items():
   multihost_utils.sync_global_devices(f'saved {name} orbax')
 for writer in modules:
   for reader, module in modules.items():
-    restored = module.restore_checkpoint(f'{root}/{writer}_orbax', tree)
-    ok = restored['step'] == 7 and np.array_equal(restored['host'], np.arange(3))
-    for key in ('w', 'b'):
-      array = restored['params'][key]
-      ok = ok and array.sharding == tree['params'][key].sharding
-      ok = ok and all(np.array_equal(shard.data, values[key][shard.index])
-                      for shard in array.addressable_shards)
-    results[f'orbax:{writer}->{reader}'] = bool(ok)
+    results[f'orbax:{writer}->{reader}'] = restores_correctly(module, f'{root}/{writer}_orbax')
 report(results)
 '''
-
-
-def _files(root: pathlib.Path) -> dict[str, bytes]:
-  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*'))
-          if p.is_file()}
 
 
 def test_multiprocess_arrays_match_flax_both_ways(tmp_path):
@@ -96,7 +90,7 @@ def test_multiprocess_arrays_match_flax_both_ways(tmp_path):
     assert sorted(p.name for p in (tmp_path / name).iterdir()) == ['checkpoint_7']
     assert {'ocdbt.process_0', 'ocdbt.process_1', '_METADATA'} <= {
         p.name for p in (tmp_path / name / 'checkpoint_7').iterdir()}
-  flax_files, our_files = _files(tmp_path / 'flax'), _files(tmp_path / 'ours')
+  flax_files, our_files = files_under(tmp_path / 'flax'), files_under(tmp_path / 'ours')
   assert sorted(our_files) == sorted(flax_files)
   assert 'checkpoint_7' in our_files and 'checkpoint_7_gda/params/w/.zarray' in our_files
   assert {name for name in our_files if name.startswith('checkpoint_7_gda/params/w/')} == {

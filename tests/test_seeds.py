@@ -22,18 +22,17 @@ depend on the PRNG (bias -0.001, step, dimensions, arange data) are compared wit
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import linen as nn
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec
 
 import flaxckpt as ocp
+import seed001
+from seed001 import CustomTrainState
 
 
 def _assert_array(actual, expected, dtype=None):
@@ -498,53 +497,10 @@ def test_seed002_transforms_rename_and_add_keys(advanced):
 # ==================================================================================================
 
 
-class CustomTrainState(train_state.TrainState):
-  batch_stats: Any = None
-
-
 @pytest.fixture(scope='module')
 def flax_setup():
   """The guide's objects: model, ckpt, target, custom_state, custom_target."""
-  # A simple model with one linear layer.
-  key1, key2 = jax.random.split(jax.random.key(0))
-  x1 = jax.random.normal(key1, (5,))      # A simple JAX array.
-  model = nn.Dense(features=3)
-  variables = model.init(key2, x1)
-
-  tx = optax.sgd(learning_rate=0.001)      # An Optax SGD optimizer.
-  state = train_state.TrainState.create(
-      apply_fn=model.apply,
-      params=variables['params'],
-      tx=tx)
-  # Perform a simple gradient update similar to the one during a normal training workflow.
-  state = state.apply_gradients(grads=jax.tree_util.tree_map(jnp.ones_like, state.params))
-
-  # Some arbitrary nested pytree with a dictionary and a NumPy array.
-  config = {'dimensions': np.array([5, 3])}
-
-  # Bundle everything together.
-  ckpt = {'model': state, 'config': config, 'data': [x1]}
-
-  empty_state = train_state.TrainState.create(
-      apply_fn=model.apply,
-      params=jax.tree_util.tree_map(np.zeros_like, variables['params']),
-      tx=tx,
-  )
-  empty_config = {'dimensions': np.array([0, 0])}
-  target = {'model': empty_state, 'config': empty_config, 'data': [jnp.zeros_like(x1)]}
-
-  custom_state = CustomTrainState.create(
-      apply_fn=state.apply_fn,
-      params=state.params,
-      tx=state.tx,
-      batch_stats=np.arange(10),
-  )
-  custom_ckpt = {'model': custom_state, 'config': config, 'data': [x1]}
-  # Use a custom state to read the old `TrainState` checkpoint.
-  custom_target = {'model': custom_state, 'config': None, 'data': [jnp.zeros_like(x1)]}
-
-  return dict(x1=x1, state=state, ckpt=ckpt, target=target, custom_state=custom_state,
-              custom_ckpt=custom_ckpt, custom_target=custom_target)
+  return seed001.guide_objects()
 
 
 @pytest.fixture(scope='module')
