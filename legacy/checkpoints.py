@@ -167,17 +167,10 @@ def _paths(ckpt_dir: str | os.PathLike, step: int | float, prefix: str) -> tuple
           os.path.join(ckpt_dir, prefix))
 
 
-def _check_not_outdated(tmp_path: str, ckpt_path: str, base_path: str,
-                        step: int | float) -> None:
+def _check_not_outdated(ckpt_path: str, base_path: str, step: int | float) -> None:
   """Flax refuses (without overwrite) a step that exists or is not newer than every other."""
-  dir_path, prefix = os.path.split(base_path)
-  existing = [os.path.join(dir_path, name) for name in _names(dir_path)
-              if name.startswith(prefix) and not name.endswith(MP_ARRAY_POSTFIX)]
-  if ckpt_path in existing:
-    raise errors.InvalidCheckpointError(ckpt_path, step)
-  ordered = [p for p in natural_sort(existing + [ckpt_path])
-             if p != tmp_path and not _is_in_flight(os.path.basename(p), prefix)]
-  if ordered[-1] != ckpt_path:
+  existing = _all_checkpoints(*os.path.split(base_path))
+  if ckpt_path in existing or natural_sort(existing + [ckpt_path])[-1] != ckpt_path:
     raise errors.InvalidCheckpointError(ckpt_path, step)
 
 
@@ -192,11 +185,7 @@ def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overw
   newest committed checkpoints are all there is. (Flax's result here depends on whether the
   async save has created its directory yet.)
   """
-  dir_path, prefix = os.path.split(base_path)
-  paths = natural_sort(
-      os.path.join(dir_path, name) for name in _names(dir_path)
-      if name.startswith(prefix) and not name.endswith(MP_ARRAY_POSTFIX)
-      and not _is_in_flight(name, prefix))
+  paths = _all_checkpoints(*os.path.split(base_path))
   if overwrite and ckpt_path in paths:
     cut = paths.index(ckpt_path) + 1
     paths, newer = paths[:cut], paths[cut:]
@@ -305,7 +294,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, target: PyTree, step: int | flo
       _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
     return ckpt_path
   if not overwrite:
-    _check_not_outdated(tmp_path, ckpt_path, base_path, step)
+    _check_not_outdated(ckpt_path, base_path, step)
   state = serialization.to_state_dict(target)
 
   def write_and_commit(state: Any) -> None:
@@ -348,7 +337,7 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
   state, gda_arrays = _gda.split(serialization.to_state_dict(target))
   state = jax.tree_util.tree_map(lambda x: x, state)  # Flax's copy; it sorts dict keys.
   if not overwrite:
-    _check_not_outdated(tmp_path, ckpt_path, base_path, step)
+    _check_not_outdated(ckpt_path, base_path, step)
     _multihost.barrier('flaxckpt.legacy:save:checked')
   is_writer = jax.process_index() == 0
   if is_writer:
