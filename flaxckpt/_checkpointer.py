@@ -24,6 +24,12 @@ from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpoint
 _REPLACED_SUFFIX = _metadata.TMP_SUFFIX + '-replaced'
 
 
+def _discard(tmp) -> None:
+  """Removes a failed save's directory; only the primary process deletes anything."""
+  if _multihost.is_primary():
+    _storage.remove_tree(tmp)
+
+
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
   """Pauses Python's cyclic garbage collector during a save or restore.
@@ -81,8 +87,7 @@ class Checkpointer:
         self._handler.save(tmp, args)
       self._commit(final, tmp, init_ns, custom_metadata)
     except BaseException:
-      if _multihost.is_primary():
-        _storage.remove_tree(tmp)
+      _discard(tmp)
       raise
     if on_commit is not None:
       on_commit()
@@ -173,8 +178,7 @@ class Checkpointer:
     try:
       _multihost.barrier(f'save-begin:{final}')  # The others write into tmp from here on.
     except _errors.BarrierTimeoutError:
-      if _multihost.is_primary():
-        _storage.remove_tree(tmp)
+      _discard(tmp)
       raise
     return final, tmp, init_ns
 
@@ -255,8 +259,7 @@ class AsyncCheckpointer(Checkpointer):
           self._handler.save(tmp, args)
           writer = None
     except BaseException:
-      if _multihost.is_primary():
-        _storage.remove_tree(tmp)
+      _discard(tmp)
       raise
 
     def run() -> None:
@@ -265,8 +268,7 @@ class AsyncCheckpointer(Checkpointer):
           writer()
         self._commit(final, tmp, init_ns, custom_metadata)
       except BaseException as e:  # Surfaced to the caller by the next check.
-        if _multihost.is_primary():
-          _storage.remove_tree(tmp)
+        _discard(tmp)
         self._error = e
         return
       if on_commit is not None:

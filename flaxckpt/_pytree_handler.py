@@ -9,7 +9,6 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-
 from flaxckpt import _arrays, _multihost, _restore, _save, _storage
 from flaxckpt._args import PyTreeRestore, PyTreeSave, StandardRestore, StandardSave
 from flaxckpt._handler import AsyncCheckpointHandler, Writer, register_with_handler
