@@ -12,6 +12,7 @@ import contextlib
 import os
 import pathlib
 import shutil
+import threading
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -20,6 +21,7 @@ PathLike = str | os.PathLike
 
 _READ_SLICE_BYTES = 64 << 20
 _READ_THREADS = 4
+_SYNC_THREADS = 8
 _SCHEMES = ('gs://', 's3://', 'http://', 'https://')
 
 
@@ -80,7 +82,7 @@ def remove(path: pathlib.Path) -> None:
 def rename(source: pathlib.Path, target: pathlib.Path) -> None:
   """Atomically renames ``source`` to ``target`` and makes the rename durable."""
   os.rename(source, target)
-  _sync_dir(target.parent)
+  _sync_path(target.parent)
 
 
 def read_bytes(path: pathlib.Path) -> bytes:
@@ -137,18 +139,37 @@ def write_text(path: pathlib.Path, text: str, sync: bool = False) -> None:
 
 
 def sync_tree(path: pathlib.Path) -> None:
-  """fsyncs every file and directory below ``path`` (used before a commit rename)."""
+  """fsyncs every file and directory below ``path`` (used before a commit rename).
+
+  The fsyncs run on several threads: the filesystem then flushes them in fewer journal
+  commits. Plain threads, not an executor: a save that finishes at interpreter exit must still
+  be able to start them.
+  """
+  paths = []
   for root, _, files in os.walk(path):
-    for name in files:
-      fd = os.open(os.path.join(root, name), os.O_RDONLY)
-      try:
-        os.fsync(fd)
-      finally:
-        os.close(fd)
-    _sync_dir(pathlib.Path(root))
+    paths.extend(os.path.join(root, name) for name in files)
+    paths.append(root)
+  errors = []
+
+  def sync_every(share: list[str]) -> None:
+    try:
+      for item in share:
+        _sync_path(item)
+    except OSError as e:
+      errors.append(e)
+
+  threads = [threading.Thread(target=sync_every, args=(paths[i::_SYNC_THREADS],))
+             for i in range(1, min(_SYNC_THREADS, len(paths)))]
+  for thread in threads:
+    thread.start()
+  sync_every(paths[::_SYNC_THREADS])
+  for thread in threads:
+    thread.join()
+  if errors:
+    raise errors[0]
 
 
-def _sync_dir(path: pathlib.Path) -> None:
+def _sync_path(path: str | pathlib.Path) -> None:
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
