@@ -58,13 +58,10 @@ class TreeMetadata(NamedTuple):
   custom_metadata: Any = None
 
 
-def tree_metadata_json(meta: TreeMetadata) -> str:
-  """``_METADATA`` exactly as Orbax's ``json.dumps`` writes it.
-
-  Leaf entries are formatted directly (same separators and ASCII escaping as ``json.dumps``)
-  and cached: a training run saves the same tree structure over and over.
-  """
-  entries = ', '.join([_leaf_entry_json(leaf) for leaf in meta.leaves])
+def tree_metadata_json(meta: TreeMetadata, entries_json: str | None = None) -> str:
+  """``_METADATA`` exactly as Orbax's ``json.dumps`` writes it; ``entries_json`` is
+  ``leaf_entries_json(meta.leaves)`` when the caller has it already."""
+  entries = leaf_entries_json(meta.leaves) if entries_json is None else entries_json
   rest = json.dumps({
       'use_ocdbt': meta.use_ocdbt,
       'use_zarr3': meta.use_zarr3,
@@ -72,6 +69,12 @@ def tree_metadata_json(meta: TreeMetadata) -> str:
       'custom_metadata': meta.custom_metadata,
   })
   return f'{{"tree_metadata": {{{entries}}}, {rest[1:]}'
+
+
+def leaf_entries_json(leaves: tuple[LeafMetadata, ...]) -> str:
+  """The ``tree_metadata`` entries, formatted directly (same separators and ASCII escaping as
+  ``json.dumps``) and cached per leaf: a training run saves the same structure over and over."""
+  return ', '.join([_leaf_entry_json(leaf) for leaf in leaves])
 
 
 @functools.lru_cache(maxsize=1 << 16)

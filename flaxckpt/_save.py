@@ -9,6 +9,7 @@ files are written while it commits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import pathlib
 from typing import Any, NamedTuple
@@ -29,9 +30,8 @@ class Prepared(NamedTuple):
   directory: pathlib.Path
   arrays: list[_arrays.ArrayWrite]
   strings: dict[str, Any]  # Nested as _strings.json stores them.
-  shardings: dict[str, str]
-  array_metadatas: list[_metadata.ArrayMetadata]
-  tree_metadata: _metadata.TreeMetadata
+  layout: _Layout
+  tree_metadata: _metadata.TreeMetadata  # Its leaves are layout.entries.
   options: _arrays.StorageOptions
 
   def write(self) -> None:
@@ -50,18 +50,18 @@ class Prepared(NamedTuple):
     if self.strings and primary:
       _storage.write_text(self.directory / _metadata.STRINGS_FILE,
                           json.dumps(self.strings, ensure_ascii=False, separators=(',', ':')))
-    if self.shardings and primary:
-      _storage.write_text(self.directory / _metadata.SHARDING_FILE,
-                          json.dumps(self.shardings, separators=(',', ':')))
-    if self.array_metadatas:
+    layout = self.layout
+    if layout.shardings and primary:
+      _storage.write_text(self.directory / _metadata.SHARDING_FILE, layout.sharding_text)
+    if layout.array_metadatas:
       folder = self.directory / _metadata.ARRAY_METADATAS_DIR
       _storage.make_dirs(folder)
       _storage.write_text(folder / f'process_{self.options.process_index}',
-                          _metadata.array_metadatas_json(self.array_metadatas))
+                          layout.array_metadatas_text)
     pending.advance()  # Arrays committed; the merge runs while _METADATA is encoded.
     if primary:
       _storage.write_text(self.directory / _metadata.METADATA_FILE,
-                          _metadata.tree_metadata_json(self.tree_metadata))
+                          _metadata.tree_metadata_json(self.tree_metadata, layout.entries_text))
 
 
 def _nest_by_slash(strings: dict[str, str]) -> dict[str, Any]:
@@ -124,8 +124,8 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
     if layout is not None:
       arrays = [_jax_array_write(meta.param_name, leaf.value, plan, copy)
                 for leaf, plan, meta in zip(leaves, leaf_plans, layout.array_metadatas)]
-      return Prepared(directory, arrays, {}, layout.shardings, layout.array_metadatas,
-                      tree_meta._replace(leaves=layout.entries), options)
+      return Prepared(directory, arrays, {}, layout, tree_meta._replace(leaves=layout.entries),
+                      options)
   seen: dict[str, _tree.Path] = {}
   arrays, strings, shardings, array_metas, entries = [], {}, {}, [], []
   for leaf, plan in zip(leaves, leaf_plans):
@@ -159,19 +159,36 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
     entries.append(_metadata.LeafMetadata(leaf.path, leaf.key_types, value_type,
                                           skip_deserialize=value_type in
                                           _metadata.EMPTY_TYPES, write_shape=write_shape))
+  layout = _Layout(shardings, array_metas, tuple(entries))
   if layout_key is not None:
     if len(_LAYOUTS) >= _LAYOUTS_CACHE_SIZE:
       _LAYOUTS.pop(next(iter(_LAYOUTS)))
-    _LAYOUTS[layout_key] = _Layout(shardings, array_metas, tuple(entries))
-  return Prepared(directory, arrays, _nest_by_slash(strings), shardings, array_metas,
-                  tree_meta._replace(leaves=tuple(entries)), options)
+    _LAYOUTS[layout_key] = layout
+  return Prepared(directory, arrays, _nest_by_slash(strings), layout,
+                  tree_meta._replace(leaves=layout.entries), options)
 
 
-class _Layout(NamedTuple):
-  """The metadata of a tree of jax.Arrays, which depends only on its structure and plans."""
-  shardings: dict[str, str]
-  array_metadatas: list[_metadata.ArrayMetadata]
-  entries: tuple[_metadata.LeafMetadata, ...]
+class _Layout:
+  """The metadata of a tree's leaves and its JSON texts, encoded once per layout (for a tree of
+  jax.Arrays it depends only on structure and plans, so repeated saves reuse it)."""
+
+  def __init__(self, shardings: dict[str, str], array_metadatas: list[_metadata.ArrayMetadata],
+               entries: tuple[_metadata.LeafMetadata, ...]):
+    self.shardings = shardings
+    self.array_metadatas = array_metadatas
+    self.entries = entries
+
+  @functools.cached_property
+  def sharding_text(self) -> str:
+    return json.dumps(self.shardings, separators=(',', ':'))
+
+  @functools.cached_property
+  def array_metadatas_text(self) -> str:
+    return _metadata.array_metadatas_json(self.array_metadatas)
+
+  @functools.cached_property
+  def entries_text(self) -> str:
+    return _metadata.leaf_entries_json(self.entries)
 
 
 # Layouts of recently saved trees: a training run saves the same structure again and again,
@@ -236,6 +253,12 @@ def _plan_array(value: jax.Array, arg: SaveArgs, max_chunk: int,
 
 def _jax_array_write(name: str, value: jax.Array, plan: _ArrayPlan,
                      copy: bool) -> _arrays.ArrayWrite:
+  if plan.key_impl is None and plan.one_device:  # The common case, kept short.
+    array = np.array(value, copy=True) if copy else np.asarray(value)
+    if array.dtype != plan.dtype:
+      array = array.astype(plan.dtype)
+    return _arrays.ArrayWrite(name, plan.global_shape, plan.dtype, plan.chunk_shape,
+                              ((_ORIGINS[array.ndim], array),))
   if plan.key_impl is not None:
     value = jax.random.key_data(value)
   if plan.one_device:
