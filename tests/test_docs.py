@@ -41,3 +41,19 @@ def test_readme_front_page_example_runs(tmp_path):
                           text=True, cwd=tmp_path, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert (tmp_path / 'run' / '1' / 'default' / '_METADATA').is_file()
+
+
+def test_compatibility_matrix_names_the_tested_versions_and_tests():
+  """The format page's compatibility table claims only what the suite checks: the Orbax and
+  Flax installed as peers, and test files and functions that exist."""
+  import importlib.metadata
+  section = (DOCS / 'format.md').read_text().split('## Compatibility', 1)[1].split('\n## ', 1)[0]
+  for dist in ('orbax-checkpoint', 'flax'):
+    version = importlib.metadata.version(dist)
+    assert re.search(rf'^\| {dist} {re.escape(version)}\b', section, flags=re.M), (
+        f'no row for {dist} {version} (installed) in the table')
+  tests = DOCS.parent / 'tests'
+  for file, function in re.findall(r'`(test_\w+\.py)(?:::(test_\w+))?`', section):
+    assert (tests / file).is_file(), file
+    if function:
+      assert re.search(rf'^def {function}\(', (tests / file).read_text(), flags=re.M), function
