@@ -30,7 +30,9 @@ What is measured (one run, one process, JAX on CPU):
 Each contender builds its checkpointer once per case (untimed), does one
 untimed warm-up save+restore (which is also checked for bit-exact round trip,
 column ``check``), then R timed repeats, each saving into a fresh directory
-under ``--dir`` and restoring from it.  ``os.sync()`` + ``gc.collect()`` run
+under ``--dir`` and restoring from it.  Repeats are interleaved in rounds
+(raw, orbax, flaxckpt, raw, orbax, flaxckpt, ...), so a slow phase of a shared
+machine slows every contender of a ratio, not just one.  ``os.sync()`` + ``gc.collect()`` run
 (untimed) before every timed operation, so earlier writeback doesn't leak
 into later timings.  Restores read from the page cache (nothing drops caches).
 Medians are reported.
@@ -326,23 +328,51 @@ def timed(fn, *a):
     return (time.perf_counter() - t0) * 1e3, out
 
 
-def bench_contender(c, tree, reps: int, workdir: Path, keep_warmup: bool = False) -> dict:
-    """``keep_warmup``: leave the warm-up checkpoint in ``workdir / "warmup"`` (caller removes it)."""
-    abstract = c.abstract(tree)
-    c.save(workdir / "warmup", tree)  # warm-up (untimed) + correctness check
-    ok = trees_equal(tree, c.restore(workdir / "warmup", abstract))
-    if not keep_warmup:
-        shutil.rmtree(workdir / "warmup")
-    saves, restores = [], []
-    for i in range(reps):
-        path = workdir / f"rep{i}"
-        saves.append(timed(c.save, path, tree)[0])
-        ms, out = timed(c.restore, path, abstract)
-        restores.append(ms)
-        del out
-        shutil.rmtree(path)
-    return {"reps": reps, "save_ms": saves, "restore_ms": restores, "check": "ok" if ok else "MISMATCH",
-            "save_median_ms": statistics.median(saves), "restore_median_ms": statistics.median(restores)}
+def bench_contenders(contenders: dict, tree, workdir: Path, keep_warmup: bool = False) -> dict:
+    """Times every contender on ``tree``; ``contenders`` maps name -> (contender, repeats).
+
+    Repeats are interleaved in rounds (round i runs repeat i of each contender that has one),
+    so a slow phase of a shared machine hits every contender alike instead of one of them.
+    A contender that fails gets ``{"error": ...}`` and drops out. ``keep_warmup``: leave each
+    warm-up checkpoint in ``workdir / name / "warmup"`` (the caller removes them).
+    """
+    res, state = {}, {}
+    for name, (c, reps) in contenders.items():
+        try:
+            abstract = c.abstract(tree)
+            warm = workdir / name / "warmup"
+            c.save(warm, tree)  # warm-up (untimed) + correctness check
+            ok = trees_equal(tree, c.restore(warm, abstract))
+            if not keep_warmup:
+                shutil.rmtree(warm)
+            state[name] = (c, reps, abstract, [], [])
+            res[name] = {"reps": reps, "check": "ok" if ok else "MISMATCH"}
+        except Exception as e:
+            res[name] = _failure(name, e)
+    for i in range(max((reps for _, reps in contenders.values()), default=0)):
+        for name, (c, reps, abstract, saves, restores) in list(state.items()):
+            if i >= reps:
+                continue
+            path = workdir / name / f"rep{i}"
+            try:
+                saves.append(timed(c.save, path, tree)[0])
+                ms, out = timed(c.restore, path, abstract)
+                restores.append(ms)
+                del out
+                shutil.rmtree(path)
+            except Exception as e:
+                res[name] = _failure(name, e)
+                del state[name]
+    for name, (_, _, _, saves, restores) in state.items():
+        res[name].update(save_ms=saves, restore_ms=restores, save_median_ms=statistics.median(saves),
+                         restore_median_ms=statistics.median(restores))
+    return res
+
+
+def _failure(name: str, e: Exception) -> dict:
+    error = "".join(traceback.format_exception_only(e)).strip()
+    print(f"NOTE: {name} failed: {error}")
+    return {"error": error}
 
 
 def ratios(case: str, res: dict) -> list[dict]:
@@ -477,23 +507,22 @@ def run_msgpack_case(a, workdir: Path) -> dict:
     flax.config.update("flax_use_orbax_checkpointing", False)
     try:
         tree = make_tree(case, msgpack_mib=a.msgpack_mib)
-        res, warmups = {}, {}
+        contenders, unavailable = {}, {}
         for name in ("raw", *mods):
-            try:
-                if isinstance(mods.get(name), Exception):
-                    raise mods[name]
-                c = Raw() if name == "raw" else Legacy(name, mods[name])
-                keep = name != "raw"
-                try:
-                    res[name] = bench_contender(c, tree, repeats_for(a, case, name), workdir / name, keep)
-                    if keep:
-                        warmups[name] = workdir / name / "warmup"
-                finally:
-                    c.close()
-            except Exception as e:
-                res[name] = {"error": "".join(traceback.format_exception_only(e)).strip()}
-                print(f"NOTE: {name} failed on case {case}: {res[name]['error']}")
-            gc.collect()
+            if isinstance(mods.get(name), Exception):
+                unavailable[name] = _failure(name, mods[name])
+                continue
+            contenders[name] = (Raw() if name == "raw" else Legacy(name, mods[name]),
+                                repeats_for(a, case, name))
+        try:
+            res = {**unavailable, **bench_contenders(contenders, tree, workdir, keep_warmup=True)}
+        finally:
+            for c, _ in contenders.values():
+                c.close()
+        warmups = {name: workdir / name / "warmup" for name in ("flax", "flaxckpt")
+                   if "error" not in res.get(name, {"error": ""})}
+        shutil.rmtree(workdir / "raw" / "warmup", ignore_errors=True)
+        gc.collect()
         identical = None
         if "flax" in warmups and "flaxckpt" in warmups:
             files = {n: sorted(f for f in d.iterdir() if f.is_file()) for n, d in warmups.items()}
@@ -555,17 +584,13 @@ def main(argv=None) -> None:
                 results["cases"][case] = run_msgpack_case(a, run_dir / case)
                 continue
             tree = make_tree(case, a.large_mib)
-            res = {}
-            for name in ("raw", *mods):
-                try:
-                    c = Raw() if name == "raw" else Lib(name, mods[name])
-                    try:
-                        res[name] = bench_contender(c, tree, repeats_for(a, case, name), run_dir / case / name)
-                    finally:
-                        c.close()
-                except Exception as e:
-                    res[name] = {"error": "".join(traceback.format_exception_only(e)).strip()}
-                    print(f"NOTE: {name} failed on case {case}: {res[name]['error']}")
+            contenders = {name: (Raw() if name == "raw" else Lib(name, mods[name]),
+                                 repeats_for(a, case, name)) for name in ("raw", *mods)}
+            try:
+                res = bench_contenders(contenders, tree, run_dir / case)
+            finally:
+                for c, _ in contenders.values():
+                    c.close()
             rats = ratios(case, res)
             print_case(case, tree, res, rats)
             results["cases"][case] = {"leaves": len(jax.tree.leaves(tree)),
