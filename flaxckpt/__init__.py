@@ -12,7 +12,7 @@ from flaxckpt._checkpointer import (AsyncCheckpointer, Checkpointer, PyTreeCheck
                                     StandardCheckpointer)
 from flaxckpt._composite_handler import CompositeCheckpointHandler
 from flaxckpt._errors import (AsyncSaveError, BarrierTimeoutError, CheckpointError,
-                              CheckpointExistsError,
+                              CheckpointExistsError, ChecksumError,
                               IncompleteCheckpointError, MissingKeysError, NameCollisionError,
                               NotACheckpointError, StructureMismatchError, UnsupportedLeafError)
 from flaxckpt._handler import AsyncCheckpointHandler, CheckpointHandler
@@ -28,7 +28,7 @@ __all__ = [
     'ArrayRestoreArgs', 'AsyncCheckpointHandler', 'AsyncCheckpointer', 'AsyncSaveError',
     'BarrierTimeoutError',
     'CheckpointError', 'CheckpointExistsError', 'CheckpointHandler', 'CheckpointManager',
-    'CheckpointManagerOptions', 'Checkpointer',
+    'CheckpointManagerOptions', 'Checkpointer', 'ChecksumError',
     'CompositeCheckpointHandler', 'IncompleteCheckpointError', 'JsonCheckpointHandler',
     'MissingKeysError', 'NameCollisionError', 'NotACheckpointError', 'PyTreeCheckpointHandler',
     'PyTreeCheckpointer', 'RestoreArgs', 'SaveArgs', 'StandardCheckpointHandler',

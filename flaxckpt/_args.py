@@ -34,11 +34,14 @@ class PyTreeRestore(CheckpointArgs):
     restore_args: a tree of ``RestoreArgs`` relative to the result tree.
     transforms: maps result keys (regexes over '/'-joined paths) to ``Transform``s; any dict,
       even ``{}``, lets target entries missing from the checkpoint keep their target value.
+    verify_checksums: check every whole chunk read against the crc32c recorded at save
+      (``ChecksumError`` on a mismatch); checkpoints without checksums restore unchecked.
   """
   item: Any = None
   restore_args: Any = None
   transforms: Mapping[str, Any] | None = None
   strict: bool = True
+  verify_checksums: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +59,11 @@ class StandardRestore(CheckpointArgs):
   Attributes:
     item: concrete or abstract (``jax.ShapeDtypeStruct``) target; None restores as stored.
     strict: with False, arrays whose target shape differs are padded or truncated.
+    verify_checksums: as for ``PyTreeRestore``.
   """
   item: Any = None
   strict: bool = True
+  verify_checksums: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,13 +11,14 @@ leaf. Reads decode raw chunks directly and hand everything else to tensorstore.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import math
 import pathlib
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from flaxckpt import _errors, _sources, _storage, _zarr
+from flaxckpt import _checksums, _errors, _sources, _storage, _zarr
 
 if TYPE_CHECKING:
   import tensorstore as ts
@@ -108,13 +109,25 @@ class PendingWrite:
   """
 
   def __init__(self, directory: pathlib.Path, commit: Any, process_dir: pathlib.Path | None,
-               context: ts.Context | None, config: dict[str, Any] | None):
+               context: ts.Context | None, config: dict[str, Any] | None,
+               staged_sums: _checksums.Sums | None = None,
+               by_reference: list[ArrayWrite] | None = None):
     self._directory = directory
     self._commit = commit
     self._process_dir = process_dir
     self._context = context
     self._config = config
     self._finish_merge: Any = None
+    self._sums = staged_sums or {}
+    self._by_reference = by_reference or []
+
+  def checksums(self) -> _checksums.Sums:
+    """The checksum of every chunk written. Chunks tensorstore writes from the caller's buffers
+    are checksummed here, while the commit runs."""
+    for array in self._by_reference:
+      self._sums[array.name] = chunk_checksums(array)
+    self._by_reference = []
+    return self._sums
 
   def advance(self) -> None:
     if self._commit is None:
@@ -160,25 +173,46 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
       (by_driver if large else by_key).append(array)
   if by_driver:
     _write_with_drivers(base, by_driver, options, context, txn)
+  sums: _checksums.Sums = {}
   if by_key:
     kv = _tensorstore().KvStore.open(base, context=context).result().with_transaction(txn)
     for array in by_key:
-      _stage_raw(kv, array, options.writes_metadata)
+      sums[array.name] = _stage_raw(kv, array, options.writes_metadata)
   return PendingWrite(directory, txn.commit_async(),
-                      process_dir if options.merge_into_root else None, context, config)
+                      process_dir if options.merge_into_root else None, context, config,
+                      sums, by_driver)
 
 
-def _stage_raw(kv: ts.KvStore, array: ArrayWrite, writes_metadata: bool) -> None:
+def _stage_raw(kv: ts.KvStore, array: ArrayWrite, writes_metadata: bool) -> dict[str, int]:
+  """Stages the array's keys; returns the checksum of each chunk."""
   prefix = array.name + '/'
   if writes_metadata:
     kv[prefix + _zarr.ZARRAY] = _zarr.zarray_bytes(array.global_shape, array.chunk_shape,
                                                    array.dtype)
+  sums = {}
   for origin, block in array.blocks:
     if block.shape == array.chunk_shape:
-      kv[prefix + _zarr.chunk_key_at(origin, array.chunk_shape)] = _zarr.chunk_bytes(block)
+      key, data = _zarr.chunk_key_at(origin, array.chunk_shape), _zarr.chunk_bytes(block)
+      kv[prefix + key] = data
+      sums[key] = _checksums.of_bytes(data)
       continue
     for key, piece in _zarr.split_into_chunks(block, origin, array.chunk_shape):
-      kv[prefix + key] = _zarr.chunk_bytes(piece)
+      data = _zarr.chunk_bytes(piece)
+      kv[prefix + key] = data
+      sums[key] = _checksums.of_bytes(data)
+  return sums
+
+
+def chunk_checksums(array: ArrayWrite) -> dict[str, int]:
+  """The checksum of every chunk of ``array``'s blocks, by chunk key."""
+  sums = {}
+  for origin, block in array.blocks:
+    if block.shape == array.chunk_shape:
+      sums[_zarr.chunk_key_at(origin, array.chunk_shape)] = _checksums.of_array(block)
+      continue
+    for key, piece in _zarr.split_into_chunks(block, origin, array.chunk_shape):
+      sums[key] = _checksums.of_array(piece)
+  return sums
 
 
 def _write_with_drivers(base: dict[str, Any], arrays: list[ArrayWrite], options: StorageOptions,
@@ -263,14 +297,16 @@ class RegionRequest(NamedTuple):
 def read_arrays(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | None,
                 use_zarr3: bool, missing_chunks_are_errors: bool,
                 ndim_hints: list[int | None] | None = None,
-                regions: list[RegionRequest | None] | None = None
+                regions: list[RegionRequest | None] | None = None,
+                verifier: _checksums.Verifier = _checksums.NO_VERIFIER
                 ) -> list[np.ndarray | Region]:
   """Reads arrays by parameter name: whole, or a ``Region`` where ``regions`` asks for one and
   the stored shape is the expected one (then only the chunks overlapping it are read).
 
   Raw zarr v2 arrays are decoded here; compressed and zarr v3 ones are read by tensorstore.
   ``ndim_hints`` (the rank each array probably has) lets a kvstore read of a single-chunk
-  array's chunk start together with its ``.zarray``: one round trip, not two.
+  array's chunk start together with its ``.zarray``: one round trip, not two. Every whole chunk
+  read is checked against ``verifier``'s checksums (``ChecksumError`` on a mismatch).
   """
   if not names:
     return []
@@ -278,11 +314,11 @@ def read_arrays(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | 
   use_ocdbt, base, context = _read_setup(directory, use_ocdbt)
   if use_zarr3:
     return _read_with_driver(directory, base, names, 'zarr3', context,
-                             missing_chunks_are_errors, regions)
+                             missing_chunks_are_errors, regions, verifier)
   source = _open_source(directory, base, use_ocdbt, context)
   try:
     return _read_zarr2(directory, base, names, source, context, missing_chunks_are_errors,
-                       ndim_hints if source.speculative else None, regions)
+                       ndim_hints if source.speculative else None, regions, verifier)
   finally:
     source.close()
 
@@ -335,7 +371,8 @@ def _open_source(directory: pathlib.Path, base: dict[str, Any], use_ocdbt: bool,
 def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str], source: Any,
                 context: ts.Context, missing_chunks_are_errors: bool,
                 ndim_hints: list[int | None] | None,
-                regions: list[RegionRequest | None]) -> list[np.ndarray | Region]:
+                regions: list[RegionRequest | None],
+                verifier: _checksums.Verifier) -> list[np.ndarray | Region]:
   metas = source.collect(source.request([name + '/' + _zarr.ZARRAY for name in names]))
   guesses: list[Any] = [None] * len(names)
   if ndim_hints:
@@ -365,7 +402,7 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
       where = source.location(name + layout.key_suffixes[0])
       if where is not None and where[2] == layout.chunk_nbytes:
         results[i] = _sources.aligned_empty(layout.shape, layout.dtype)
-        direct.append((results[i], where))
+        direct.append((results[i], where, name, layout.key_suffixes[0][1:]))
         continue
     guess = guesses[i]
     if guess is not None and layout.grid == ((0,) * guess[0],):
@@ -375,17 +412,27 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
     pending.append((i, name, layout, handles, layout.grid, None))
   if fallback:
     arrays = _read_with_driver(directory, base, [names[i] for i in fallback], 'zarr', context,
-                               missing_chunks_are_errors, [regions[i] for i in fallback])
+                               missing_chunks_are_errors, [regions[i] for i in fallback],
+                               verifier)
     for i, array in zip(fallback, arrays):
       results[i] = array
   for i, name, layout, handles, grid, box in pending:
     pieces = dict(zip(grid, source.collect(handles)))
     _check_chunks(directory, name, pieces, layout.chunk_nbytes, missing_chunks_are_errors)
+    if verifier:
+      for index, data in pieces.items():
+        if data is not None:
+          key = name + '/' + _zarr.chunk_key(index)
+          verifier.check_bytes(name, key[len(name) + 1:], data, lambda: source.location(key))
     array = _zarr.assemble(layout.shape, layout.chunks, layout.dtype, pieces, box=box)
     results[i] = array if box is None else Region(array, box)
   if direct:
+    def read_and_check(out: np.ndarray, where: _sources.Location, name: str, key: str) -> None:
+      _sources.read_into(out, where)
+      verifier.check_array(name, key, out, lambda: where)
+
     with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
-      list(pool.map(lambda job: _sources.read_into(*job), direct))
+      list(pool.map(lambda job: read_and_check(*job), direct))
   return results
 
 
@@ -404,7 +451,8 @@ def _check_chunks(directory: pathlib.Path, name: str, pieces: dict[tuple[int, ..
 
 def _read_with_driver(directory: pathlib.Path, base: dict[str, Any], names: list[str],
                       driver: str, context: ts.Context, missing_chunks_are_errors: bool,
-                      regions: list[RegionRequest | None]) -> list[np.ndarray | Region]:
+                      regions: list[RegionRequest | None],
+                      verifier: _checksums.Verifier) -> list[np.ndarray | Region]:
   """Reads arrays through tensorstore's zarr/zarr3 driver (compressed chunks, zarr v3)."""
   opens = [_tensorstore().open({'driver': driver, 'kvstore': _array_kvstore(base, name),
                                 'fill_missing_data_reads': not missing_chunks_are_errors},
@@ -421,11 +469,28 @@ def _read_with_driver(directory: pathlib.Path, base: dict[str, Any], names: list
   reads = [(store if box is None else store[tuple(slice(a, b) for a, b in box)]).read()
            for store, box in zip(stores, boxes)]
   out = []
-  for name, read, box in zip(names, reads, boxes):
+  for name, store, read, box in zip(names, stores, reads, boxes):
     try:
       array = np.asarray(read.result())
-      out.append(array if box is None else Region(array, box))
     except ValueError as e:
       raise _errors.NotACheckpointError(
           f'{directory}: cannot read array {name!r}; a chunk is missing or damaged ({e}).') from e
+    if verifier:
+      origin = tuple(start for start, _ in box) if box is not None else (0,) * array.ndim
+      _check_whole_chunks(verifier, name, array, origin, tuple(store.shape),
+                          tuple(store.chunk_layout.write_chunk.shape))
+    out.append(array if box is None else Region(array, box))
   return out
+
+
+def _check_whole_chunks(verifier: _checksums.Verifier, name: str, array: np.ndarray,
+                        origin: tuple[int, ...], shape: tuple[int, ...],
+                        chunks: tuple[int, ...]) -> None:
+  """Verifies the chunks that lie wholly inside both ``array`` (placed at ``origin``) and the
+  stored shape; edge chunks were checksummed with their padding and are skipped."""
+  first = [-(-o // c) for o, c in zip(origin, chunks)]
+  stop = [min(o + n, s) // c for o, n, s, c in zip(origin, array.shape, shape, chunks)]
+  for index in itertools.product(*(range(a, b) for a, b in zip(first, stop))):
+    piece = array[tuple(slice(i * c - o, (i + 1) * c - o)
+                        for i, c, o in zip(index, chunks, origin))]
+    verifier.check_array(name, _zarr.chunk_key(index), piece)

@@ -47,3 +47,11 @@ class AsyncSaveError(CheckpointError, RuntimeError):
 
 class BarrierTimeoutError(CheckpointError, TimeoutError):
   """Some processes of a multi-host job did not reach a checkpoint barrier in time."""
+
+
+class ChecksumError(CheckpointError, ValueError):
+  """Stored array data does not match the checksum recorded when it was saved."""
+
+  def __init__(self, message: str, name: str | None = None):
+    super().__init__(message)
+    self.name = name  # The stored array's name, when one chunk is at fault.

@@ -84,7 +84,8 @@ class StandardCheckpointHandler(PyTreeCheckpointHandler):
 
   def restore(self, directory: pathlib.Path, args: StandardRestore | None = None) -> Any:
     args = args or StandardRestore()
-    return super().restore(directory, PyTreeRestore(item=args.item, strict=args.strict))
+    return super().restore(directory, PyTreeRestore(item=args.item, strict=args.strict,
+                                                    verify_checksums=args.verify_checksums))
 
 
 register_with_handler(PyTreeCheckpointHandler, for_save=True)(PyTreeSave)

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from flaxckpt import _arrays, _errors, _metadata, _storage, _transforms, _tree
+from flaxckpt import _arrays, _checksums, _errors, _metadata, _storage, _transforms, _tree
 from flaxckpt._args import PyTreeRestore
 from flaxckpt._types import ArrayRestoreArgs, RestoreArgs, key_impl_name, normalize_dtype
 
@@ -29,7 +29,7 @@ except (ImportError, AttributeError):
 def restore(directory: pathlib.Path, args: PyTreeRestore) -> Any:
   """Restores the tree at ``directory`` as ``args`` asks (see ``PyTreeRestore``)."""
   meta = read_tree_metadata(directory)
-  reader = _Reader(directory, meta)
+  reader = _Reader(directory, meta, args.verify_checksums)
   if args.item is None and args.restore_args is None:
     values = reader.read_many(list(meta.leaves))
     converted = _materialize(
@@ -191,9 +191,11 @@ _STORED = _Want('stored')
 class _Reader:
   """Reads leaves of one checkpoint, batching array reads and side files."""
 
-  def __init__(self, directory: pathlib.Path, meta: _metadata.TreeMetadata):
+  def __init__(self, directory: pathlib.Path, meta: _metadata.TreeMetadata,
+               verify_checksums: bool = True):
     self.directory = directory
     self.meta = meta
+    self._verify_checksums = verify_checksums
     self._strings: dict | None = None
     self._shardings: dict | None = None
     self._parsed_shardings: dict[str, jax.sharding.Sharding | None] = {}
@@ -206,12 +208,22 @@ class _Reader:
     ``regions`` asks for part of one), str for strings, None else."""
     arrays = [leaf for leaf in leaves if _is_stored_array(leaf)]
     regions = regions or {}
-    data = _arrays.read_arrays(
-        self.directory, [leaf.name for leaf in arrays], use_ocdbt=self.meta.use_ocdbt,
-        use_zarr3=self.meta.use_zarr3,
-        missing_chunks_are_errors=self.meta.store_array_data_equal_to_fill_value,
-        ndim_hints=[_rank_hint(leaf) for leaf in arrays],
-        regions=[regions.get(leaf.path) for leaf in arrays] if regions else None)
+    verifier = _checksums.NO_VERIFIER
+    if self._verify_checksums and arrays:
+      verifier = _checksums.Verifier(self.directory, _checksums.load(self.directory))
+    try:
+      data = _arrays.read_arrays(
+          self.directory, [leaf.name for leaf in arrays], use_ocdbt=self.meta.use_ocdbt,
+          use_zarr3=self.meta.use_zarr3,
+          missing_chunks_are_errors=self.meta.store_array_data_equal_to_fill_value,
+          ndim_hints=[_rank_hint(leaf) for leaf in arrays],
+          regions=[regions.get(leaf.path) for leaf in arrays] if regions else None,
+          verifier=verifier)
+    except _errors.ChecksumError as e:
+      path = next((leaf.path for leaf in arrays if leaf.name == e.name), None)
+      if path is None:
+        raise
+      raise _errors.ChecksumError(f'Leaf {_tree.path_str(path)!r}: {e}', name=e.name) from None
     out: dict[_tree.Path, Any] = {leaf.path: value for leaf, value in zip(arrays, data)}
     for leaf in leaves:
       if leaf.value_type == _metadata.STRING:

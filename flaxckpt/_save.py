@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from flaxckpt import _arrays, _errors, _metadata, _storage, _tree, _zarr
+from flaxckpt import _arrays, _checksums, _errors, _metadata, _storage, _tree, _zarr
 from flaxckpt._args import PyTreeSave, StandardSave
 from flaxckpt._types import SaveArgs, is_key_array, key_impl_name, normalize_dtype
 
@@ -58,6 +58,11 @@ class Prepared(NamedTuple):
       _storage.make_dirs(folder)
       _storage.write_text(folder / f'process_{self.options.process_index}',
                           layout.array_metadatas_text)
+    sums = pending.checksums()
+    if sums:
+      _storage.make_dirs(self.directory / _checksums.DIR)
+      _storage.write_text(self.directory / _checksums.file_name(self.options.process_index),
+                          _checksums.to_json(sums))
     pending.advance()  # Arrays committed; the merge runs while _METADATA is encoded.
     if primary:
       _storage.write_text(self.directory / _metadata.METADATA_FILE,

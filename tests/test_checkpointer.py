@@ -24,8 +24,8 @@ def test_commit_layout_and_markers(tmp_path):
   ocp.PyTreeCheckpointer().save(path, args=ocp.args.PyTreeSave(_tree()))
   names = sorted(os.listdir(path))
   assert names == ['_CHECKPOINT_METADATA', '_METADATA', '_sharding', '_strings.json',
-                   'array_metadatas', 'commit_success.txt', 'd', 'manifest.ocdbt',
-                   'ocdbt.process_0']
+                   'array_metadatas', 'commit_success.txt', 'd', 'flaxckpt_checksums',
+                   'manifest.ocdbt', 'ocdbt.process_0']
   assert (path / 'commit_success.txt').read_text() == (
       f'Checkpoint commit was successful to {path}')
   meta = json.loads((path / '_CHECKPOINT_METADATA').read_text())

@@ -102,6 +102,13 @@ def test_two_process_layout_is_orbax_layout(two_process_checkpoints):
             '_sharding', 'array_metadatas', '_CHECKPOINT_METADATA'} <= set(names), (name, names)
     assert sorted(p.name for p in (root / name / 'array_metadatas').iterdir()) == [
         'process_0', 'process_1'], name
+  # Each process recorded the checksums of the chunks it wrote, and together they cover every
+  # chunk of every array.
+  sums = [json.loads((root / 'ours' / 'flaxckpt_checksums' / f'process_{i}').read_text())['chunks']
+          for i in range(2)]
+  assert sums[0] and sums[1]
+  for array, chunks in sums[0].items():
+    assert not set(chunks) & set(sums[1].get(array, {})), array  # No chunk written twice.
   ours_meta = json.loads((root / 'ours' / '_METADATA').read_text())
   orbax_meta = json.loads((root / 'orbax' / '_METADATA').read_text())
   assert ours_meta['tree_metadata'].keys() == orbax_meta['tree_metadata'].keys()

@@ -43,8 +43,10 @@ DIRECTIONS = [(FLAXCKPT, ORBAX), (ORBAX, FLAXCKPT)]
 _DIRECTION_IDS = ['flaxckpt_to_orbax', 'orbax_to_flaxckpt']
 directions = pytest.mark.parametrize('writer,reader', DIRECTIONS, ids=_DIRECTION_IDS)
 
+CHECKSUMS = 'flaxckpt_checksums'  # flaxckpt's crc32c file, which Orbax does not write.
 TOP_LEVEL_FILES = {'_CHECKPOINT_METADATA', '_METADATA', 'array_metadatas', 'commit_success.txt',
-                   'manifest.ocdbt', 'd', 'ocdbt.process_0', '_sharding', '_strings.json'}
+                   'manifest.ocdbt', 'd', 'ocdbt.process_0', '_sharding', '_strings.json',
+                   CHECKSUMS}
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -707,7 +709,8 @@ def test_files_match_orbax(tmp_path, tree_name):
   expected_files |= {'_sharding', 'array_metadatas'} if has_jax else set()
   expected_files |= {'_strings.json'} if has_str else set()
   assert _top_level(theirs) == expected_files  # Sanity check of the expectation itself.
-  assert _top_level(ours) == expected_files
+  assert _top_level(ours) == expected_files | {CHECKSUMS}  # Our one addition, which Orbax ignores.
+  assert {p.name for p in (ours / CHECKSUMS).iterdir()} == {'process_0'}
   assert not list(tmp_path.glob('*.orbax-checkpoint-tmp*'))
   if has_jax:
     assert {p.name for p in (ours / 'array_metadatas').iterdir()} == {'process_0'}
@@ -759,7 +762,7 @@ def test_files_match_orbax_with_options(tmp_path, options):
   ours, theirs = tmp_path / 'ours', tmp_path / 'orbax'
   _save(FLAXCKPT, ours, tree, use_compression=True, **options)
   _save(ORBAX, theirs, tree, **options)
-  assert _top_level(ours) == _top_level(theirs)
+  assert _top_level(ours) == _top_level(theirs) | {CHECKSUMS}
   assert _json(ours / '_METADATA') == _json(theirs / '_METADATA')
   use_ocdbt = options.get('use_ocdbt', True)
   use_zarr3 = options.get('use_zarr3', False)

@@ -1,0 +1,108 @@
+"""crc32c checksums of stored array chunks, kept in ``flaxckpt_checksums/process_<i>`` beside
+the Orbax layout (Orbax ignores the folder; see docs/format.md).
+
+A chunk's checksum covers its bytes as uncompressed zarr v2 stores them: C order, little-endian,
+edge chunks zero-padded. Compressed and zarr v3 chunks use the same definition (their decoded
+bytes), so any read that holds a whole chunk can verify it.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Callable
+
+import crc32c
+import numpy as np
+
+from flaxckpt import _errors, _storage
+
+DIR = 'flaxckpt_checksums'
+ALGORITHM = 'crc32c'
+
+Location = tuple[pathlib.Path, int, int]  # (file, offset, length)
+Sums = dict[str, dict[str, int]]  # Array name -> chunk key ('0.1', as zarr v2 names it) -> crc.
+
+
+def of_bytes(data: Any) -> int:
+  return crc32c.crc32c(data)
+
+
+def of_array(array: np.ndarray) -> int:
+  array = np.ascontiguousarray(array)
+  if array.dtype.byteorder == '>':
+    array = array.astype(array.dtype.newbyteorder('<'))
+  return crc32c.crc32c(array.reshape(-1).view(np.uint8))
+
+
+def file_name(process_index: int) -> str:
+  return f'{DIR}/process_{process_index}'
+
+
+def to_json(sums: Sums) -> str:
+  return json.dumps({'algorithm': ALGORITHM, 'chunks': sums}, separators=(',', ':'))
+
+
+def load(directory: pathlib.Path) -> Sums:
+  """Every process's checksums; empty for checkpoints without them (Orbax, older flaxckpt)."""
+  folder = directory / DIR
+  if not _storage.is_dir(folder):
+    return {}
+  sums: Sums = {}
+  for name in sorted(_storage.list_names(folder)):
+    path = folder / name
+    try:
+      raw = json.loads(_storage.read_text(path))
+      if raw.get('algorithm') != ALGORITHM:
+        continue  # Written by a later release with another algorithm: nothing to check here.
+      for array, chunks in raw['chunks'].items():
+        sums.setdefault(array, {}).update({key: int(value) for key, value in chunks.items()})
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+      raise _errors.ChecksumError(
+          f'{path}: the checksum file is damaged ({type(e).__name__}: {e}); expected JSON '
+          f'{{"algorithm": "{ALGORITHM}", "chunks": {{...}}}}. Restore with '
+          'verify_checksums=False to read the arrays unchecked.') from e
+  return sums
+
+
+class Verifier:
+  """Compares chunks read from ``directory`` with the checksums recorded at save."""
+
+  def __init__(self, directory: pathlib.Path, sums: Sums):
+    self.directory = directory
+    self._sums = sums
+
+  def __bool__(self) -> bool:
+    return bool(self._sums)
+
+  def expected(self, name: str, key: str) -> int | None:
+    chunks = self._sums.get(name)
+    return None if chunks is None else chunks.get(key)
+
+  def check(self, name: str, key: str, actual: int,
+             where: Callable[[], Location | None] | None = None) -> None:
+    """``where`` finds the chunk's (file, offset, length), asked only to word an error."""
+    expected = self.expected(name, key)
+    if expected is not None and expected != actual:
+      location = where() if where is not None else None
+      place = ''
+      if location is not None:
+        path, offset, length = location
+        place = f' (stored in {path}, bytes {offset} to {offset + length})'
+      raise _errors.ChecksumError(
+          f'{self.directory}: chunk {key!r} of array {name!r}{place} has crc32c '
+          f'{actual:#010x}, but {expected:#010x} was recorded when it was saved; the checkpoint '
+          'is damaged.', name=name)
+
+  def check_bytes(self, name: str, key: str, data: Any,
+                  where: Callable[[], Location | None] | None = None) -> None:
+    if self.expected(name, key) is not None:
+      self.check(name, key, of_bytes(data), where)
+
+  def check_array(self, name: str, key: str, array: np.ndarray,
+                  where: Callable[[], Location | None] | None = None) -> None:
+    if self.expected(name, key) is not None:
+      self.check(name, key, of_array(array), where)
+
+
+NO_VERIFIER = Verifier(pathlib.Path(), {})

@@ -1,0 +1,117 @@
+"""Checksums: every saved chunk's crc32c is recorded, and a damaged chunk fails the restore with
+a ChecksumError instead of returning wrong numbers (issue 8, part 1)."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flaxckpt as ocp
+
+CHECKSUMS = 'flaxckpt_checksums'
+
+
+def _flip_byte(path: pathlib.Path, offset: int) -> None:
+  data = bytearray(path.read_bytes())
+  data[offset] ^= 0x40
+  path.write_bytes(bytes(data))
+
+
+def _largest_file(root: pathlib.Path) -> pathlib.Path:
+  return max((p for p in root.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _save(path, tree, **options):
+  ocp.PyTreeCheckpointer(**options).save(path, args=ocp.args.PyTreeSave(tree))
+
+
+def _restore(path, **kwargs):
+  return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(**kwargs))
+
+
+def _big_tree():
+  """One array large enough to live outside OCDBT's B-tree nodes (and to be read directly)."""
+  return {'params': {'w': np.arange(300_000, dtype=np.float32), 'b': jnp.ones(4)}, 'step': 3}
+
+
+@pytest.mark.parametrize('options', [{}, {'use_ocdbt': False}, {'use_zarr3': True},
+                                     {'use_zarr3': True, 'use_ocdbt': False}],
+                         ids=['ocdbt', 'files', 'zarr3', 'files_zarr3'])
+def test_a_flipped_data_byte_raises_checksum_error_naming_leaf_and_values(tmp_path, options):
+  path = tmp_path / 'ckpt'
+  tree = _big_tree()
+  _save(path, tree, **options)
+  damaged = _largest_file(path)
+  _flip_byte(damaged, damaged.stat().st_size // 2)
+  with pytest.raises(ocp.ChecksumError) as caught:
+    _restore(path)
+  message = str(caught.value)
+  assert "Leaf 'params/w'" in message and "array 'params.w'" in message, message
+  assert message.count('0x') == 2, message  # Both checksums, found and recorded.
+  if not options.get('use_zarr3'):
+    assert str(damaged) in message, message  # The file that holds the bad bytes.
+  # The check is what catches it: unchecked, the same read returns wrong numbers.
+  unchecked = _restore(path, verify_checksums=False)
+  assert not np.array_equal(unchecked['params']['w'], tree['params']['w'])
+
+
+def test_every_chunk_is_checked_not_just_the_first(tmp_path):
+  path = tmp_path / 'ckpt'
+  w = np.arange(40_000, dtype=np.float32).reshape(200, 200)
+  ocp.PyTreeCheckpointer().save(path, args=ocp.args.PyTreeSave(
+      {'w': w}, save_args={'w': ocp.SaveArgs(chunk_byte_size=40_000)}), force=True)
+  sums = json.loads((path / CHECKSUMS / 'process_0').read_text())
+  assert sums['algorithm'] == 'crc32c' and len(sums['chunks']['w']) == 4
+  # Each chunk's checksum is the crc32c of its C-order little-endian bytes.
+  import crc32c
+  assert sums['chunks']['w']['1.1'] == crc32c.crc32c(np.ascontiguousarray(w[100:, 100:]))
+  damaged = _largest_file(path / 'ocdbt.process_0' / 'd')
+  _flip_byte(damaged, 3 * 40_000 + 1234)  # Chunks lie in key order: this is inside chunk 1.1.
+  with pytest.raises(ocp.ChecksumError, match=r"chunk '1\.1' of array 'w'"):
+    _restore(path)
+
+
+def test_sharded_arrays_record_one_checksum_per_shard(tmp_path):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ('data', 'model'))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data', 'model'))
+  x = jax.device_put(jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64), sharding)
+  path = tmp_path / 'ckpt'
+  _save(path, {'x': x})
+  sums = json.loads((path / CHECKSUMS / 'process_0').read_text())['chunks']['x']
+  assert sorted(sums) == sorted(f'{i}.{j}' for i in range(4) for j in range(2))
+  restored = _restore(path, item={'x': x})
+  np.testing.assert_array_equal(restored['x'], x)
+
+
+def test_checkpoints_without_checksums_restore_as_before(tmp_path):
+  """Orbax and older flaxckpt write no checksum folder."""
+  path = tmp_path / 'ckpt'
+  tree = _big_tree()
+  _save(path, tree)
+  for file in (path / CHECKSUMS).iterdir():
+    file.unlink()
+  (path / CHECKSUMS).rmdir()
+  restored = _restore(path)
+  np.testing.assert_array_equal(restored['params']['w'], tree['params']['w'])
+
+
+def test_a_damaged_checksum_file_is_named(tmp_path):
+  path = tmp_path / 'ckpt'
+  _save(path, _big_tree())
+  (path / CHECKSUMS / 'process_0').write_text('{"algorithm": "crc32c", "chunks": {"params.w"')
+  with pytest.raises(ocp.ChecksumError, match='process_0: the checksum file is damaged'):
+    _restore(path)
+  assert _restore(path, verify_checksums=False)['step'] == 3
+
+
+def test_standard_restore_verifies_too(tmp_path):
+  path = tmp_path / 'ckpt'
+  ocp.StandardCheckpointer().save(path, _big_tree())
+  damaged = _largest_file(path / 'ocdbt.process_0' / 'd')
+  _flip_byte(damaged, 10)
+  with pytest.raises(ocp.ChecksumError):
+    ocp.StandardCheckpointer().restore(path)
+  ocp.StandardCheckpointer().restore(path, args=ocp.args.StandardRestore(verify_checksums=False))
