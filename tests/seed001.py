@@ -58,3 +58,29 @@ def guide_objects() -> dict[str, Any]:
   custom_target = {'model': custom_state, 'config': None, 'data': [jnp.zeros_like(x1)]}
   return dict(x1=x1, state=state, ckpt=ckpt, target=target, custom_state=custom_state,
               custom_ckpt=custom_ckpt, custom_target=custom_target)
+
+
+def check_params(params: Any, state: train_state.TrainState) -> None:
+  """{'bias': [-0.001] * 3, 'kernel': the saved (5, 3) kernel}, float32, as on the page (bias
+  starts at zero; one SGD step with gradient 1 and lr 0.001 gives -0.001)."""
+  assert sorted(params) == ['bias', 'kernel']
+  expected = {'bias': np.full(3, -0.001, np.float32), 'kernel': np.asarray(state.params['kernel'])}
+  for name, value in expected.items():
+    actual = params[name]
+    assert isinstance(actual, (np.ndarray, jax.Array)), (name, type(actual))
+    assert actual.dtype == np.float32, (name, actual.dtype)
+    assert actual.shape == value.shape, (name, actual.shape)
+    np.testing.assert_array_equal(np.asarray(actual), value)
+  assert params['kernel'].shape == (5, 3)
+
+
+def check_train_state(model: Any, guide: dict[str, Any], cls: type = train_state.TrainState,
+                      step: int = 1) -> None:
+  """A restored guide TrainState: its type, step, apply_fn, tx, empty SGD state and params."""
+  state = guide['state']
+  assert type(model) is cls
+  assert model.step == step
+  assert model.apply_fn == state.apply_fn
+  assert model.tx is state.tx
+  assert model.opt_state == (optax.EmptyState(), optax.EmptyState())
+  check_params(model.params, state)

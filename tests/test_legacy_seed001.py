@@ -23,7 +23,6 @@ import os
 import flax
 import jax
 import numpy as np
-import optax
 import pytest
 from flax import serialization
 from flax.training import train_state
@@ -46,23 +45,6 @@ def _assert_array(actual, expected, dtype):
   assert actual.dtype == np.dtype(dtype)
   assert actual.shape == np.shape(expected)
   np.testing.assert_array_equal(np.asarray(actual), np.asarray(expected))
-
-
-def _check_params(params, state):
-  """{'bias': [-0.001] * 3, 'kernel': the saved (5, 3) kernel}, as on the page."""
-  assert sorted(params) == ['bias', 'kernel']
-  _assert_array(params['bias'], np.full(3, -0.001, np.float32), np.float32)
-  _assert_array(params['kernel'], np.asarray(state.params['kernel']), np.float32)
-
-
-def _check_train_state(model, guide, cls=train_state.TrainState, step=1):
-  state = guide['state']
-  assert type(model) is cls
-  assert model.step == step
-  assert model.apply_fn == state.apply_fn
-  assert model.tx is state.tx
-  assert model.opt_state == (optax.EmptyState(), optax.EmptyState())
-  _check_params(model.params, state)
 
 
 def _legacy_dir(tmp_path, set_flag, guide, upto):
@@ -121,7 +103,7 @@ def test_seed001_legacy_raw_restore(tmp_path, set_flag, guide):
   assert sorted(model) == ['opt_state', 'params', 'step']
   assert model['opt_state'] == {'0': None, '1': None}
   assert model['step'] == 1 and type(model['step']) is int
-  _check_params(model['params'], guide['state'])
+  seed001.check_params(model['params'], guide['state'])
 
 
 def test_seed001_legacy_restore_with_target(tmp_path, set_flag, guide):
@@ -136,7 +118,7 @@ def test_seed001_legacy_restore_with_target(tmp_path, set_flag, guide):
   #  'data': [Array([...], dtype=float32)]}
   assert type(restored) is dict
   assert sorted(restored) == ['config', 'data', 'model']
-  _check_train_state(restored['model'], guide)
+  seed001.check_train_state(restored['model'], guide)
   for leaf in restored['model'].params.values():
     assert type(leaf) is np.ndarray
   assert type(restored['config']['dimensions']) is np.ndarray
@@ -167,7 +149,7 @@ def test_seed001_orbax_transforms_fill_batch_stats_from_target(tmp_path, set_fla
   #  'config': None,
   #  'data': [Array([...], dtype=float32)]}
   assert sorted(restored) == ['config', 'data', 'model']
-  _check_train_state(restored['model'], guide, cls=CustomTrainState)
+  seed001.check_train_state(restored['model'], guide, cls=CustomTrainState)
   _assert_array(restored['model'].batch_stats, np.arange(10), np.arange(10).dtype)
   for name in ('bias', 'kernel'):
     assert isinstance(restored['model'].params[name], jax.Array)
@@ -195,7 +177,7 @@ def test_seed001_legacy_msgpack_raw_dict_then_from_state_dict(tmp_path, set_flag
   # {'model': CustomTrainState(step=1, ..., batch_stats=array([9, 8, 7, 6, 5, 4, 3, 2, 1, 0])),
   #  'config': {'dimensions': array([5, 3])},
   #  'data': [array([...], dtype=float32)]}
-  _check_train_state(restored['model'], guide, cls=CustomTrainState)
+  seed001.check_train_state(restored['model'], guide, cls=CustomTrainState)
   _assert_array(restored['model'].batch_stats, np.arange(10)[::-1], np.arange(10).dtype)
   _assert_array(restored['config']['dimensions'], np.array([5, 3]), np.array([5, 3]).dtype)
   assert type(restored['data']) is list and type(restored['data'][0]) is np.ndarray
@@ -215,15 +197,15 @@ def test_seed001_mixed_backend_directory_restores_either_step(tmp_path, set_flag
   assert sorted(latest) == ['config', 'data', 'model']
   assert latest['model']['opt_state'] == {'0': {}, '1': {}}  # msgpack keeps EmptyState as {}.
   assert list(latest['data']) == ['0']
-  _check_params(latest['model']['params'], guide['state'])
+  seed001.check_params(latest['model']['params'], guide['state'])
   step4 = checkpoints.restore_checkpoint(ckpt_dir, target=None, step=4)
   assert step4['model']['opt_state'] == {'0': None, '1': None}  # Orbax: EmptyState is None.
-  _check_params(step4['model']['params'], guide['state'])
+  seed001.check_params(step4['model']['params'], guide['state'])
   assert checkpoints.latest_checkpoint(ckpt_dir) == str(ckpt_dir / 'checkpoint_5')
   assert checkpoints.available_steps(ckpt_dir) == [4, 5]
   for step in (None, 4, 5):
     restored = checkpoints.restore_checkpoint(ckpt_dir, target=guide['target'], step=step)
-    _check_train_state(restored['model'], guide)
+    seed001.check_train_state(restored['model'], guide)
     _assert_array(restored['data'][0], np.asarray(guide['x1']), np.float32)
 
 
@@ -243,7 +225,7 @@ def test_seed001_orbax_utils_with_checkpointer_and_manager(tmp_path, guide):
   orbax_checkpointer.save(single_save, ckpt, save_args=save_args)
   raw = orbax_checkpointer.restore(single_save)
   assert raw['model']['opt_state'] == [None, None] and raw['model']['step'] == 1
-  _check_params(raw['model']['params'], guide['state'])
+  seed001.check_params(raw['model']['params'], guide['state'])
 
   options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
   managed = tmp_path / 'flax_ckpt' / 'orbax' / 'managed'
@@ -258,9 +240,9 @@ def test_seed001_orbax_utils_with_checkpointer_and_manager(tmp_path, guide):
   assert step == 4
   raw = checkpoint_manager.restore(step)
   assert raw['model']['opt_state'] == [None, None]
-  _check_params(raw['model']['params'], guide['state'])
+  seed001.check_params(raw['model']['params'], guide['state'])
   restored = checkpoint_manager.restore(4, items=target)
-  _check_train_state(restored['model'], guide)
+  seed001.check_train_state(restored['model'], guide)
 
   custom_save_args = orbax_utils.save_args_from_target(guide['custom_ckpt'])
   assert checkpoint_manager.save(5, guide['custom_ckpt'],
@@ -269,7 +251,7 @@ def test_seed001_orbax_utils_with_checkpointer_and_manager(tmp_path, guide):
   # Scenario 1: the reference is partial; batch_stats is ignored.
   restored = checkpoint_manager.restore(5, items=target)
   assert type(restored['model']) == train_state.TrainState  # noqa: E721
-  _check_train_state(restored['model'], guide, step=0)
+  seed001.check_train_state(restored['model'], guide, step=0)
   # Scenario 2: the checkpoint is partial.
   custom_target = guide['custom_target']
   with pytest.raises(KeyError, match='batch_stats'):
@@ -280,7 +262,7 @@ def test_seed001_orbax_utils_with_checkpointer_and_manager(tmp_path, guide):
       restore_kwargs={'transforms': {}, 'restore_args': custom_restore_args})
   assert type(restored['model']) == CustomTrainState  # noqa: E721
   np.testing.assert_equal(restored['model'].batch_stats, custom_target['model'].batch_stats)
-  _check_train_state(restored['model'], guide, cls=CustomTrainState)
+  seed001.check_train_state(restored['model'], guide, cls=CustomTrainState)
   assert restored['config'] is None
   checkpoint_manager.close()
 
@@ -303,7 +285,7 @@ def test_seed001_async_and_multiprocess_legacy(tmp_path, guide):
   async_checkpointer.save(ckpt_dir / 'orbax' / 'single_save_async', ckpt, save_args=save_args)
   async_checkpointer.wait_until_finished()  # Blocks until the checkpoint saving is completed.
   restored = async_checkpointer.restore(ckpt_dir / 'orbax' / 'single_save_async', item=target)
-  _check_train_state(restored['model'], guide)
+  seed001.check_train_state(restored['model'], guide)
 
   # Create an array sharded across multiple devices.
   mesh_shape = (4, 2)

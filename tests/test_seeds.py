@@ -514,24 +514,6 @@ def single_save(flax_setup, tmp_path_factory):
   return orbax_checkpointer, path
 
 
-def _check_params(params, state):
-  assert sorted(params) == ['bias', 'kernel']
-  # bias starts at zero; one SGD step with gradient 1 and lr 0.001 gives -0.001 (as on the page).
-  _assert_array(params['bias'], np.full(3, -0.001, np.float32), np.float32)
-  _assert_array(params['kernel'], np.asarray(state.params['kernel']), np.float32)
-  assert params['kernel'].shape == (5, 3)
-
-
-def _check_restored_train_state(model, flax_setup, cls=train_state.TrainState, step=1):
-  state = flax_setup['state']
-  assert type(model) is cls
-  assert model.step == step
-  assert model.apply_fn == state.apply_fn
-  assert model.tx is state.tx
-  assert model.opt_state == (optax.EmptyState(), optax.EmptyState())
-  _check_params(model.params, state)
-
-
 def test_seed001_ckpt_setup(flax_setup):
   state = flax_setup['state']
   assert state.step == 1
@@ -567,7 +549,7 @@ def test_seed001_raw_restore(single_save, flax_setup):
   assert model['step'] == 1
   assert type(model['step']) is int
   assert type(model['params']) is dict
-  _check_params(model['params'], flax_setup['state'])
+  seed001.check_params(model['params'], flax_setup['state'])
 
 
 def test_seed001_raw_restore_key_order_as_printed(single_save):
@@ -588,7 +570,7 @@ def test_seed001_restore_with_target(single_save, flax_setup):
 
   assert type(state_restored) is dict
   assert sorted(state_restored) == ['config', 'data', 'model']
-  _check_restored_train_state(state_restored['model'], flax_setup)
+  seed001.check_train_state(state_restored['model'], flax_setup)
   _assert_array(state_restored['config']['dimensions'], np.array([5, 3]),
                 np.array([5, 3]).dtype)
   assert type(state_restored['data']) is list and len(state_restored['data']) == 1
@@ -602,7 +584,7 @@ def test_seed001_restore_with_target_positional_item(single_save, flax_setup):
   # ``restore(path, item)``: the older positional spelling of the same call.
   orbax_checkpointer, path = single_save
   state_restored = orbax_checkpointer.restore(path, flax_setup['target'])
-  _check_restored_train_state(state_restored['model'], flax_setup)
+  seed001.check_train_state(state_restored['model'], flax_setup)
 
 
 def test_seed001_async_checkpointer(flax_setup, tmp_path):
@@ -621,7 +603,7 @@ def test_seed001_async_checkpointer(flax_setup, tmp_path):
   restored = async_checkpointer.restore(path, item=target)
 
   assert sorted(restored) == ['config', 'data', 'model']
-  _check_restored_train_state(restored['model'], flax_setup)
+  seed001.check_train_state(restored['model'], flax_setup)
   _assert_array(restored['config']['dimensions'], np.array([5, 3]), np.array([5, 3]).dtype)
   _assert_array(restored['data'][0], np.asarray(flax_setup['x1']), np.float32)
   async_checkpointer.close()
@@ -640,7 +622,7 @@ def test_seed001_scenario1_reference_is_partial(flax_setup, tmp_path):
   assert type(restored['model']) == train_state.TrainState  # noqa: E721
   assert not hasattr(restored['model'], 'batch_stats')
   # custom_state was freshly created: the page shows step=0.
-  _check_restored_train_state(restored['model'], flax_setup, step=0)
+  seed001.check_train_state(restored['model'], flax_setup, step=0)
   _assert_array(restored['config']['dimensions'], np.array([5, 3]), np.array([5, 3]).dtype)
   _assert_array(restored['data'][0], np.asarray(flax_setup['x1']), np.float32)
 
@@ -670,7 +652,7 @@ def test_seed001_scenario2_transforms_fill_from_target(single_save, flax_setup):
   # batch_stats=array([0..9])).
   assert sorted(restored) == ['config', 'data', 'model']
   assert restored['config'] is None
-  _check_restored_train_state(restored['model'], flax_setup, cls=CustomTrainState, step=1)
+  seed001.check_train_state(restored['model'], flax_setup, cls=CustomTrainState, step=1)
   _assert_array(restored['model'].batch_stats, np.arange(10), np.arange(10).dtype)
   for name in ('bias', 'kernel'):
     leaf = restored['model'].params[name]
