@@ -125,7 +125,7 @@ class PendingWrite:
     """The checksum of every chunk written. Chunks tensorstore writes from the caller's buffers
     are checksummed here, while the commit runs."""
     for array in self._by_reference:
-      self._sums[array.name] = chunk_checksums(array)
+      self._sums[array.name] = _chunk_checksums(array)
     self._by_reference = []
     return self._sums
 
@@ -191,11 +191,6 @@ def _stage_raw(kv: ts.KvStore, array: ArrayWrite, writes_metadata: bool) -> dict
                                                    array.dtype)
   sums = {}
   for origin, block in array.blocks:
-    if block.shape == array.chunk_shape:
-      key, data = _zarr.chunk_key_at(origin, array.chunk_shape), _zarr.chunk_bytes(block)
-      kv[prefix + key] = data
-      sums[key] = _checksums.of_bytes(data)
-      continue
     for key, piece in _zarr.split_into_chunks(block, origin, array.chunk_shape):
       data = _zarr.chunk_bytes(piece)
       kv[prefix + key] = data
@@ -203,16 +198,10 @@ def _stage_raw(kv: ts.KvStore, array: ArrayWrite, writes_metadata: bool) -> dict
   return sums
 
 
-def chunk_checksums(array: ArrayWrite) -> dict[str, int]:
+def _chunk_checksums(array: ArrayWrite) -> dict[str, int]:
   """The checksum of every chunk of ``array``'s blocks, by chunk key."""
-  sums = {}
-  for origin, block in array.blocks:
-    if block.shape == array.chunk_shape:
-      sums[_zarr.chunk_key_at(origin, array.chunk_shape)] = _checksums.of_array(block)
-      continue
-    for key, piece in _zarr.split_into_chunks(block, origin, array.chunk_shape):
-      sums[key] = _checksums.of_array(piece)
-  return sums
+  return {key: _checksums.of_array(piece) for origin, block in array.blocks
+          for key, piece in _zarr.split_into_chunks(block, origin, array.chunk_shape)}
 
 
 def _write_with_drivers(base: dict[str, Any], arrays: list[ArrayWrite], options: StorageOptions,
@@ -422,8 +411,8 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
     if verifier:
       for index, data in pieces.items():
         if data is not None:
-          key = name + '/' + _zarr.chunk_key(index)
-          verifier.check_bytes(name, key[len(name) + 1:], data, lambda: source.location(key))
+          chunk = _zarr.chunk_key(index)
+          verifier.check_bytes(name, chunk, data, lambda: source.location(f'{name}/{chunk}'))
     array = _zarr.assemble(layout.shape, layout.chunks, layout.dtype, pieces, box=box)
     results[i] = array if box is None else Region(array, box)
   if direct:

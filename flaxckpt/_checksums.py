@@ -79,30 +79,34 @@ class Verifier:
     chunks = self._sums.get(name)
     return None if chunks is None else chunks.get(key)
 
-  def check(self, name: str, key: str, actual: int,
-             where: Callable[[], Location | None] | None = None) -> None:
-    """``where`` finds the chunk's (file, offset, length), asked only to word an error."""
-    expected = self.expected(name, key)
-    if expected is not None and expected != actual:
-      location = where() if where is not None else None
-      place = ''
-      if location is not None:
-        path, offset, length = location
-        place = f' (stored in {path}, bytes {offset} to {offset + length})'
-      raise _errors.ChecksumError(
-          f'{self.directory}: chunk {key!r} of array {name!r}{place} has crc32c '
-          f'{actual:#010x}, but {expected:#010x} was recorded when it was saved; the checkpoint '
-          'is damaged.', name=name)
-
   def check_bytes(self, name: str, key: str, data: Any,
                   where: Callable[[], Location | None] | None = None) -> None:
-    if self.expected(name, key) is not None:
-      self.check(name, key, of_bytes(data), where)
+    """Checks a chunk's stored bytes. ``where`` finds its (file, offset, length), asked only to
+    word an error."""
+    expected = self.expected(name, key)
+    if expected is not None:
+      self._compare(name, key, expected, of_bytes(data), where)
 
   def check_array(self, name: str, key: str, array: np.ndarray,
                   where: Callable[[], Location | None] | None = None) -> None:
-    if self.expected(name, key) is not None:
-      self.check(name, key, of_array(array), where)
+    """Checks a chunk read as an array (see ``check_bytes``)."""
+    expected = self.expected(name, key)
+    if expected is not None:
+      self._compare(name, key, expected, of_array(array), where)
+
+  def _compare(self, name: str, key: str, expected: int, actual: int,
+               where: Callable[[], Location | None] | None) -> None:
+    if expected == actual:
+      return
+    location = where() if where is not None else None
+    place = ''
+    if location is not None:
+      path, offset, length = location
+      place = f' (stored in {path}, bytes {offset} to {offset + length})'
+    raise _errors.ChecksumError(
+        f'{self.directory}: chunk {key!r} of array {name!r}{place} has crc32c {actual:#010x}, '
+        f'but {expected:#010x} was recorded when it was saved; the checkpoint is damaged.',
+        name=name)
 
 
 NO_VERIFIER = Verifier(pathlib.Path(), {})

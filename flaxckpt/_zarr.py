@@ -12,7 +12,7 @@ import functools
 import itertools
 import json
 import math
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -163,11 +163,19 @@ def chunk_key_at(origin: tuple[int, ...], chunks: tuple[int, ...]) -> str:
 
 
 def split_into_chunks(block: np.ndarray, origin: tuple[int, ...],
-                      chunks: tuple[int, ...]) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (chunk key, chunk array) for a block whose origin is chunk-aligned.
+                      chunks: tuple[int, ...]) -> Iterable[tuple[str, np.ndarray]]:
+  """(chunk key, chunk array) for each chunk of a block whose origin is chunk-aligned.
 
-  Edge chunks are zero-padded to the full chunk shape, as zarr stores them.
+  Edge chunks are zero-padded to the full chunk shape, as zarr stores them. A block that is
+  exactly one chunk (the common case, on the save path of every leaf) comes back as it is.
   """
+  if block.shape == chunks:
+    return ((chunk_key_at(origin, chunks), block),)
+  return _split(block, origin, chunks)
+
+
+def _split(block: np.ndarray, origin: tuple[int, ...],
+           chunks: tuple[int, ...]) -> Iterator[tuple[str, np.ndarray]]:
   if block.size == 0:
     return
   ranges = [range(0, size, c) for size, c in zip(block.shape, chunks)]
