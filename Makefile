@@ -1,5 +1,5 @@
-# Developer entry points: `make demo`, `make test`, `make bench`, `make notebooks`, `make docs`,
-# `make clean`.
+# Developer entry points: `make demo`, `make test`, `make bench`, `make drill`, `make notebooks`,
+# `make docs`, `make clean`.
 # Every target runs inside .venv, which is created on first use and re-synced
 # (pip install -e '.[test]') whenever setup.cfg or pyproject.toml changes.
 
@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 
-.PHONY: demo test bench notebooks docs clean $(VENV)
+.PHONY: demo test bench drill notebooks docs clean $(VENV)
 
 demo: $(VENV)
 	$(PY) -m flaxckpt.demo
@@ -21,6 +21,12 @@ bench: $(VENV)
 	mkdir -p build/bench
 	$(PY) benchmarks/bench.py --json build/bench/results.json
 	$(PY) benchmarks/report.py build/bench/results.json
+
+# The crash and corruption drills at full size, flaxckpt and Orbax side by side (make test runs a
+# few trials of each); each prints its outcome table.
+drill: $(VENV)
+	$(PY) tests/drill_crash.py --trials 100
+	$(PY) tests/drill_corruption.py --trials 200
 
 # Executed copies land in build/notebooks/ (make test executes them too, in tests/).
 notebooks: $(VENV)
