@@ -1,0 +1,227 @@
+"""``flaxckpt verify``: read every stored byte of a checkpoint and report what is wrong with it.
+
+A problem is anything a restore would refuse or could get wrong: a save that never committed,
+unreadable metadata, a missing or short chunk, a chunk whose crc32c differs from the one saved
+with it, a truncated msgpack file. Arrays are read in batches of bounded size, so checking a
+checkpoint needs memory for one batch, not for the whole state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+from flaxckpt import _arrays, _checksums, _formats, _metadata, _restore, _storage, _tree
+
+# Arrays are read in batches of about this many bytes (a larger array is its own batch).
+_BATCH_BYTES = 256 << 20
+
+Progress = Callable[[int, int], None]  # (bytes checked so far, bytes to check in all)
+
+
+class Problem(NamedTuple):
+  """One thing wrong with a checkpoint: where (a file or a checkpoint directory) and what."""
+  path: str
+  message: str
+
+  def __str__(self) -> str:
+    return f'{self.path}: {self.message}'
+
+
+class _Job(NamedTuple):
+  nbytes: int
+  run: Callable[[], None]
+
+
+def verify(path: _storage.PathLike, progress: Progress | None = None) -> list[Problem]:
+  """Checks the checkpoint at ``path`` (a checkpoint directory, a CheckpointManager root, a
+  flax msgpack file or checkpoint directory); returns its problems, none if it is intact."""
+  checker = _Checker()
+  try:
+    found = _formats.detect(path)
+  except (OSError, ValueError) as e:
+    location = _storage.as_path(path)
+    return [Problem(str(location), _one_line(e, location))]
+  jobs = list(checker.jobs(found))
+  total = sum(job.nbytes for job in jobs)
+  done = 0
+  for job in jobs:
+    job.run()
+    done += job.nbytes
+    if progress is not None:
+      progress(done, total)
+  return checker.problems
+
+
+def _one_line(error: BaseException, path: pathlib.Path | str = '') -> str:
+  """The error's type and message on one line, without a leading ``<path>: ``."""
+  text = ' '.join(str(error).split()).removeprefix(f'{path}: ')
+  return f'{type(error).__name__}: {text}'
+
+
+class _Checker:
+  """Builds the checks of a checkpoint as jobs (so progress knows the total up front) and
+  collects the problems they find."""
+
+  def __init__(self):
+    self.problems: list[Problem] = []
+
+  def report(self, path: pathlib.Path | str, error: BaseException | str) -> None:
+    message = error if isinstance(error, str) else _one_line(error, path)
+    self.problems.append(Problem(str(path), message))
+
+  def guarded(self, path: pathlib.Path, check: Callable[[], Any]) -> Any:
+    """Runs ``check``; a failure becomes a problem at ``path`` (and None is returned)."""
+    try:
+      return check()
+    except Exception as e:  # Any failure to read is what verify exists to report.
+      self.report(path, e)
+      return None
+
+  def jobs(self, found: _formats.Found) -> Iterator[_Job]:
+    kind, path = found
+    if kind is _formats.Kind.PYTREE:
+      yield from self.pytree(path)
+    elif kind is _formats.Kind.COMPOSITE:
+      yield from self.composite(path)
+    elif kind is _formats.Kind.JSON:
+      yield _Job(0, lambda: self.guarded(path, lambda: json.loads(_storage.read_text(path))))
+    elif kind is _formats.Kind.MANAGER:
+      for step in _formats.manager_steps(path):
+        yield from self.step(step.path)
+    elif kind is _formats.Kind.MSGPACK:
+      yield from self.msgpack(path)
+    elif kind is _formats.Kind.FLAX_DIR:
+      for step in _formats.flax_dir_steps(path):
+        yield from self.step(step.path)
+    elif kind is _formats.Kind.GDA:
+      yield from self.gda(path)
+
+  def step(self, path: pathlib.Path) -> Iterator[_Job]:
+    found = self.guarded(path, lambda: _formats.detect(path))
+    if found is not None:
+      yield from self.jobs(found)
+
+  def composite(self, path: pathlib.Path) -> Iterator[_Job]:
+    meta = path / _metadata.CHECKPOINT_METADATA_FILE
+    if _storage.exists(meta):
+      yield _Job(0, lambda: self.guarded(meta, lambda: _check_json_object(meta)))
+    items = _formats.item_names(path)
+    if not items:
+      self.report(path, 'a checkpoint with no items (expected subdirectories holding a '
+                  f'{_metadata.METADATA_FILE} or a JSON file)')
+    for name in items:
+      yield from self.step(path / name)
+
+  def pytree(self, directory: pathlib.Path) -> Iterator[_Job]:
+    meta = self.guarded(directory, lambda: _restore.read_tree_metadata(directory))
+    if meta is None:
+      return
+    for name in (_metadata.SHARDING_FILE, _metadata.STRINGS_FILE,
+                 _metadata.CHECKPOINT_METADATA_FILE):
+      if _storage.exists(directory / name):
+        file = directory / name
+        yield _Job(0, lambda file=file: self.guarded(file, lambda: _check_json_object(file)))
+    folder = directory / _metadata.ARRAY_METADATAS_DIR
+    if _storage.is_dir(folder):
+      for name in _storage.list_names(folder):
+        file = folder / name
+        yield _Job(0, lambda file=file: self.guarded(
+            file, lambda: _metadata.parse_array_metadatas(_storage.read_text(file))))
+    sums = self.guarded(directory, lambda: _checksums.load(directory))
+    reader = _restore._Reader(directory, meta, verify_checksums=sums is not None)
+    arrays = [leaf for leaf in meta.leaves if _restore._is_stored_array(leaf)]
+    try:
+      sizes = _array_sizes(directory, meta, arrays)
+    except Exception:  # The reads below report it, leaf by leaf; only progress is vaguer.
+      sizes = [0] * len(arrays)
+    for batch in _batches(arrays, sizes):
+      yield _Job(sum(size for _, size in batch),
+                 lambda batch=batch: self.read_arrays(reader, [leaf for leaf, _ in batch]))
+    strings = [leaf for leaf in meta.leaves if leaf.value_type == _metadata.STRING]
+    if strings:
+      yield _Job(0, lambda: [self.guarded(directory, lambda leaf=leaf: reader.string(leaf))
+                             for leaf in strings])
+    stored = {leaf.name for leaf in arrays}
+    for name in sorted(set(sums or {}) - stored):
+      self.report(directory / _checksums.DIR,
+                  f'checksums are recorded for array {name!r}, which the checkpoint metadata '
+                  'does not list')
+
+  def read_arrays(self, reader: Any, leaves: list[_metadata.LeafMetadata]) -> None:
+    """Reads the leaves together; on a failure, one by one, so that each problem names its
+    leaves (leaves failing for one reason, such as a damaged index, share one problem)."""
+    try:
+      reader.read_many(leaves)
+      return
+    except Exception as e:  # A damaged checkpoint can fail in any way: report it, go on.
+      failures = {_one_line(e, reader.directory): leaves} if len(leaves) == 1 else {}
+    if not failures:
+      for leaf in leaves:
+        try:
+          reader.read_many([leaf])
+        except Exception as e:  # As above.
+          failures.setdefault(_one_line(e, reader.directory), []).append(leaf)
+    for message, failed in failures.items():
+      names = ', '.join(repr(_tree.path_str(leaf.path)) for leaf in failed)
+      self.report(reader.directory,
+                  f'{"leaf" if len(failed) == 1 else "leaves"} {names}: {message}')
+
+  def msgpack(self, path: pathlib.Path) -> Iterator[_Job]:
+    from flaxckpt.legacy import _gda, checkpoints  # Imported only for flax checkpoints.
+
+    def check() -> None:
+      state = checkpoints.restore_checkpoint(str(path), None,
+                                             allow_partial_mpa_restoration=True)
+      subpaths = [subpath for _, subpath in _gda.placeholders(state)]
+      if subpaths:
+        self.check_gda_arrays(pathlib.Path(str(path) + _gda.SUFFIX), subpaths)
+
+    yield _Job(self.guarded(path, lambda: path.stat().st_size) or 0,
+               lambda: self.guarded(path, check))
+
+  def gda(self, directory: pathlib.Path) -> Iterator[_Job]:
+    names = [name for name in _storage.list_names(directory)
+             if _storage.is_dir(directory / name)]
+    yield _Job(0, lambda: self.check_gda_arrays(directory, names))
+
+  def check_gda_arrays(self, directory: pathlib.Path, subpaths: list[str]) -> None:
+    if not _storage.is_dir(directory):
+      self.report(directory, 'the multi-process arrays this checkpoint refers to are missing')
+      return
+    for subpath in subpaths:
+      self.guarded(directory / subpath, lambda subpath=subpath: _arrays.read_arrays(
+          directory, [subpath], use_ocdbt=False, use_zarr3=False,
+          missing_chunks_are_errors=True))
+
+
+def _check_json_object(path: pathlib.Path) -> None:
+  try:
+    value = json.loads(_storage.read_text(path))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f'not valid JSON ({e})') from e
+  if not isinstance(value, dict):
+    raise ValueError(f'expected a JSON object, found {type(value).__name__}')
+
+
+def _array_sizes(directory: pathlib.Path, meta: _metadata.TreeMetadata,
+                 arrays: list[_metadata.LeafMetadata]) -> list[int]:
+  infos = _arrays.read_array_infos(directory, [leaf.name for leaf in arrays],
+                                   use_ocdbt=meta.use_ocdbt, use_zarr3=meta.use_zarr3)
+  return [math.prod(shape) * dtype.itemsize for shape, dtype in infos]
+
+
+def _batches(leaves: list[Any], sizes: list[int]) -> Iterator[list[tuple[Any, int]]]:
+  batch: list[tuple[Any, int]] = []
+  held = 0
+  for leaf, size in zip(leaves, sizes):
+    if batch and held + size > _BATCH_BYTES:
+      yield batch
+      batch, held = [], 0
+    batch.append((leaf, size))
+    held += size
+  if batch:
+    yield batch
