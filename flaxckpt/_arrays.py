@@ -67,6 +67,9 @@ class StorageOptions(NamedTuple):
   writes_metadata: bool = True
   # False in multi-process saves: the primary merges every process's database at finalize.
   merge_into_root: bool = True
+  # With a limit, arrays are written in successive transactions of at most this many bytes
+  # (one larger array alone), so a save holds one batch in memory at a time, not the state.
+  max_bytes_in_flight: int | None = None
 
 
 def process_db_name(process_index: int) -> str:

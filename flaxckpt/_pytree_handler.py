@@ -23,6 +23,10 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
     use_compression: zstd-compress chunks as Orbax does by default. Off by default: zstd halves
       the write speed of large states and float weights barely compress; OCDBT still compresses
       its index, where small leaves live.
+    save_concurrent_gb: as Orbax, the most array data (GiB) a save stages at once: arrays are
+      then written in successive batches, each committed before the next is staged (an array
+      larger than the limit is a batch of its own). Unlimited by default (one batch is fastest).
+    restore_concurrent_gb: accepted for Orbax call sites; unused.
 
   Example:
     >>> ckptr = flaxckpt.Checkpointer(flaxckpt.PyTreeCheckpointHandler())
@@ -33,11 +37,13 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
   _numpy_scalars_as_arrays = False
 
   def __init__(self, *, use_ocdbt: bool = True, use_zarr3: bool = False,
-               use_compression: bool = False, save_concurrent_gb: int | None = None,
+               use_compression: bool = False, save_concurrent_gb: float | None = None,
                restore_concurrent_gb: int | None = None):
-    del save_concurrent_gb, restore_concurrent_gb  # Accepted for Orbax call sites; unused.
+    del restore_concurrent_gb
     self._options = _arrays.StorageOptions(
-        use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, use_compression=use_compression)
+        use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, use_compression=use_compression,
+        max_bytes_in_flight=None if save_concurrent_gb is None
+        else max(1, int(save_concurrent_gb * 2**30)))
 
   def save(self, directory: pathlib.Path, args: PyTreeSave) -> None:
     self._prepare(directory, args, copy=False).write()

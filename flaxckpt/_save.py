@@ -35,9 +35,16 @@ class Prepared(NamedTuple):
   options: _arrays.StorageOptions
 
   def write(self) -> None:
-    pending = _arrays.start_write(self.directory, self.arrays, self.options)
+    *earlier, last = _in_batches(self.arrays, self.options.max_bytes_in_flight)
+    sums: _checksums.Sums = {}
+    for batch in earlier:  # Each commits before the next is staged; the last one merges.
+      pending = _arrays.start_write(self.directory, batch,
+                                    self.options._replace(merge_into_root=False))
+      sums.update(pending.checksums())
+      pending.wait()
+    pending = _arrays.start_write(self.directory, last, self.options)
     try:
-      self._write_side_files(pending)
+      self._write_side_files(pending, sums)
     except BaseException:
       # Let tensorstore finish before the caller deletes the directory under it.
       with contextlib.suppress(Exception):
@@ -45,7 +52,9 @@ class Prepared(NamedTuple):
       raise
     pending.wait()
 
-  def _write_side_files(self, pending: _arrays.PendingWrite) -> None:
+  def _write_side_files(self, pending: _arrays.PendingWrite, sums: _checksums.Sums) -> None:
+    """Writes the JSON files; ``sums`` holds the checksums of arrays written before
+    ``pending``'s."""
     primary = self.options.writes_metadata  # Only one process of a multi-process save.
     if self.strings and primary:
       _storage.write_text(self.directory / _metadata.STRINGS_FILE,
@@ -58,7 +67,7 @@ class Prepared(NamedTuple):
       _storage.make_dirs(folder)
       _storage.write_text(folder / f'process_{self.options.process_index}',
                           layout.array_metadatas_text)
-    sums = pending.checksums()
+    sums.update(pending.checksums())
     if sums:
       _storage.make_dirs(self.directory / _checksums.DIR)
       _storage.write_text(self.directory / _checksums.file_name(self.options.process_index),
@@ -67,6 +76,24 @@ class Prepared(NamedTuple):
     if primary:
       _storage.write_text(self.directory / _metadata.METADATA_FILE,
                           _metadata.tree_metadata_json(self.tree_metadata, layout.entries_text))
+
+
+def _in_batches(arrays: list[_arrays.ArrayWrite], max_bytes: int | None
+                ) -> list[list[_arrays.ArrayWrite]]:
+  """Consecutive arrays in groups of at most ``max_bytes`` (an array larger than that is a group
+  of its own); one group when there is no limit. Never empty: [[]] for no arrays."""
+  if max_bytes is None or not arrays:
+    return [arrays]
+  batches: list[list[_arrays.ArrayWrite]] = [[]]
+  held = 0
+  for array in arrays:
+    size = sum(block.nbytes for _, block in array.blocks)
+    if batches[-1] and held + size > max_bytes:
+      batches.append([])
+      held = 0
+    batches[-1].append(array)
+    held += size
+  return batches
 
 
 def _nest_by_slash(strings: dict[str, str]) -> dict[str, Any]:

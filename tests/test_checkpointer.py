@@ -280,3 +280,24 @@ def test_without_atomic_renames_the_commit_marker_is_the_commit(tmp_path, monkey
   (tmp_path / 'run' / '2' / 'commit_success.txt').unlink()
   with ocp.CheckpointManager(tmp_path / 'run') as manager:
     assert manager.all_steps() == [1]
+
+
+@pytest.mark.parametrize('use_ocdbt', [True, False])
+def test_save_concurrent_gb_writes_in_batches_that_both_libraries_restore(tmp_path, use_ocdbt):
+  import orbax.checkpoint as orbax
+  tree = {f'layer{i}': {'w': np.full((1 << 16,), i, np.float32), 'b': np.arange(i + 1.0)}
+          for i in range(6)}
+  tree['step'] = 3
+  limit_gb = 300_000 / 2**30  # Fewer bytes than two 256 KiB arrays: one per batch.
+  handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, save_concurrent_gb=limit_gb)
+  ocp.Checkpointer(handler).save(tmp_path / 'ck', args=ocp.args.PyTreeSave(tree))
+  if use_ocdbt:  # Batches commit to one per-process database, merged into the root once;
+    # each commit writes data files of its own (one commit writes a single one).
+    assert sorted(p.name for p in tmp_path.glob('ck/ocdbt.process_*')) == ['ocdbt.process_0']
+    assert len(list(tmp_path.glob('ck/ocdbt.process_0/d/*'))) >= 6
+  sums = json.loads((tmp_path / 'ck/flaxckpt_checksums/process_0').read_text())['chunks']
+  assert {f'layer{i}.w' for i in range(6)} <= set(sums)
+  assert_trees_equal(ocp.PyTreeCheckpointer().restore(tmp_path / 'ck'), tree)
+  restored = orbax.PyTreeCheckpointer().restore(tmp_path / 'ck')
+  for i in range(6):
+    np.testing.assert_array_equal(restored[f'layer{i}']['w'], tree[f'layer{i}']['w'])
