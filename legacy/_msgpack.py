@@ -11,7 +11,8 @@ reading returns arrays as views into the one buffer the file was read into.
 from __future__ import annotations
 
 import struct
-from typing import IO, Any
+from collections.abc import Callable
+from typing import IO, Any, NamedTuple
 
 import jax
 import msgpack
@@ -101,6 +102,12 @@ def _ext_hook(value: Any) -> Any:
   return value  # msgpack then raises its own TypeError, as it does for flax.
 
 
+class Deferred(NamedTuple):
+  """A leaf whose value ``load`` returns only when the writer reaches it, so a conversion can
+  stream a state through memory one leaf at a time."""
+  load: Callable[[], Any]
+
+
 class _Writer:
   """Encodes one tree into a file: small encodings are buffered, array data written as is."""
 
@@ -111,6 +118,8 @@ class _Writer:
 
   def write(self, value: Any, chunkable: bool = True) -> None:
     """``chunkable``: flax splits big arrays only at the top and in dict values, not in lists."""
+    if type(value) is Deferred:
+      value = value.load()
     kind = type(value)
     if kind is dict:
       self._buffer += _container_header(len(value), 0x80, 0xde)
