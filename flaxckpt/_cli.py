@@ -1,0 +1,242 @@
+"""The ``flaxckpt`` command (also ``python -m flaxckpt``): inspect, verify, convert, diff.
+
+Exit status: 0 when all is well, 1 when ``verify`` finds problems or ``diff`` finds differences,
+2 when a command cannot run (no checkpoint at the path, bad arguments); errors are one line on
+stderr. Everything runs on the CPU; no accelerator is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+_PROGRESS_MIN_BYTES = 64 << 20  # Smaller checkpoints verify too fast for a progress bar.
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = _parser()
+  args = parser.parse_args(argv)
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # Reading files needs no accelerator.
+  try:
+    return args.run(args)
+  except KeyboardInterrupt:
+    return 130
+  except (OSError, ValueError, TypeError, KeyError) as e:  # A bad path or a damaged file.
+    message = ' '.join(str(e).split()) or type(e).__name__
+    print(f'flaxckpt {args.command}: error: {message}', file=sys.stderr)
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='flaxckpt', description='Look inside, check, convert and compare checkpoints '
+      '(Orbax and flaxckpt PyTree checkpoints, CheckpointManager roots, flax msgpack files).')
+  commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+  inspect = commands.add_parser('inspect', help='show the format, tree and steps of a '
+                                'checkpoint (metadata only)')
+  inspect.add_argument('path')
+  inspect.add_argument('--json', action='store_true', help='print JSON instead of a table')
+  inspect.add_argument('--best-metric', help='the metric that ranks a manager\'s steps '
+                       '(default: the only numeric one)')
+  inspect.add_argument('--best-mode', choices=('max', 'min'), default='max',
+                       help='whether a higher or lower metric is better (default: max, as '
+                       'CheckpointManagerOptions)')
+  inspect.set_defaults(run=_inspect)
+
+  verify = commands.add_parser('verify', help='read every byte, check commit markers and '
+                               'checksums; exit 1 on any problem')
+  verify.add_argument('path')
+  shown = verify.add_mutually_exclusive_group()
+  shown.add_argument('--progress', action='store_true', default=None,
+                     help='always show a progress bar (default: on a terminal, for large '
+                     'checkpoints)')
+  shown.add_argument('--no-progress', dest='progress', action='store_false')
+  verify.set_defaults(run=_verify)
+
+  convert = commands.add_parser('convert', help='flax msgpack <-> Orbax PyTree checkpoint, '
+                                'streamed leaf by leaf')
+  convert.add_argument('source')
+  convert.add_argument('destination')
+  convert.add_argument('--to', required=True, choices=('orbax', 'msgpack'))
+  convert.add_argument('--batch-mib', type=int, default=256,
+                       help='array data staged at once when writing Orbax (default: 256)')
+  convert.set_defaults(run=_convert)
+
+  diff = commands.add_parser('diff', help='leaves added, removed and changed between two '
+                             'checkpoints; exit 1 if they differ')
+  diff.add_argument('first')
+  diff.add_argument('second')
+  diff.add_argument('--json', action='store_true', help='print JSON instead of text')
+  diff.set_defaults(run=_diff)
+  return parser
+
+
+# --- inspect -----------------------------------------------------------------------------------
+
+
+def _inspect(args: argparse.Namespace) -> int:
+  from flaxckpt import _inspect as inspect
+  description = inspect.describe(args.path, args.best_metric, args.best_mode)
+  if args.json:
+    json.dump(description, sys.stdout, indent=1, default=str)
+    print()
+  else:
+    _print_description(description, sys.stdout)
+  return 0
+
+
+def human_bytes(count: int) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB'):
+    if count < 1024 or unit == 'GiB':
+      return f'{count} {unit}' if unit == 'B' else f'{count:.1f} {unit}'
+    count /= 1024
+  raise AssertionError('unreachable')
+
+
+def _print_description(description: dict[str, Any], out: TextIO, indent: str = '') -> None:
+  kind = description['format']
+  if kind in ('manager', 'flax-dir'):
+    _print_steps(description, out, indent)
+    return
+  if kind == 'composite':
+    names = ', '.join(description['items']) or 'none'
+    print(f'{indent}{description["path"]}: checkpoint of items {names}, saved '
+          f'{description["saved"]}', file=out)
+    for item in description['items'].values():
+      _print_description(item, out, indent + '  ')
+    return
+  if kind == 'json':
+    print(f'{indent}{description["path"]}: JSON {json.dumps(description["value"])}', file=out)
+    return
+  details = [kind]
+  if 'storage' in description:
+    details.append(description['storage'])
+    details.append('checksums' if description['checksums'] else 'no checksums')
+  print(f'{indent}{description["path"]}: {", ".join(details)}', file=out)
+  rows = [('key path', 'shape', 'dtype', 'size', 'sharding / value')]
+  for leaf in description['leaves']:
+    if leaf['shape'] is None:
+      shown = leaf['value'] if leaf['kind'] == 'empty' else _short(leaf['value'])
+      rows.append((leaf['path'], '', '', '', shown))
+    else:
+      rows.append((leaf['path'], str(tuple(leaf['shape'])), leaf['dtype'],
+                   human_bytes(leaf['bytes']), leaf['sharding'] or _short(leaf['value'])))
+  _print_table(rows, out, indent + '  ')
+  totals = description['totals']
+  print(f'{indent}  {totals["leaves"]} leaves, {totals["arrays"]} arrays, '
+        f'{human_bytes(totals["bytes"])}', file=out)
+
+
+def _short(value: Any) -> str:
+  if value is None:
+    return ''
+  text = repr(value) if isinstance(value, str) else str(value)
+  return text if len(text) <= 40 else text[:37] + '...'
+
+
+def _print_table(rows: list[tuple[str, ...]], out: TextIO, indent: str) -> None:
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  for row in rows:
+    print(indent + '  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip(),
+          file=out)
+
+
+def _print_steps(description: dict[str, Any], out: TextIO, indent: str) -> None:
+  steps = description['steps']
+  what = 'CheckpointManager root' if description['format'] == 'manager' else 'flax directory'
+  rule = f', best by {description["best_by"]}' if description.get('best_by') else ''
+  print(f'{indent}{description["path"]}: {what}, {len(steps)} steps{rule}', file=out)
+  with_metrics = any(entry.get('metrics') is not None for entry in steps)
+  rows = [('step', 'saved') + (('metrics',) if with_metrics else ()) + ('',)]
+  for entry in steps:
+    marks = ', '.join(mark for mark in ('latest', 'best') if entry.get(mark))
+    metrics = json.dumps(entry['metrics']) if entry.get('metrics') is not None else ''
+    rows.append((str(entry['step']), entry['saved']) + ((metrics,) if with_metrics else ())
+                + (marks,))
+  _print_table(rows, out, indent + '  ')
+  if 'latest' in description:
+    print(f'{indent}latest step {description["latest_step"]}:', file=out)
+    _print_description(description['latest'], out, indent + '  ')
+
+
+# --- verify ------------------------------------------------------------------------------------
+
+
+class _ProgressBar:
+  """A one-line bar on stderr, redrawn at most ten times a second."""
+
+  def __init__(self, force: bool | None):
+    self._force = force
+    self._drawn = 0.0
+    self._shown = False
+
+  def __call__(self, done: int, total: int) -> None:
+    if self._force is False or (self._force is None and (
+        total < _PROGRESS_MIN_BYTES or not sys.stderr.isatty())):
+      return
+    now = time.monotonic()
+    if done < total and now - self._drawn < 0.1:
+      return
+    self._drawn = now
+    filled = 30 * done // total if total else 30
+    print(f'\rverifying [{"#" * filled}{"." * (30 - filled)}] {100 * done // max(total, 1):3d}% '
+          f'{human_bytes(done)} of {human_bytes(total)}', end='', file=sys.stderr, flush=True)
+    self._shown = True
+
+  def finish(self) -> None:
+    if self._shown:
+      print(file=sys.stderr)
+
+
+def _verify(args: argparse.Namespace) -> int:
+  from flaxckpt import _verify as verify
+  bar = _ProgressBar(args.progress)
+  problems = verify.verify(args.path, progress=bar)
+  bar.finish()
+  for problem in problems:
+    print(problem)
+  if problems:
+    print(f'{len(problems)} problem{"s" if len(problems) > 1 else ""} found in {args.path}',
+          file=sys.stderr)
+    return 1
+  print(f'{args.path}: OK')
+  return 0
+
+
+# --- convert and diff --------------------------------------------------------------------------
+
+
+def _convert(args: argparse.Namespace) -> int:
+  from flaxckpt import _convert as convert
+  target = convert.convert(args.source, args.destination, args.to, args.batch_mib << 20)
+  print(f'wrote {target}')
+  return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+  from flaxckpt import _diff as diff
+  found = diff.diff(args.first, args.second)
+  if args.json:
+    json.dump({'identical': found.identical, 'added': found.added, 'removed': found.removed,
+               'changed': [change._asdict() for change in found.changed],
+               'same': found.same}, sys.stdout, indent=1)
+    print()
+    return 0 if found.identical else 1
+  for path in found.removed:
+    print(f'- {path}')
+  for path in found.added:
+    print(f'+ {path}')
+  for change in found.changed:
+    detail = f'{change.before} -> {change.after}'
+    if change.what == 'values' and change.max_abs_diff is not None:
+      detail = f'{change.before}, max abs diff {change.max_abs_diff:.6g}'
+    print(f'~ {change.path}: {change.what} differ ({detail})')
+  print(f'{len(found.removed)} removed, {len(found.added)} added, {len(found.changed)} changed, '
+        f'{found.same} equal')
+  return 0 if found.identical else 1
