@@ -26,6 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.run(args)
   except KeyboardInterrupt:
     return 130
+  except BrokenPipeError:  # The reader (``| head``) is gone; say nothing more.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
   except (OSError, ValueError, TypeError, KeyError) as e:  # A bad path or a damaged file.
     message = ' '.join(str(e).split()) or type(e).__name__
     print(f'flaxckpt {args.command}: error: {message}', file=sys.stderr)
