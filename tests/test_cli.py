@@ -271,3 +271,20 @@ def test_errors_are_one_line_naming_the_path(tmp_path):
   assert 'already exists' in result.stderr
   result = run('convert', tmp_path / 'ck', tmp_path / 'x', '--to', 'orbax')
   assert result.returncode == 2 and 'already a orbax-pytree checkpoint' in result.stderr
+
+
+OLD_FORMATS = pathlib.Path(__file__).parent / 'data' / 'old-formats' / 'f0102-ocp0102'
+
+
+@pytest.mark.parametrize('case', sorted(p.name for p in OLD_FORMATS.iterdir()))
+def test_verify_checkpoints_written_by_flax_and_orbax_0_10(case):
+  result = run('verify', OLD_FORMATS / case)
+  assert (result.returncode, result.stderr) == (0, ''), result.stdout + result.stderr
+
+
+def test_inspect_flax_multiprocess_arrays(tmp_path):
+  description = run_json('inspect', OLD_FORMATS / 'flax_gda' / 'checkpoint_4')
+  leaves = leaves_by_path(description)
+  assert leaves['b']['shape'] == [8] and leaves['b']['dtype'] == 'float32'
+  assert leaves['b']['sharding'] == 'multi-process array in checkpoint_4_gda'
+  assert leaves['step']['value'] == 5
