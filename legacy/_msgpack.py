@@ -10,7 +10,10 @@ reading returns arrays as views into the one buffer the file was read into.
 
 from __future__ import annotations
 
+import functools
+import math
 import struct
+import warnings
 from collections.abc import Callable
 from typing import IO, Any, NamedTuple
 
@@ -175,6 +178,14 @@ def encode(state: Any) -> bytes:
 
 
 # --- reading -----------------------------------------------------------------------------------
+#
+# The reader accepts exactly what flax's writer produces and names the byte offset of anything
+# else: a file cut short, a declared length past the end, a key that is not a string or appears
+# twice, an ext type flax does not write, an array whose shape, dtype name or byte count do not
+# agree, a chunked array with missing or misnumbered pieces. Nothing else escapes ``decode``.
+
+MAX_DEPTH = 400  # Deeper nesting is refused before it meets Python's recursion limit (1000
+# frames, one per level here); flax.serialization.to_bytes fails at about 330 levels itself.
 
 _FIXED_WIDTH = {  # type byte -> (struct format, byte count) of ints and floats
     0xca: ('>f', 4), 0xcb: ('>d', 8), 0xcc: ('>B', 1), 0xcd: ('>H', 2), 0xce: ('>I', 4),
@@ -188,6 +199,21 @@ _SIZED = {  # type byte -> (kind, struct format of the length, byte count of the
     0xde: ('map', '>H', 2), 0xdf: ('map', '>I', 4),
 }
 _FIXEXT_SIZES = {0xd4: 1, 0xd5: 2, 0xd6: 4, 0xd7: 8, 0xd8: 16}
+_BIN_WIDTHS = {0xc4: (1, '>B'), 0xc5: (2, '>H'), 0xc6: (4, '>I')}
+
+
+@functools.lru_cache(maxsize=256)
+def _dtype(name: str) -> np.dtype | None:
+  """The dtype flax wrote as ``name`` (its ``dtype.name``), or None if no such dtype has it."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter('error')  # Deprecated aliases are not names flax writes.
+      dtype = np.dtype(name)
+  except (TypeError, ValueError, Warning):
+    return None
+  if dtype.name != name or dtype.hasobject or not dtype.itemsize:
+    return None
+  return dtype
 
 
 class _Reader:
@@ -200,26 +226,25 @@ class _Reader:
 
   def _take(self, size: int) -> int:
     start = self._pos
-    self._pos += size
-    if self._pos > len(self._view):
+    if size > len(self._view) - start:
       raise MsgpackDecodeError(
           f'the data ends after {len(self._view)} bytes, inside a value that starts at byte '
           f'{start} and needs {size} bytes')
+    self._pos += size
     return start
 
   def _unpack(self, fmt: str, size: int) -> Any:
     return struct.unpack_from(fmt, self._view, self._take(size))[0]
 
-  def read(self) -> Any:
+  def read(self, depth: int = 0) -> Any:
+    """The value at the current position. Containers are read in this frame (one frame per
+    level of nesting)."""
+    start = self._pos
     code = self._view[self._take(1)]
     if code <= 0x7f:
       return code
     if code >= 0xe0:
       return code - 0x100
-    if 0x80 <= code <= 0x8f:
-      return self._read_map(code & 0x0f)
-    if 0x90 <= code <= 0x9f:
-      return [self.read() for _ in range(code & 0x0f)]
     if 0xa0 <= code <= 0xbf:
       return self._read_str(code & 0x1f)
     if code == 0xc0:
@@ -231,22 +256,46 @@ class _Reader:
       return self._unpack(*fixed)
     if code in _FIXEXT_SIZES:
       return self._read_ext(_FIXEXT_SIZES[code])
-    sized = _SIZED.get(code)
-    if sized is None:
-      raise MsgpackDecodeError(f'byte {self._pos - 1} holds 0x{code:02x}, which starts no '
-                               'msgpack value')
-    kind, fmt, width = sized
-    size = self._unpack(fmt, width)
-    if kind == 'bin':
-      start = self._take(size)
-      return bytes(self._view[start:self._pos])
-    if kind == 'str':
-      return self._read_str(size)
-    if kind == 'ext':
-      return self._read_ext(size)
+    if 0x80 <= code <= 0x9f:
+      kind, size = ('map' if code <= 0x8f else 'array'), code & 0x0f
+    else:
+      sized = _SIZED.get(code)
+      if sized is None:
+        raise MsgpackDecodeError(f'byte {start} holds 0x{code:02x}, which starts no msgpack '
+                                 'value')
+      kind, fmt, width = sized
+      size = self._unpack(fmt, width)
+      if kind == 'bin':
+        begin = self._take(size)
+        return bytes(self._view[begin:self._pos])
+      if kind == 'str':
+        return self._read_str(size)
+      if kind == 'ext':
+        return self._read_ext(size)
+    if depth >= MAX_DEPTH:
+      raise MsgpackDecodeError(f'the {kind} at byte {start} is nested {depth} levels deep; '
+                               f'flax checkpoints nest fewer than {MAX_DEPTH}')
+    entry_bytes = 2 if kind == 'map' else 1
+    if size * entry_bytes > len(self._view) - self._pos:
+      raise MsgpackDecodeError(
+          f'the {kind} at byte {start} declares {size} entries, more than the '
+          f'{len(self._view) - self._pos} bytes left can hold')
     if kind == 'array':
-      return [self.read() for _ in range(size)]
-    return self._read_map(size)
+      items = []
+      for _ in range(size):
+        items.append(self.read(depth + 1))
+      return items
+    out = {}
+    for _ in range(size):
+      key_at = self._pos
+      key = self.read(depth + 1)
+      if not isinstance(key, (str, bytes)):
+        raise MsgpackDecodeError(f'the map at byte {start} has a key of type '
+                                 f'{type(key).__name__} at byte {key_at}; keys are strings')
+      if key in out:
+        raise MsgpackDecodeError(f'the map at byte {start} has the key {key!r} twice')
+      out[key] = self.read(depth + 1)
+    return out
 
   def _read_str(self, size: int) -> str:
     start = self._take(size)
@@ -255,55 +304,60 @@ class _Reader:
     except UnicodeDecodeError as e:
       raise MsgpackDecodeError(f'the string at byte {start} is not UTF-8: {e}') from e
 
-  def _read_map(self, size: int) -> dict[Any, Any]:
-    out = {}
-    for _ in range(size):
-      key = self.read()
-      out[tuple(key) if isinstance(key, list) else key] = self.read()
-    return out
-
   def _read_ext(self, size: int) -> Any:
     ext_code = self._unpack('>b', 1)
     start = self._take(size)
     if ext_code in (ARRAY_EXT, SCALAR_EXT):
-      array = self._read_array(start, size)
+      end, self._pos = self._pos, start
+      try:
+        array = self._read_array(start, end, scalar=ext_code == SCALAR_EXT)
+      finally:
+        self._pos = end
       return array[()] if ext_code == SCALAR_EXT else array
-    payload = bytes(self._view[start:self._pos])
     if ext_code == COMPLEX_EXT:
-      real, imag = msgpack.unpackb(payload)
-      return complex(real, imag)
-    return msgpack.ExtType(ext_code, payload)
+      try:
+        parts = _Reader(self._view[start:self._pos]).read_all(depth_left=1)
+        if (not isinstance(parts, list) or len(parts) != 2
+            or not all(type(part) in (int, float) for part in parts)):
+          raise MsgpackDecodeError(f'{parts!r} is not [real, imag]')
+        return complex(*parts)
+      except (MsgpackDecodeError, OverflowError) as e:
+        raise MsgpackDecodeError(f'the complex number at byte {start} is malformed: {e}') from None
+    raise MsgpackDecodeError(f'byte {start - 1} holds the ext type code {ext_code}, but '
+                             'flax writes only 1 (array), 2 (complex) and 3 (numpy scalar)')
 
-  def _read_array(self, start: int, size: int) -> np.ndarray:
-    end, self._pos = self._pos, start
-    try:
-      if self._view[self._take(1)] != 0x93:  # [shape, dtype name, data]
-        raise MsgpackDecodeError(f'the array at byte {start} is not a 3-element list')
-      shape, dtype_name = self.read(), self.read()
-      header = self._view[self._take(1)]
-      width = {0xc4: 1, 0xc5: 2, 0xc6: 4}.get(header)
-      if width is None:
-        raise MsgpackDecodeError(f'the array at byte {start} has no raw data')
-      count = self._unpack({1: '>B', 2: '>H', 4: '>I'}[width], width)
-      data = self._take(count)
-      if self._pos != end or not isinstance(shape, list) or not isinstance(dtype_name, str):
-        raise MsgpackDecodeError(f'the array at byte {start} is malformed')
-      dtype = np.dtype(dtype_name)
-      if count != int(np.prod(shape)) * dtype.itemsize:
-        raise MsgpackDecodeError(f'the array at byte {start} holds {count} bytes, not the '
-                                 f'{int(np.prod(shape)) * dtype.itemsize} of {shape} x {dtype}')
-    except TypeError as e:
-      raise MsgpackDecodeError(f'the array at byte {start} is malformed: {e}') from e
-    finally:
-      self._pos = max(self._pos, end)
-    return np.frombuffer(self._buffer, dtype, count // dtype.itemsize if dtype.itemsize else 0,
-                         data).reshape(shape)
+  def _read_array(self, start: int, end: int, scalar: bool) -> np.ndarray:
+    """The array ``[shape, dtype name, raw bytes]`` in bytes ``start:end``."""
+    if self._view[self._take(1)] != 0x93:
+      raise MsgpackDecodeError(f'the array at byte {start} is not a 3-element list')
+    shape, dtype_name = self.read(MAX_DEPTH - 1), self.read(MAX_DEPTH)
+    bin_width = _BIN_WIDTHS.get(self._view[self._take(1)])
+    if bin_width is None:
+      raise MsgpackDecodeError(f'the array at byte {start} has no raw data')
+    count = self._unpack(bin_width[1], bin_width[0])
+    data = self._take(count)
+    if self._pos != end:
+      raise MsgpackDecodeError(f'the array at byte {start} has {end - self._pos} bytes more '
+                               'than its parts')
+    if (not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape)
+        or (scalar and shape)):
+      raise MsgpackDecodeError(f'the array at byte {start} has the shape {shape!r}, not a list '
+                               'of sizes' + (' (a scalar has shape [])' if scalar else ''))
+    dtype = _dtype(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+      raise MsgpackDecodeError(f'the array at byte {start} has the dtype name {dtype_name!r}, '
+                               'which names no numpy dtype')
+    expected = math.prod(shape) * dtype.itemsize
+    if count != expected:
+      raise MsgpackDecodeError(f'the array at byte {start} holds {count} bytes, not the '
+                               f'{expected} of {shape} x {dtype}')
+    return np.frombuffer(self._buffer, dtype, count // dtype.itemsize, data).reshape(shape)
 
-  def read_all(self) -> Any:
-    value = self.read()
+  def read_all(self, depth_left: int = MAX_DEPTH) -> Any:
+    value = self.read(MAX_DEPTH - depth_left)
     if self._pos != len(self._view):
       raise MsgpackDecodeError(f'{len(self._view) - self._pos} bytes follow the checkpoint '
-                               'data')
+                               f'data, which ends at byte {self._pos}')
     return value
 
 
@@ -319,15 +373,41 @@ def _unchunk_in_place(node: Any) -> Any:
   return node
 
 
+def _numbered(node: Any, what: str) -> list[Any]:
+  """The values of a ``{'0': ..., '1': ...}`` dict, in order."""
+  numbers = [str(i) for i in range(len(node))] if isinstance(node, dict) else []
+  if not isinstance(node, dict) or set(node) != set(numbers):
+    keys = list(node) if isinstance(node, dict) else type(node).__name__
+    raise MsgpackDecodeError(f'a chunked array has {what} {keys!r}, not keys "0", "1", ...')
+  return [node[key] for key in numbers]
+
+
 def _unchunk(node: dict[str, Any]) -> np.ndarray:
-  shape = tuple(node['shape'][str(i)] for i in range(len(node['shape'])))
-  chunks = [node['chunks'][str(i)] for i in range(len(node['chunks']))]
+  if set(node) != {CHUNKED_MARKER, 'shape', 'chunks'} or node[CHUNKED_MARKER] is not True:
+    raise MsgpackDecodeError(f'a chunked array has the keys {list(node)!r}, not '
+                             f'{[CHUNKED_MARKER, "shape", "chunks"]!r}')
+  shape = _numbered(node['shape'], 'the shape')
+  chunks = _numbered(node['chunks'], 'the chunks')
+  if not all(type(n) is int and n >= 0 for n in shape):
+    raise MsgpackDecodeError(f'a chunked array has the shape {shape!r}, not a list of sizes')
+  if not chunks or not all(type(c) is np.ndarray and c.ndim == 1 and c.dtype == chunks[0].dtype
+                           for c in chunks):
+    raise MsgpackDecodeError('a chunked array has chunks that are not flat arrays of one dtype')
+  step = max(1, MAX_CHUNK_SIZE // chunks[0].dtype.itemsize)
+  sizes = [c.size for c in chunks]
+  total = math.prod(shape)
+  if sum(sizes) != total or any(n != step for n in sizes[:-1]) or not 0 < sizes[-1] <= step:
+    raise MsgpackDecodeError(f'a chunked array of shape {tuple(shape)} has chunks of '
+                             f'{sizes} elements; expected {total} in pieces of {step}')
   return np.concatenate(chunks).reshape(shape)
 
 
 def decode(buffer: np.ndarray | bytearray | bytes) -> Any:
   """The state dict encoded in ``buffer``; arrays are views into it (writable unless it is bytes).
 
-  Raises MsgpackDecodeError if ``buffer`` is not exactly one msgpack value.
+  Raises MsgpackDecodeError if ``buffer`` is not exactly one msgpack value as flax writes it.
   """
-  return _unchunk_in_place(_Reader(buffer).read_all())
+  try:
+    return _unchunk_in_place(_Reader(buffer).read_all())
+  except RecursionError as e:  # Only when the caller's own stack is already deep.
+    raise MsgpackDecodeError(f'the data is nested too deeply to read here ({e})') from None
