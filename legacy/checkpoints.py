@@ -7,25 +7,30 @@ the bytes ``flax.serialization.to_bytes`` gives, streamed to disk. ``restore_che
 either kind, and ``_gda`` multi-process arrays, whatever the flag says.
 
 Where we differ from flax: retention never deletes a save that is still in flight (``<prefix>tmp``
-or ``*.orbax-checkpoint-tmp*``), errors name the path they are about, and a corrupt msgpack file
-raises ``CorruptCheckpointError`` instead of a bare msgpack error.
+or ``*.orbax-checkpoint-tmp*``), errors name the path they are about, a corrupt msgpack file
+raises ``CorruptCheckpointError`` instead of a bare msgpack error, and each msgpack file we write
+gets a hidden sidecar ``.<name>.crc32c`` with its size and crc32c, checked on restore (flax's
+format has no checksum; flax neither lists nor reads the sidecar).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import os
+import pathlib
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import IO, Any, NamedTuple
 
+import crc32c
 import flax
 import jax
 import numpy as np
 from flax import core, errors, serialization
 
-from flaxckpt import _errors, _multihost, _storage
+from flaxckpt import _checksums, _errors, _multihost, _storage
 from flaxckpt._checkpointer import AsyncCheckpointer, Checkpointer
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler
 from flaxckpt.legacy import _gda, _msgpack, orbax_utils
@@ -44,10 +49,17 @@ ORBAX_CKPT_FILENAME = 'checkpoint'
 ORBAX_MANIFEST_OCDBT = 'manifest.ocdbt'
 ORBAX_METADATA_FILENAME = '_METADATA'
 _ORBAX_TMP_MARK = '.orbax-checkpoint-tmp'
+SIDECAR_SUFFIX = '.crc32c'  # The sidecar of <dir>/<name> is <dir>/.<name>.crc32c.
 
 
 class CorruptCheckpointError(_errors.CheckpointError, ValueError):
   """A msgpack checkpoint file is truncated or is not a msgpack checkpoint."""
+
+
+class ChecksumMismatchError(CorruptCheckpointError, _errors.ChecksumError):
+  """A msgpack file's size or crc32c differs from what its sidecar recorded at save, or the
+  sidecar itself is unreadable. Both a ``CorruptCheckpointError`` and a
+  ``flaxckpt.ChecksumError``."""
 
 
 class AsyncManager:
@@ -149,6 +161,108 @@ def _is_orbax_checkpoint(path: str) -> bool:
              (ORBAX_CKPT_FILENAME, ORBAX_METADATA_FILENAME, ORBAX_MANIFEST_OCDBT))
 
 
+# --- checksum sidecars ------------------------------------------------------------------------
+#
+# flax's msgpack format has no checksum, so a flipped byte inside array data restores wrong
+# values silently. Beside each msgpack file it writes, save_checkpoint keeps a sidecar
+# ``.<name>.crc32c``: JSON {"algorithm": "crc32c", "size": N, "crc32c": X} of the whole file.
+# The dot keeps it out of flax's listing (names matching ``<prefix>*``); for a prefix whose
+# pattern would still match it ('' or starting with '.') no sidecar is written. Commit order:
+# remove the old sidecar, rename the file into place, write the new sidecar (fsynced, through a
+# temporary name). A crash leaves no sidecar (the file restores unchecked, like one flax wrote)
+# or the right one, never a sidecar beside a different file.
+
+
+class _Checksum(NamedTuple):
+  size: int
+  crc32c: int
+
+
+class _ChecksummingFile:
+  """Passes writes on to ``file`` and keeps the size and crc32c of everything written."""
+
+  def __init__(self, file: IO[bytes]):
+    self._file = file
+    self.size = 0
+    self.crc = 0
+
+  def write(self, data: Any) -> int:
+    self.crc = crc32c.crc32c(data, self.crc)
+    self.size += memoryview(data).nbytes
+    return self._file.write(data)
+
+
+def _sidecar_path(ckpt_path: str) -> str:
+  directory, name = os.path.split(ckpt_path)
+  return os.path.join(directory, f'.{name}{SIDECAR_SUFFIX}')
+
+
+def _sidecar_names(ckpt_name: str) -> tuple[str, str]:
+  """(sidecar, its temporary name) of checkpoint file ``ckpt_name``."""
+  sidecar = f'.{ckpt_name}{SIDECAR_SUFFIX}'
+  return sidecar, sidecar + '.tmp'
+
+
+def _keeps_sidecars(prefix: str) -> bool:
+  """Whether flax's listing (``PurePath(name).match(prefix + '*')``) passes over sidecars."""
+  return not pathlib.PurePath(f'.{prefix}0{SIDECAR_SUFFIX}').match(f'{prefix}*')
+
+
+def _write_sidecar(ckpt_path: str, checksum: _Checksum) -> None:
+  path = _storage.as_path(_sidecar_path(ckpt_path))
+  tmp = path.with_name(path.name + '.tmp')
+  _storage.write_text(tmp, json.dumps({'algorithm': _checksums.ALGORITHM, 'size': checksum.size,
+                                       'crc32c': checksum.crc32c}), sync=True)
+  _storage.rename(tmp, path)
+
+
+def _remove_sidecar(ckpt_path: str) -> None:
+  path = _storage.as_path(_sidecar_path(ckpt_path))
+  _storage.remove(path.with_name(path.name + '.tmp'))
+  _storage.remove(path)
+
+
+def _remove_orphan_sidecars(directory: str, prefix: str) -> None:
+  """Deletes sidecars (and their temporary names) whose checkpoint file is gone."""
+  names = set(_names(directory))
+  for name in names:
+    if name.startswith(f'.{prefix}'):
+      for suffix in (SIDECAR_SUFFIX, SIDECAR_SUFFIX + '.tmp'):
+        if name.endswith(suffix) and name[1:-len(suffix)] not in names:
+          logger.info('Removing checksum file %s: its checkpoint is gone.', name)
+          _storage.remove(_storage.as_path(os.path.join(directory, name)))
+
+
+def _verify_sidecar(ckpt_path: str, data: np.ndarray) -> None:
+  """Checks ``data`` (the whole file at ``ckpt_path``) against its sidecar, if it has one."""
+  path = _storage.as_path(_sidecar_path(ckpt_path))
+  try:
+    text = _storage.read_text(path)
+  except FileNotFoundError:
+    return  # Written by flax, or a save that stopped before its sidecar: nothing to check.
+  try:
+    recorded = json.loads(text)
+    if recorded.get('algorithm') != _checksums.ALGORITHM:
+      return  # Another algorithm, from a later release: nothing this one can check.
+    size, crc = recorded['size'], recorded['crc32c']
+    if type(size) is not int or type(crc) is not int:
+      raise TypeError(f'size {size!r} and crc32c {crc!r} are not integers')
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise ChecksumMismatchError(
+        f'{path}: the checksum file of {ckpt_path} is damaged ({type(e).__name__}: {e}). '
+        'Delete it, or restore with verify_checksums=False, to read the checkpoint unchecked.'
+    ) from e
+  advice = ('The checkpoint is damaged. (If another program, such as flax\'s own '
+            f'save_checkpoint, rewrote it after flaxckpt saved it, delete {path}.)')
+  if len(data) != size:
+    raise ChecksumMismatchError(f'{ckpt_path} has {len(data)} bytes, but {size} were written '
+                                f'when it was saved (recorded in {path}). {advice}')
+  actual = _checksums.of_bytes(data)
+  if actual != crc:
+    raise ChecksumMismatchError(f'{ckpt_path} has crc32c {actual:#010x}, but {crc:#010x} was '
+                                f'recorded when it was saved (in {path}). {advice}')
+
+
 # --- saving ------------------------------------------------------------------------------------
 
 
@@ -185,26 +299,29 @@ def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overw
   newest committed checkpoints are all there is. (Flax's result here depends on whether the
   async save has created its directory yet.)
   """
-  paths = _all_checkpoints(*os.path.split(base_path))
+  directory, prefix = os.path.split(base_path)
+  paths = _all_checkpoints(directory, prefix)
   if overwrite and ckpt_path in paths:
     cut = paths.index(ckpt_path) + 1
     paths, newer = paths[:cut], paths[cut:]
     for path in newer:
       _delete_checkpoint(path)
-  if len(paths) <= keep:
-    return
-  last_kept = -float('inf')
-  for path in paths[:-keep]:
-    if keep_every_n_steps:
-      step = _step_of(path)
-      if step and step - last_kept >= keep_every_n_steps:
-        last_kept = step
-        continue
-    _delete_checkpoint(path)
+  if len(paths) > keep:
+    last_kept = -float('inf')
+    for path in paths[:-keep]:
+      if keep_every_n_steps:
+        step = _step_of(path)
+        if step and step - last_kept >= keep_every_n_steps:
+          last_kept = step
+          continue
+      _delete_checkpoint(path)
+  if _keeps_sidecars(prefix):
+    _remove_orphan_sidecars(directory, prefix)
 
 
 def _delete_checkpoint(path: str) -> None:
   logger.info('Removing checkpoint at %s', path)
+  _remove_sidecar(path)
   _storage.remove(_storage.as_path(path + MP_ARRAY_POSTFIX))
   _storage.remove(_storage.as_path(path))
 
@@ -226,15 +343,18 @@ def _uses_orbax(orbax_checkpointer: Any) -> bool:
   return bool(flax.config.flax_use_orbax_checkpointing or orbax_checkpointer)
 
 
-def _write_msgpack(state: Any, tmp_path: str) -> None:
+def _write_msgpack(state: Any, tmp_path: str) -> _Checksum:
+  """Writes ``state`` to ``tmp_path``; returns the file's size and crc32c, taken on the way."""
   path = _storage.as_path(tmp_path)
   _storage.make_dirs(path.parent)
   try:
     with _storage.open_for_write(path) as file:
-      _msgpack.write(file, state)
+      summed = _ChecksummingFile(file)
+      _msgpack.write(summed, state)
   except BaseException:
     _storage.remove(path)
     raise
+  return _Checksum(summed.size, summed.crc)
 
 
 def _host_snapshot(state: Any) -> Any:
@@ -252,13 +372,16 @@ def _host_snapshot(state: Any) -> Any:
 
 
 def _commit(tmp_path: str, ckpt_path: str, base_path: str, keep: int, overwrite: bool,
-            keep_every_n_steps: int | None, has_gda: bool) -> None:
+            keep_every_n_steps: int | None, has_gda: bool, checksum: _Checksum) -> None:
+  _remove_sidecar(ckpt_path)  # Never beside a file it was not written for, even after a crash.
   if has_gda:
     gda_tmp, gda_final = (_storage.as_path(tmp_path + MP_ARRAY_POSTFIX),
                           _storage.as_path(ckpt_path + MP_ARRAY_POSTFIX))
     _storage.remove(gda_final)
     _storage.rename(gda_tmp, gda_final)
   _storage.rename(_storage.as_path(tmp_path), _storage.as_path(ckpt_path))
+  if _keeps_sidecars(os.path.basename(base_path)):
+    _write_sidecar(ckpt_path, checksum)
   logger.info('Saved checkpoint at %s', ckpt_path)
   _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
 
@@ -298,8 +421,8 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, target: PyTree, step: int | flo
   state = serialization.to_state_dict(target)
 
   def write_and_commit(state: Any) -> None:
-    _write_msgpack(state, tmp_path)
-    _commit(tmp_path, ckpt_path, base_path, keep, overwrite, keep_every_n_steps, False)
+    checksum = _write_msgpack(state, tmp_path)
+    _commit(tmp_path, ckpt_path, base_path, keep, overwrite, keep_every_n_steps, False, checksum)
 
   if async_manager:
     snapshot = _host_snapshot(state)
@@ -341,7 +464,7 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
     _multihost.barrier('flaxckpt.legacy:save:checked')
   is_writer = jax.process_index() == 0
   if is_writer:
-    _write_msgpack(_host_snapshot(state) if async_manager else state, tmp_path)
+    checksum = _write_msgpack(_host_snapshot(state) if async_manager else state, tmp_path)
   if gda_arrays:
     gda_tmp = _storage.as_path(tmp_path + MP_ARRAY_POSTFIX)
     if is_writer:
@@ -352,7 +475,7 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
     _multihost.barrier('flaxckpt.legacy:save:gda_written')
   if is_writer:
     commit = lambda: _commit(tmp_path, ckpt_path, base_path, keep, overwrite,
-                             keep_every_n_steps, bool(gda_arrays))
+                             keep_every_n_steps, bool(gda_arrays), checksum)
     if async_manager:
       async_manager.save_async(commit)
     else:
@@ -396,17 +519,32 @@ def _orbax_restore(ckpt_path: str, target: Any, orbax_checkpointer: Checkpointer
       kwargs['transforms'] = orbax_utils.maybe_construct_transformations(
           target, orbax_transforms)
   restored = serialization.to_state_dict(checkpointer.restore(ckpt_path, item=target, **kwargs))
-  return restored if target is None else serialization.from_state_dict(target, restored)
+  return restored if target is None else _from_state_dict(target, restored, ckpt_path)
 
 
-def _read_msgpack(ckpt_path: str) -> Any:
+def _from_state_dict(target: Any, state: Any, ckpt_path: str) -> Any:
+  """``flax.serialization.from_state_dict``, its errors naming the checkpoint."""
+  try:
+    return serialization.from_state_dict(target, state)
+  except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+    found = f'a {type(state).__name__}' if not isinstance(state, dict) else 'a tree'
+    raise _errors.StructureMismatchError(
+        f'{ckpt_path} holds {found} that does not fit the target '
+        f'{type(target).__name__} ({type(e).__name__}: {e}). Restore with target=None to see '
+        'what it holds.') from e
+
+
+def _read_msgpack(ckpt_path: str, verify_checksums: bool) -> Any:
   path = _storage.as_path(ckpt_path)
   if _storage.is_dir(path):
     raise _errors.NotACheckpointError(
         f'{ckpt_path} is a directory but not an Orbax checkpoint (it has no _METADATA, '
         'manifest.ocdbt or checkpoint file), and a msgpack checkpoint is a file.')
+  data = _storage.read_into_buffer(path)
+  if verify_checksums:
+    _verify_sidecar(ckpt_path, data)
   try:
-    return _msgpack.decode(_storage.read_into_buffer(path))
+    return _msgpack.decode(data)
   except _msgpack.MsgpackDecodeError as e:
     raise CorruptCheckpointError(
         f'{ckpt_path} is not a complete flax msgpack checkpoint: {e}. The file is truncated or '
@@ -435,6 +573,12 @@ def _restore_gda_arrays(state: Any, target: Any, ckpt_path: str, step: int | flo
     flat_target = {}
   wanted = []
   for key, subpath in found:
+    if subpath != '/'.join(key) or subpath.startswith('/') or any(
+        part in ('.', '..') for part in subpath.split('/')):
+      raise CorruptCheckpointError(
+          f'{ckpt_path}: the multi-process array placeholder at {"/".join(key)!r} names the '
+          f'folder {subpath!r} of {ckpt_path + MP_ARRAY_POSTFIX}; flax names it after the key '
+          'path.')
     reference = flat_target.get(key)
     if not isinstance(reference, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)):
       if not allow_partial:
@@ -461,7 +605,8 @@ def restore_checkpoint(ckpt_dir: str | os.PathLike, target: Any | None,
                        parallel: bool = True, gda_manager: Any | None = None,
                        allow_partial_mpa_restoration: bool = False,
                        orbax_checkpointer: Checkpointer | None = None,
-                       orbax_transforms: dict | None = None) -> PyTree:
+                       orbax_transforms: dict | None = None,
+                       verify_checksums: bool = True) -> PyTree:
   """Restores the newest checkpoint in ``ckpt_dir`` (or ``step``, or ``ckpt_dir`` itself when it
   is a checkpoint), whichever backend wrote it.
 
@@ -469,11 +614,16 @@ def restore_checkpoint(ckpt_dir: str | os.PathLike, target: Any | None,
   with one, ``flax.serialization.from_state_dict`` rebuilds its structure. When ``ckpt_dir``
   does not exist or holds no checkpoint, ``target`` is returned unchanged (with a warning).
   ``parallel`` and ``gda_manager`` are accepted for flax's call sites; flaxckpt reads files in
-  parallel slices and reads ``_gda`` arrays itself.
+  parallel slices and reads ``_gda`` arrays itself. A msgpack file with a ``.<name>.crc32c``
+  sidecar (written by flaxckpt's ``save_checkpoint``) is checked against it first, unless
+  ``verify_checksums`` is False; files without one (written by flax) are read unchecked.
 
   Raises:
     ValueError: ``step`` names a checkpoint that does not exist.
     CorruptCheckpointError: a msgpack file is truncated or not a checkpoint.
+    ChecksumMismatchError: a msgpack file's size or crc32c differs from its sidecar's (a
+      ``CorruptCheckpointError`` and a ``flaxckpt.ChecksumError``).
+    flaxckpt.StructureMismatchError: the checkpoint does not fit ``target``.
     flax.errors.MPARestoreTargetRequiredError: the checkpoint has ``_gda`` arrays and the
       target has no multi-process jax.Array for them.
   """
@@ -488,9 +638,9 @@ def restore_checkpoint(ckpt_dir: str | os.PathLike, target: Any | None,
     logger.info('Restoring Orbax checkpoint from %s', ckpt_path)
     return _orbax_restore(ckpt_path, target, orbax_checkpointer, orbax_transforms)
   logger.info('Restoring legacy Flax checkpoint from %s', ckpt_path)
-  state = _restore_gda_arrays(_read_msgpack(ckpt_path), target, ckpt_path, step,
-                              allow_partial_mpa_restoration)
-  return state if target is None else serialization.from_state_dict(target, state)
+  state = _restore_gda_arrays(_read_msgpack(ckpt_path, verify_checksums), target, ckpt_path,
+                              step, allow_partial_mpa_restoration)
+  return state if target is None else _from_state_dict(target, state, ckpt_path)
 
 
 def convert_pre_linen(params: PyTree) -> PyTree:
@@ -512,7 +662,8 @@ def convert_pre_linen(params: PyTree) -> PyTree:
 
 
 __all__ = [
-    'AsyncManager', 'CorruptCheckpointError', 'available_steps', 'convert_pre_linen',
+    'AsyncManager', 'ChecksumMismatchError', 'CorruptCheckpointError', 'available_steps',
+    'convert_pre_linen',
     'latest_checkpoint', 'natural_sort', 'restore_checkpoint', 'safe_normpath',
     'save_checkpoint', 'save_checkpoint_multiprocess',
 ]

@@ -91,6 +91,8 @@ def test_multiprocess_arrays_match_flax_both_ways(tmp_path):
     assert {'ocdbt.process_0', 'ocdbt.process_1', '_METADATA'} <= {
         p.name for p in (tmp_path / name / 'checkpoint_7').iterdir()}
   flax_files, our_files = files_under(tmp_path / 'flax'), files_under(tmp_path / 'ours')
+  our_files = {name: data for name, data in our_files.items()  # Less flaxckpt's sidecar.
+               if not name.endswith('.crc32c')}
   assert sorted(our_files) == sorted(flax_files)
   assert 'checkpoint_7' in our_files and 'checkpoint_7_gda/params/w/.zarray' in our_files
   assert {name for name in our_files if name.startswith('checkpoint_7_gda/params/w/')} == {

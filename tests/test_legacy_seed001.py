@@ -34,6 +34,12 @@ import seed001
 from seed001 import CustomTrainState
 
 
+def _listing(directory) -> list[str]:
+  """Directory entries, less flaxckpt's checksum sidecars (test_legacy_integrity.py)."""
+  return sorted(name for name in os.listdir(directory)
+                if not name.endswith(checkpoints.SIDECAR_SUFFIX))
+
+
 @pytest.fixture(scope='module')
 def guide():
   """The guide's objects: model, ckpt, target, custom_state, custom_ckpt, custom_target."""
@@ -78,7 +84,7 @@ def test_seed001_legacy_save_returns_path(tmp_path, set_flag, guide):
   path = checkpoints.save_checkpoint(ckpt_dir=str(ckpt_dir), target=guide['ckpt'], step=0,
                                      overwrite=True, keep=2)
   assert path == f'{ckpt_dir}/checkpoint_0'
-  assert os.listdir(ckpt_dir) == ['checkpoint_0']
+  assert _listing(ckpt_dir) == ['checkpoint_0']
   # With the Orbax backend (flax's default) the checkpoint is an Orbax PyTree directory.
   assert os.path.isfile(os.path.join(path, '_METADATA'))
 
@@ -140,7 +146,7 @@ def test_seed001_orbax_transforms_fill_batch_stats_from_target(tmp_path, set_fla
   """Step 4 (a TrainState, Orbax backend) restored into custom_target with
   orbax_transforms={}: a CustomTrainState whose batch_stats come from the target."""
   ckpt_dir = _legacy_dir(tmp_path, set_flag, guide, upto=4)
-  assert sorted(os.listdir(ckpt_dir)) == ['checkpoint_0', 'checkpoint_4']
+  assert _listing(ckpt_dir) == ['checkpoint_0', 'checkpoint_4']
   custom_target = guide['custom_target']
   restored = checkpoints.restore_checkpoint(str(ckpt_dir), target=custom_target, step=4,
                                             orbax_transforms={})
@@ -163,7 +169,7 @@ def test_seed001_legacy_msgpack_raw_dict_then_from_state_dict(tmp_path, set_flag
   through from_state_dict into a CustomTrainState with batch_stats [9..0]."""
   ckpt_dir = _legacy_dir(tmp_path, set_flag, guide, upto=5)
   # keep=2: step 0 is gone; step 4 (Orbax directory) and step 5 (msgpack file) remain.
-  assert sorted(os.listdir(ckpt_dir)) == ['checkpoint_4', 'checkpoint_5']
+  assert _listing(ckpt_dir) == ['checkpoint_4', 'checkpoint_5']
   assert os.path.isdir(ckpt_dir / 'checkpoint_4') and os.path.isfile(ckpt_dir / 'checkpoint_5')
   assert (ckpt_dir / 'checkpoint_5').read_bytes() == serialization.to_bytes(guide['ckpt'])
 
@@ -327,7 +333,7 @@ def test_seed001_async_and_multiprocess_legacy(tmp_path, guide):
   assert isinstance(mp_restored['model'], jax.Array)
   _assert_array(mp_restored['model'], np.arange(16).reshape(8, 2), np.int32)
   assert mp_restored['model'].sharding == mp_smaller.sharding
-  assert sorted(os.listdir(ckpt_dir)) == ['checkpoint_3', 'flax-checkpointing', 'orbax']
+  assert _listing(ckpt_dir) == ['checkpoint_3', 'flax-checkpointing', 'orbax']
   async_checkpointer.close()
 
 
