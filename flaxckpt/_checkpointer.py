@@ -205,7 +205,11 @@ class Checkpointer:
       replaced = final.with_name(final.name + _REPLACED_SUFFIX)
       _storage.remove_tree(replaced)
       _storage.rename(final, replaced)
-      _storage.rename(tmp, final)
+      try:
+        _storage.rename(tmp, final)
+      except BaseException:
+        _storage.rename(replaced, final)  # The old checkpoint stays until a new one replaces it.
+        raise
       _storage.remove_tree(replaced)
     else:
       _storage.rename(tmp, final)
