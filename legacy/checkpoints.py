@@ -374,14 +374,23 @@ def _host_snapshot(state: Any) -> Any:
 def _commit(tmp_path: str, ckpt_path: str, base_path: str, keep: int, overwrite: bool,
             keep_every_n_steps: int | None, has_gda: bool, checksum: _Checksum) -> None:
   _remove_sidecar(ckpt_path)  # Never beside a file it was not written for, even after a crash.
-  if has_gda:
-    gda_tmp, gda_final = (_storage.as_path(tmp_path + MP_ARRAY_POSTFIX),
-                          _storage.as_path(ckpt_path + MP_ARRAY_POSTFIX))
-    _storage.remove(gda_final)
-    _storage.rename(gda_tmp, gda_final)
-  _storage.rename(_storage.as_path(tmp_path), _storage.as_path(ckpt_path))
+  tmp, gda_tmp = _storage.as_path(tmp_path), _storage.as_path(tmp_path + MP_ARRAY_POSTFIX)
+  try:
+    if has_gda:
+      gda_final = _storage.as_path(ckpt_path + MP_ARRAY_POSTFIX)
+      _storage.remove(gda_final)
+      _storage.rename(gda_tmp, gda_final)
+    _storage.rename(tmp, _storage.as_path(ckpt_path))
+  except BaseException:  # No half-committed save is left to look like one in flight.
+    _storage.remove(tmp)
+    _storage.remove(gda_tmp)
+    raise
   if _keeps_sidecars(os.path.basename(base_path)):
-    _write_sidecar(ckpt_path, checksum)
+    try:
+      _write_sidecar(ckpt_path, checksum)
+    except OSError as e:  # The checkpoint is complete; it only goes unchecked, like flax's.
+      _remove_sidecar(ckpt_path)
+      logger.warning('Saved %s without its checksum file: %s', ckpt_path, e)
   logger.info('Saved checkpoint at %s', ckpt_path)
   _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
 
