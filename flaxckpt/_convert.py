@@ -49,15 +49,17 @@ def convert(source: _storage.PathLike, destination: _storage.PathLike, to: str,
 
 def _write_msgpack(leaves: _leaf_source.LeafSource, target: pathlib.Path) -> None:
   """Streams the leaves into a temporary file beside ``target``, then renames it into place."""
-  from flaxckpt.legacy import _msgpack
+  from flaxckpt.legacy import _msgpack, _sidecar
   state = _leaf_source.nest([(path, _msgpack.Deferred(lambda path=path: leaves.read(path)))
                              for path in leaves.paths])
   _storage.make_dirs(target.parent)
   partial = target.with_name(f'.{target.name}.partial')
   try:
     with _storage.open_for_write(partial) as file:
-      _msgpack.write(file, state)
+      summed = _sidecar.ChecksummingFile(file)
+      _msgpack.write(summed, state)
     _storage.sync_tree(partial)
     _storage.rename(partial, target)
   finally:
     _storage.remove(partial)
+  _sidecar.write(str(target), summed.checksum)

@@ -55,3 +55,12 @@ class ChecksumError(CheckpointError, ValueError):
   def __init__(self, message: str, name: str | None = None):
     super().__init__(message)
     self.name = name  # The stored array's name, when one chunk is at fault.
+
+
+class CorruptCheckpointError(CheckpointError, ValueError):
+  """A flax msgpack checkpoint file is truncated or is not a msgpack checkpoint."""
+
+
+class ChecksumMismatchError(CorruptCheckpointError, ChecksumError):
+  """A flax msgpack file's size or crc32c differs from what its sidecar recorded at save, or the
+  sidecar itself is unreadable."""

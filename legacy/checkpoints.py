@@ -16,24 +16,22 @@ format has no checksum; flax neither lists nor reads the sidecar).
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import os
-import pathlib
 import re
 from collections.abc import Callable, Iterable
-from typing import IO, Any, NamedTuple
+from typing import Any
 
-import crc32c
 import flax
 import jax
 import numpy as np
 from flax import core, errors, serialization
 
-from flaxckpt import _checksums, _errors, _multihost, _storage
+from flaxckpt import _errors, _multihost, _storage
+from flaxckpt._errors import ChecksumMismatchError, CorruptCheckpointError
 from flaxckpt._checkpointer import AsyncCheckpointer, Checkpointer
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler
-from flaxckpt.legacy import _gda, _msgpack, orbax_utils
+from flaxckpt.legacy import _gda, _msgpack, _sidecar, orbax_utils
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +47,6 @@ ORBAX_CKPT_FILENAME = 'checkpoint'
 ORBAX_MANIFEST_OCDBT = 'manifest.ocdbt'
 ORBAX_METADATA_FILENAME = '_METADATA'
 _ORBAX_TMP_MARK = '.orbax-checkpoint-tmp'
-SIDECAR_SUFFIX = '.crc32c'  # The sidecar of <dir>/<name> is <dir>/.<name>.crc32c.
-
-
-class CorruptCheckpointError(_errors.CheckpointError, ValueError):
-  """A msgpack checkpoint file is truncated or is not a msgpack checkpoint."""
-
-
-class ChecksumMismatchError(CorruptCheckpointError, _errors.ChecksumError):
-  """A msgpack file's size or crc32c differs from what its sidecar recorded at save, or the
-  sidecar itself is unreadable. Both a ``CorruptCheckpointError`` and a
-  ``flaxckpt.ChecksumError``."""
 
 
 class AsyncManager:
@@ -161,108 +148,6 @@ def _is_orbax_checkpoint(path: str) -> bool:
              (ORBAX_CKPT_FILENAME, ORBAX_METADATA_FILENAME, ORBAX_MANIFEST_OCDBT))
 
 
-# --- checksum sidecars ------------------------------------------------------------------------
-#
-# flax's msgpack format has no checksum, so a flipped byte inside array data restores wrong
-# values silently. Beside each msgpack file it writes, save_checkpoint keeps a sidecar
-# ``.<name>.crc32c``: JSON {"algorithm": "crc32c", "size": N, "crc32c": X} of the whole file.
-# The dot keeps it out of flax's listing (names matching ``<prefix>*``); for a prefix whose
-# pattern would still match it ('' or starting with '.') no sidecar is written. Commit order:
-# remove the old sidecar, rename the file into place, write the new sidecar (fsynced, through a
-# temporary name). A crash leaves no sidecar (the file restores unchecked, like one flax wrote)
-# or the right one, never a sidecar beside a different file.
-
-
-class _Checksum(NamedTuple):
-  size: int
-  crc32c: int
-
-
-class _ChecksummingFile:
-  """Passes writes on to ``file`` and keeps the size and crc32c of everything written."""
-
-  def __init__(self, file: IO[bytes]):
-    self._file = file
-    self.size = 0
-    self.crc = 0
-
-  def write(self, data: Any) -> int:
-    self.crc = crc32c.crc32c(data, self.crc)
-    self.size += memoryview(data).nbytes
-    return self._file.write(data)
-
-
-def _sidecar_path(ckpt_path: str) -> str:
-  directory, name = os.path.split(ckpt_path)
-  return os.path.join(directory, f'.{name}{SIDECAR_SUFFIX}')
-
-
-def _sidecar_names(ckpt_name: str) -> tuple[str, str]:
-  """(sidecar, its temporary name) of checkpoint file ``ckpt_name``."""
-  sidecar = f'.{ckpt_name}{SIDECAR_SUFFIX}'
-  return sidecar, sidecar + '.tmp'
-
-
-def _keeps_sidecars(prefix: str) -> bool:
-  """Whether flax's listing (``PurePath(name).match(prefix + '*')``) passes over sidecars."""
-  return not pathlib.PurePath(f'.{prefix}0{SIDECAR_SUFFIX}').match(f'{prefix}*')
-
-
-def _write_sidecar(ckpt_path: str, checksum: _Checksum) -> None:
-  path = _storage.as_path(_sidecar_path(ckpt_path))
-  tmp = path.with_name(path.name + '.tmp')
-  _storage.write_text(tmp, json.dumps({'algorithm': _checksums.ALGORITHM, 'size': checksum.size,
-                                       'crc32c': checksum.crc32c}), sync=True)
-  _storage.rename(tmp, path)
-
-
-def _remove_sidecar(ckpt_path: str) -> None:
-  path = _storage.as_path(_sidecar_path(ckpt_path))
-  _storage.remove(path.with_name(path.name + '.tmp'))
-  _storage.remove(path)
-
-
-def _remove_orphan_sidecars(directory: str, prefix: str) -> None:
-  """Deletes sidecars (and their temporary names) whose checkpoint file is gone."""
-  names = set(_names(directory))
-  for name in names:
-    if name.startswith(f'.{prefix}'):
-      for suffix in (SIDECAR_SUFFIX, SIDECAR_SUFFIX + '.tmp'):
-        if name.endswith(suffix) and name[1:-len(suffix)] not in names:
-          logger.info('Removing checksum file %s: its checkpoint is gone.', name)
-          _storage.remove(_storage.as_path(os.path.join(directory, name)))
-
-
-def _verify_sidecar(ckpt_path: str, data: np.ndarray) -> None:
-  """Checks ``data`` (the whole file at ``ckpt_path``) against its sidecar, if it has one."""
-  path = _storage.as_path(_sidecar_path(ckpt_path))
-  try:
-    text = _storage.read_text(path)
-  except FileNotFoundError:
-    return  # Written by flax, or a save that stopped before its sidecar: nothing to check.
-  try:
-    recorded = json.loads(text)
-    if recorded.get('algorithm') != _checksums.ALGORITHM:
-      return  # Another algorithm, from a later release: nothing this one can check.
-    size, crc = recorded['size'], recorded['crc32c']
-    if type(size) is not int or type(crc) is not int:
-      raise TypeError(f'size {size!r} and crc32c {crc!r} are not integers')
-  except (ValueError, TypeError, KeyError, AttributeError) as e:
-    raise ChecksumMismatchError(
-        f'{path}: the checksum file of {ckpt_path} is damaged ({type(e).__name__}: {e}). '
-        'Delete it, or restore with verify_checksums=False, to read the checkpoint unchecked.'
-    ) from e
-  advice = ('The checkpoint is damaged. (If another program, such as flax\'s own '
-            f'save_checkpoint, rewrote it after flaxckpt saved it, delete {path}.)')
-  if len(data) != size:
-    raise ChecksumMismatchError(f'{ckpt_path} has {len(data)} bytes, but {size} were written '
-                                f'when it was saved (recorded in {path}). {advice}')
-  actual = _checksums.of_bytes(data)
-  if actual != crc:
-    raise ChecksumMismatchError(f'{ckpt_path} has crc32c {actual:#010x}, but {crc:#010x} was '
-                                f'recorded when it was saved (in {path}). {advice}')
-
-
 # --- saving ------------------------------------------------------------------------------------
 
 
@@ -315,13 +200,13 @@ def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overw
           last_kept = step
           continue
       _delete_checkpoint(path)
-  if _keeps_sidecars(prefix):
-    _remove_orphan_sidecars(directory, prefix)
+  if _sidecar.fits_prefix(prefix):
+    _sidecar.remove_orphans(directory, prefix)
 
 
 def _delete_checkpoint(path: str) -> None:
   logger.info('Removing checkpoint at %s', path)
-  _remove_sidecar(path)
+  _sidecar.remove(path)
   _storage.remove(_storage.as_path(path + MP_ARRAY_POSTFIX))
   _storage.remove(_storage.as_path(path))
 
@@ -343,18 +228,18 @@ def _uses_orbax(orbax_checkpointer: Any) -> bool:
   return bool(flax.config.flax_use_orbax_checkpointing or orbax_checkpointer)
 
 
-def _write_msgpack(state: Any, tmp_path: str) -> _Checksum:
+def _write_msgpack(state: Any, tmp_path: str) -> _sidecar.Checksum:
   """Writes ``state`` to ``tmp_path``; returns the file's size and crc32c, taken on the way."""
   path = _storage.as_path(tmp_path)
   _storage.make_dirs(path.parent)
   try:
     with _storage.open_for_write(path) as file:
-      summed = _ChecksummingFile(file)
+      summed = _sidecar.ChecksummingFile(file)
       _msgpack.write(summed, state)
   except BaseException:
     _storage.remove(path)
     raise
-  return _Checksum(summed.size, summed.crc)
+  return summed.checksum
 
 
 def _host_snapshot(state: Any) -> Any:
@@ -372,8 +257,8 @@ def _host_snapshot(state: Any) -> Any:
 
 
 def _commit(tmp_path: str, ckpt_path: str, base_path: str, keep: int, overwrite: bool,
-            keep_every_n_steps: int | None, has_gda: bool, checksum: _Checksum) -> None:
-  _remove_sidecar(ckpt_path)  # Never beside a file it was not written for, even after a crash.
+            keep_every_n_steps: int | None, has_gda: bool, checksum: _sidecar.Checksum) -> None:
+  _sidecar.remove(ckpt_path)  # Never beside a file it was not written for, even after a crash.
   tmp, gda_tmp = _storage.as_path(tmp_path), _storage.as_path(tmp_path + MP_ARRAY_POSTFIX)
   try:
     if has_gda:
@@ -385,11 +270,11 @@ def _commit(tmp_path: str, ckpt_path: str, base_path: str, keep: int, overwrite:
     _storage.remove(tmp)
     _storage.remove(gda_tmp)
     raise
-  if _keeps_sidecars(os.path.basename(base_path)):
+  if _sidecar.fits_prefix(os.path.basename(base_path)):
     try:
-      _write_sidecar(ckpt_path, checksum)
+      _sidecar.write(ckpt_path, checksum)
     except OSError as e:  # The checkpoint is complete; it only goes unchecked, like flax's.
-      _remove_sidecar(ckpt_path)
+      _sidecar.remove(ckpt_path)
       logger.warning('Saved %s without its checksum file: %s', ckpt_path, e)
   logger.info('Saved checkpoint at %s', ckpt_path)
   _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
@@ -551,7 +436,7 @@ def _read_msgpack(ckpt_path: str, verify_checksums: bool) -> Any:
         'manifest.ocdbt or checkpoint file), and a msgpack checkpoint is a file.')
   data = _storage.read_into_buffer(path)
   if verify_checksums:
-    _verify_sidecar(ckpt_path, data)
+    _sidecar.verify(ckpt_path, data)
   try:
     return _msgpack.decode(data)
   except _msgpack.MsgpackDecodeError as e:

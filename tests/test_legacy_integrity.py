@@ -16,7 +16,7 @@ from flax import serialization
 from flax.training import checkpoints as flax_checkpoints
 
 import flaxckpt as ocp
-from flaxckpt.legacy import _msgpack
+from flaxckpt.legacy import _msgpack, _sidecar
 from flaxckpt.legacy import checkpoints
 from trees import assert_trees_equal
 
@@ -36,7 +36,7 @@ def msgpack_ckpt(tmp_path, set_flag):
   return tmp_path / 'ckpts', pathlib.Path(path)
 
 
-def _sidecar(path: pathlib.Path) -> pathlib.Path:
+def _sidecar_of(path: pathlib.Path) -> pathlib.Path:
   return path.with_name(f'.{path.name}.crc32c')
 
 
@@ -187,7 +187,7 @@ def test_sidecar_records_size_and_crc32c_and_flax_ignores_it(msgpack_ckpt):
   ckpt_dir, path = msgpack_ckpt
   data = path.read_bytes()
   assert data == serialization.to_bytes(_tree())  # The checkpoint itself is flax's bytes.
-  recorded = json.loads(_sidecar(path).read_text())
+  recorded = json.loads(_sidecar_of(path).read_text())
   assert recorded == {'algorithm': 'crc32c', 'size': len(data), 'crc32c': crc32c.crc32c(data)}
   assert sorted(os.listdir(ckpt_dir)) == ['.checkpoint_7.crc32c', 'checkpoint_7']
   assert flax_checkpoints.latest_checkpoint(ckpt_dir) == str(path)
@@ -208,7 +208,7 @@ def test_flipped_array_byte_raises_checksum_error_with_both_values(msgpack_ckpt)
     with pytest.raises(checkpoints.ChecksumMismatchError) as info:
       checkpoints.restore_checkpoint(target, None)
     message = str(info.value)
-    assert str(path) in message and str(_sidecar(path)) in message
+    assert str(path) in message and str(_sidecar_of(path)) in message
     assert message.count('0x') == 2  # The crc32c found and the one recorded.
   assert isinstance(info.value, ocp.ChecksumError)
   assert isinstance(info.value, checkpoints.CorruptCheckpointError)
@@ -221,9 +221,9 @@ def test_damaged_sidecar_is_named_and_can_be_bypassed(msgpack_ckpt):
   _, path = msgpack_ckpt
   for damaged in ('', '{"algorithm": "crc32c"}', '{"algorithm": "crc32c", "size": "x", '
                   '"crc32c": 1}', 'not json', '[1, 2]'):
-    _sidecar(path).write_text(damaged)
+    _sidecar_of(path).write_text(damaged)
     message = _restore_raises_naming(path, checkpoints.ChecksumMismatchError)
-    assert str(_sidecar(path)) in message and 'verify_checksums=False' in message
+    assert str(_sidecar_of(path)) in message and 'verify_checksums=False' in message
     assert_trees_equal(checkpoints.restore_checkpoint(path, None, verify_checksums=False),
                        serialization.msgpack_restore(path.read_bytes()))
 
@@ -231,14 +231,14 @@ def test_damaged_sidecar_is_named_and_can_be_bypassed(msgpack_ckpt):
 def test_without_a_sidecar_the_file_restores_unchecked(msgpack_ckpt):
   """Files flax wrote, or a save that died between the rename and the sidecar."""
   _, path = msgpack_ckpt
-  _sidecar(path).unlink()
+  _sidecar_of(path).unlink()
   assert_trees_equal(checkpoints.restore_checkpoint(path, None),
                      serialization.msgpack_restore(path.read_bytes()))
 
 
 def test_sidecar_of_an_unknown_algorithm_is_skipped(msgpack_ckpt):
   _, path = msgpack_ckpt
-  _sidecar(path).write_text('{"algorithm": "xxh3", "size": 1, "digest": "ab"}')
+  _sidecar_of(path).write_text('{"algorithm": "xxh3", "size": 1, "digest": "ab"}')
   assert checkpoints.restore_checkpoint(path, None)['step'] == 7
 
 
@@ -299,7 +299,7 @@ def test_a_save_that_dies_before_its_sidecar_leaves_a_restorable_file(tmp_path, 
   def die(*args):
     raise KeyboardInterrupt('killed')
 
-  monkeypatch.setattr(checkpoints, '_write_sidecar', die)
+  monkeypatch.setattr(_sidecar, 'write', die)
   with pytest.raises(KeyboardInterrupt):
     checkpoints.save_checkpoint(tmp_path, {'x': np.ones(4)}, 1, keep=5, overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ['checkpoint_1']
@@ -315,3 +315,17 @@ def test_verify_command_checks_the_sidecar(msgpack_ckpt):
   path.write_bytes(data)
   problems = verify(path)
   assert len(problems) == 1 and 'crc32c' in problems[0].message
+
+
+def test_converted_msgpack_gets_a_sidecar_too(tmp_path):
+  """``flaxckpt convert --to msgpack`` writes the sidecar, so its output is checked as well."""
+  from flaxckpt._convert import convert
+  orbax_dir = tmp_path / 'orbax'
+  ocp.StandardCheckpointer().save(orbax_dir, {'w': np.arange(10.0), 'n': np.int32(3)})
+  back = convert(orbax_dir, tmp_path / 'out' / 'checkpoint_1', 'msgpack', 1 << 20)
+  assert sorted(os.listdir(back.parent)) == ['.checkpoint_1.crc32c', 'checkpoint_1']
+  assert json.loads(_sidecar_of(back).read_text())['size'] == back.stat().st_size
+  data = bytearray(back.read_bytes())
+  data[-2] ^= 4
+  back.write_bytes(data)
+  _restore_raises_naming(back, checkpoints.ChecksumMismatchError)
