@@ -183,7 +183,7 @@ def _best(steps: list[dict[str, Any]], metric: str | None, mode: str
 
 
 def msgpack_file(path: pathlib.Path) -> Description:
-  from flaxckpt.legacy import _gda  # Only flax files need the legacy package.
+  from flaxckpt.legacy import _gda, _sidecar  # Only flax files need the legacy package.
   leaves = []
   for key, value in _leaf_source.flatten_state(_leaf_source.read_msgpack(path)):
     name = '/'.join(key) if key else '<root>'
@@ -200,8 +200,10 @@ def msgpack_file(path: pathlib.Path) -> Description:
       leaves.append(_leaf(name, None, None, value=repr(value), empty=True))
     else:
       leaves.append(_leaf(name, None, None, value=value if _jsonable(value) else repr(value)))
+  sidecar = path.with_name(f'.{path.name}{_sidecar.SUFFIX}')
   return _with_totals({'format': 'flax-msgpack', 'path': str(path),
-                       'saved': _saved_at(path, None), 'leaves': leaves})
+                       'saved': _saved_at(path, None), 'checksums': _storage.is_file(sidecar),
+                       'leaves': leaves})
 
 
 def _jsonable(value: Any) -> bool:

@@ -16,6 +16,7 @@ from flax.training import checkpoints as flax_checkpoints
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import flaxckpt as ocp
+from flaxckpt.legacy import checkpoints as legacy_checkpoints
 
 SCRIPT = pathlib.Path(sys.executable).with_name('flaxckpt')
 
@@ -157,6 +158,16 @@ def test_verify_reports_each_damage_with_its_path(tmp_path, set_flag):
   result = run('verify', tmp_path / 'flax')
   assert result.returncode == 1
   assert result.stdout.startswith(f'{msgpack_file}: ') and 'truncated' in result.stdout
+
+  # Our msgpack files carry a crc32c sidecar: a flip inside array bytes, which decodes, is found.
+  ours = pathlib.Path(legacy_checkpoints.save_checkpoint(tmp_path / 'ours', {'w': np.arange(100.0)},
+                                                         step=1))
+  assert 'flax-msgpack, checksums' in run('inspect', ours).stdout
+  flip_byte(ours, ours.stat().st_size - 8)
+  result = run('verify', tmp_path / 'ours')
+  assert result.returncode == 1 and 'crc32c' in result.stdout and str(ours) in result.stdout
+  flax_file = flax_checkpoints.save_checkpoint(tmp_path / 'flax2', {'w': np.arange(3.0)}, step=1)
+  assert 'flax-msgpack, no checksums' in run('inspect', flax_file).stdout
 
   (tmp_path / 'half.orbax-checkpoint-tmp-1').mkdir()
   result = run('verify', tmp_path / 'half.orbax-checkpoint-tmp-1')
