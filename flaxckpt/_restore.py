@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -126,8 +126,37 @@ def read_tree_metadata(directory: pathlib.Path) -> _metadata.TreeMetadata:
         f'{_storage.list_names(directory)[:10]}).')
   try:
     return _metadata.parse_tree_metadata(_storage.read_text(path))
-  except (ValueError, KeyError, TypeError) as e:
+  except _DAMAGED as e:
     raise _errors.NotACheckpointError(f'{path}: unreadable checkpoint metadata ({e}).') from e
+
+
+# What parsing a damaged JSON file can raise (UnicodeDecodeError and JSONDecodeError are
+# ValueErrors; the others come from valid JSON of the wrong shape).
+_DAMAGED = (ValueError, KeyError, TypeError, AttributeError, IndexError)
+
+
+def _json_object(text: str) -> dict:
+  value = json.loads(text)
+  if not isinstance(value, dict):
+    raise TypeError(f'expected a JSON object, found {type(value).__name__}')
+  return value
+
+
+def read_side_file(path: pathlib.Path, parse: Callable[[str], Any] = _json_object) -> Any:
+  """``parse`` of the text of ``path`` (by default, the JSON object in it): a file beside a
+  checkpoint's arrays, such as ``_strings.json``. A damaged one raises NotACheckpointError
+  naming it."""
+  return parse_side_file(path, lambda: parse(_storage.read_text(path)))
+
+
+def parse_side_file(path: pathlib.Path, parse: Callable[[], Any], what: str = 'the file') -> Any:
+  """``parse()``, a failure becoming a NotACheckpointError that names ``path``."""
+  try:
+    return parse()
+  except _DAMAGED as e:
+    raise _errors.NotACheckpointError(
+        f'{path}: {what} is damaged ({type(e).__name__}: {e}); the checkpoint cannot be '
+        'restored as saved.') from e
 
 
 def check_committed(directory: pathlib.Path) -> None:
@@ -239,23 +268,30 @@ class _Reader:
         raise _errors.NotACheckpointError(
             f'{self.directory}: leaf {_tree.path_str(leaf.path)!r} is a string but '
             f'{_metadata.STRINGS_FILE} is missing.')
-      self._strings = json.loads(_storage.read_text(path))
+      self._strings = read_side_file(path)
     try:
-      return _get_by_slash(self._strings, leaf.name)
+      value = _get_by_slash(self._strings, leaf.name)
     except (KeyError, TypeError) as e:
       raise _errors.NotACheckpointError(
           f'{self.directory}: string leaf {_tree.path_str(leaf.path)!r} is missing from '
           f'{_metadata.STRINGS_FILE}.') from e
+    if not isinstance(value, str):
+      raise _errors.NotACheckpointError(
+          f'{self.directory / _metadata.STRINGS_FILE}: string leaf '
+          f'{_tree.path_str(leaf.path)!r} holds a {type(value).__name__}; the file is damaged.')
+    return value
 
   def saved_sharding(self, leaf: _metadata.LeafMetadata) -> jax.sharding.Sharding | None:
+    path = self.directory / _metadata.SHARDING_FILE
     if self._shardings is None:
-      path = self.directory / _metadata.SHARDING_FILE
-      self._shardings = json.loads(_storage.read_text(path)) if _storage.is_file(path) else {}
+      self._shardings = read_side_file(path) if _storage.is_file(path) else {}
     text = self._shardings.get(_metadata.sharding_key(leaf.name))
     if not text:
       return None
     if text not in self._parsed_shardings:  # Most leaves share one sharding: build it once.
-      self._parsed_shardings[text] = _metadata.sharding_from_json(text)
+      self._parsed_shardings[text] = parse_side_file(
+          path, lambda: _metadata.sharding_from_json(text),
+          f'the sharding of leaf {_tree.path_str(leaf.path)!r}')
     return self._parsed_shardings[text]
 
   def key_impl(self, leaf: _metadata.LeafMetadata) -> str | None:
@@ -264,7 +300,7 @@ class _Reader:
       folder = self.directory / _metadata.ARRAY_METADATAS_DIR
       if _storage.is_dir(folder):
         for name in _storage.list_names(folder):
-          for entry in _metadata.parse_array_metadatas(_storage.read_text(folder / name)):
+          for entry in read_side_file(folder / name, _metadata.parse_array_metadatas):
             if entry.ext_metadata:
               self._ext[entry.param_name] = entry.ext_metadata
     return (self._ext.get(leaf.name) or {}).get('random_key_impl')

@@ -115,3 +115,53 @@ def test_standard_restore_verifies_too(tmp_path):
   with pytest.raises(ocp.ChecksumError):
     ocp.StandardCheckpointer().restore(path)
   ocp.StandardCheckpointer().restore(path, args=ocp.args.StandardRestore(verify_checksums=False))
+
+
+# --- damaged side files (found by tests/drill_corruption.py) ---------------------------------
+
+
+def _side_file_tree():
+  return {'w': jnp.arange(8.0), 'n': np.arange(3), 'name': 'run-1', 'step': 3}
+
+
+def _damage_side_file(path, name, damage):
+  file = path / name
+  if damage == 'zero':
+    file.write_bytes(bytes(file.stat().st_size))
+  elif damage == 'truncate':
+    file.write_bytes(file.read_bytes()[:len(file.read_bytes()) // 2])
+  else:
+    data = bytearray(file.read_bytes())
+    data[1] = 0xff  # Never valid in UTF-8.
+    file.write_bytes(bytes(data))
+  return file
+
+
+@pytest.mark.parametrize('damage', ['zero', 'truncate', 'not-utf8'])
+@pytest.mark.parametrize('name, needs_target', [
+    ('_strings.json', True), ('_sharding', False), ('array_metadatas/process_0', False)])
+def test_a_damaged_side_file_is_named(tmp_path, name, needs_target, damage):
+  """A side file restore reads (strings; without a target, saved shardings and key types)
+  fails with an error naming it, not a bare JSONDecodeError or UnicodeDecodeError."""
+  path = tmp_path / 'ckpt'
+  tree = _side_file_tree()
+  _save(path, tree)
+  file = _damage_side_file(path, name, damage)
+  targets = [None, jax.tree.map(lambda x: x, tree)] if needs_target else [None]
+  for item in targets:
+    with pytest.raises(ocp.NotACheckpointError, match=f'{file}: the file is damaged'):
+      _restore(path, item=item)
+  from flaxckpt import _verify
+  assert any(problem.path == str(file) for problem in _verify.verify(path))
+
+
+def test_a_damaged_sharding_entry_is_named(tmp_path):
+  path = tmp_path / 'ckpt'
+  _save(path, _side_file_tree())
+  shardings = json.loads((path / '_sharding').read_text())
+  shardings = {key: text.replace('"sharding_type"', '"sharding_typ"')[:-3]
+               for key, text in shardings.items()}
+  (path / '_sharding').write_text(json.dumps(shardings))
+  with pytest.raises(ocp.NotACheckpointError,
+                     match=f"{path / '_sharding'}: the sharding of leaf 'w' is damaged"):
+    _restore(path)
