@@ -121,11 +121,12 @@ class _Checker:
     meta = self.guarded(directory, lambda: _restore.read_tree_metadata(directory))
     if meta is None:
       return
-    for name in (_metadata.SHARDING_FILE, _metadata.STRINGS_FILE,
-                 _metadata.CHECKPOINT_METADATA_FILE):
+    for name, check in ((_metadata.SHARDING_FILE, _check_shardings),
+                        (_metadata.STRINGS_FILE, _check_json_object),
+                        (_metadata.CHECKPOINT_METADATA_FILE, _check_json_object)):
       if _storage.exists(directory / name):
         file = directory / name
-        yield _Job(0, lambda file=file: self.guarded(file, lambda: _check_json_object(file)))
+        yield _Job(0, lambda file=file, check=check: self.guarded(file, lambda: check(file)))
     folder = directory / _metadata.ARRAY_METADATAS_DIR
     if _storage.is_dir(folder):
       for name in _storage.list_names(folder):
@@ -214,6 +215,13 @@ def _check_json_object(path: pathlib.Path) -> None:
     raise ValueError(f'not valid JSON ({e})') from e
   if not isinstance(value, dict):
     raise ValueError(f'expected a JSON object, found {type(value).__name__}')
+
+
+def _check_shardings(path: pathlib.Path) -> None:
+  """Parses every sharding in ``_sharding``, as a restore without a target does."""
+  for key, text in _restore.read_side_file(path).items():
+    _restore.parse_side_file(path, lambda text=text: _metadata.sharding_from_json(text),
+                             f'the sharding of entry {key!r}')
 
 
 def _array_sizes(directory: pathlib.Path, meta: _metadata.TreeMetadata,

@@ -165,3 +165,16 @@ def test_a_damaged_sharding_entry_is_named(tmp_path):
   with pytest.raises(ocp.NotACheckpointError,
                      match=f"{path / '_sharding'}: the sharding of leaf 'w' is damaged"):
     _restore(path)
+
+
+def test_verify_parses_every_sharding(tmp_path):
+  """Restore rejects a damaged sharding entry (above), so verify must report it too."""
+  from flaxckpt import _verify
+  path = tmp_path / 'ckpt'
+  _save(path, _side_file_tree())
+  shardings = json.loads((path / '_sharding').read_text())
+  shardings = {key: text[:-3] for key, text in shardings.items()}
+  (path / '_sharding').write_text(json.dumps(shardings))
+  problems = _verify.verify(path)
+  assert [p.path for p in problems] == [str(path / '_sharding')], problems
+  assert 'the sharding of entry' in problems[0].message
