@@ -14,7 +14,7 @@ import concurrent.futures
 import itertools
 import math
 import pathlib
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -333,10 +333,32 @@ def read_array_infos(directory: pathlib.Path, names: list[str], *, use_ocdbt: bo
       raise _errors.NotACheckpointError(
           f'{directory}: array {name!r} has no {meta_file}; the checkpoint is incomplete or '
           'damaged.')
-    meta = _zarr.parse_metadata_json(raw)
-    dtype = meta['data_type'] if use_zarr3 else meta['dtype']
-    infos.append((tuple(meta['shape']), _zarr.parse_dtype(dtype)))
+    infos.append(_parse_zarr_metadata(directory, name, meta_file,
+                                      lambda raw=raw: _array_info(raw, use_zarr3)))
   return infos
+
+
+def _array_info(raw: bytes, use_zarr3: bool) -> tuple[tuple[int, ...], np.dtype]:
+  meta = _zarr.parse_metadata_json(raw)
+  dtype = meta['data_type'] if use_zarr3 else meta['dtype']
+  return tuple(int(n) for n in meta['shape']), _zarr.parse_dtype(dtype)
+
+
+# What a damaged zarr metadata file can raise when parsed (JSON and UTF-8 errors are
+# ValueErrors; the others come from valid JSON holding the wrong things).
+_DAMAGED_METADATA = (ValueError, KeyError, TypeError, AttributeError, IndexError,
+                     ZeroDivisionError, OverflowError)
+
+
+def _parse_zarr_metadata(directory: pathlib.Path, name: str, meta_file: str,
+                         parse: Callable[[], Any]) -> Any:
+  """``parse()`` of an array's zarr metadata; a failure names the array and its file."""
+  try:
+    return parse()
+  except _DAMAGED_METADATA as e:
+    raise _errors.NotACheckpointError(
+        f'{directory}: the {meta_file} of array {name!r} (key {name}/{meta_file}) is damaged '
+        f'({type(e).__name__}: {e}); the checkpoint cannot be restored as saved.') from e
 
 
 def _read_setup(directory: pathlib.Path, use_ocdbt: bool | None
@@ -380,7 +402,8 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
       raise _errors.NotACheckpointError(
           f'{directory}: array {name!r} has no {_zarr.ZARRAY} (expected a zarr v2 array at '
           f'key {name}/{_zarr.ZARRAY}); the checkpoint is incomplete or damaged.')
-    layout = _zarr.zarr2_layout(raw)
+    layout = _parse_zarr_metadata(directory, name, _zarr.ZARRAY,
+                                  lambda raw=raw: _zarr.zarr2_layout(raw))
     if not layout.raw:
       fallback.append(i)
       continue

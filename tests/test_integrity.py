@@ -178,3 +178,21 @@ def test_verify_parses_every_sharding(tmp_path):
   problems = _verify.verify(path)
   assert [p.path for p in problems] == [str(path / '_sharding')], problems
   assert 'the sharding of entry' in problems[0].message
+
+
+@pytest.mark.parametrize('damage', ['zero', 'truncate', 'not-utf8', 'not-an-object'])
+def test_a_damaged_zarray_is_named(tmp_path, damage):
+  """Per-array folders (use_ocdbt=False) keep each array's .zarray as a file of its own."""
+  path = tmp_path / 'ckpt'
+  tree = _side_file_tree()
+  _save(path, tree, use_ocdbt=False)
+  if damage == 'not-an-object':
+    (path / 'w' / '.zarray').write_text('[8]')
+  else:
+    _damage_side_file(path, 'w/.zarray', damage)
+  for item in (None, tree):
+    with pytest.raises(ocp.NotACheckpointError,
+                       match=r"the \.zarray of array 'w' \(key w/\.zarray\) is damaged"):
+      _restore(path, item=item)
+  with pytest.raises(ocp.NotACheckpointError, match=r"the \.zarray of array 'w'"):
+    ocp.PyTreeCheckpointer().metadata(path)
