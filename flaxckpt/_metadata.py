@@ -35,6 +35,10 @@ SCALAR = 'scalar'
 STRING = 'string'
 EMPTY_TYPES = {'None': None, 'Dict': dict, 'List': list, 'Tuple': tuple, 'NamedTuple': tuple}
 PLACEHOLDER = 'placeholder'
+UNKNOWN = 'Unknown'  # Orbax's type of a leaf it could not name; restored as None.
+# Every value type flaxckpt restores. Others come from custom Orbax TypeHandlers (or damage).
+VALUE_TYPES = frozenset({JAX_ARRAY, NP_ARRAY, SCALAR, STRING, PLACEHOLDER, UNKNOWN,
+                         *EMPTY_TYPES})
 
 
 class LeafMetadata(NamedTuple):
@@ -98,9 +102,11 @@ def parse_tree_metadata(text: str) -> TreeMetadata:
     keys = entry['key_metadata']
     value = entry['value_metadata']
     write_shape = value.get('write_shape')
+    path = tuple([str(k['key']) for k in keys])
+    key_types = tuple([int(k['key_type']) for k in keys])
+    _check_keys(path, key_types)
     leaves.append(LeafMetadata(
-        tuple([str(k['key']) for k in keys]), tuple([int(k['key_type']) for k in keys]),
-        value['value_type'], bool(value.get('skip_deserialize', False)),
+        path, key_types, value['value_type'], bool(value.get('skip_deserialize', False)),
         tuple(write_shape) if write_shape is not None else None))
   return TreeMetadata(
       leaves=tuple(leaves),
@@ -109,6 +115,15 @@ def parse_tree_metadata(text: str) -> TreeMetadata:
       store_array_data_equal_to_fill_value=bool(
           raw.get('store_array_data_equal_to_fill_value') or False),
       custom_metadata=raw.get('custom_metadata'))
+
+
+def _check_keys(path: _tree.Path, key_types: tuple[int, ...]) -> None:
+  """Key types are 1 (a sequence index: digits) or 2 (a dict key or attribute)."""
+  for key, kind in zip(path, key_types):
+    if kind != _tree.DICT_KEY and not (kind == _tree.SEQUENCE_KEY and key.isdigit()):
+      raise ValueError(f'key {key!r} of leaf {_tree.path_str(path)!r} has key type {kind}; '
+                       f'expected {_tree.DICT_KEY} (dict key), or {_tree.SEQUENCE_KEY} '
+                       '(sequence index) for a non-negative integer')
 
 
 def checkpoint_metadata_json(item_handlers: str | dict[str, str] | None, init_ns: int,

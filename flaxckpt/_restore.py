@@ -235,6 +235,12 @@ class _Reader:
                 ) -> dict[_tree.Path, Any]:
     """Raw values: numpy arrays for stored arrays/scalars (``_arrays.Region`` where
     ``regions`` asks for part of one), str for strings, None else."""
+    for leaf in leaves:
+      if leaf.value_type not in _metadata.VALUE_TYPES:
+        raise _errors.NotACheckpointError(
+            f'{self.directory / _metadata.METADATA_FILE}: leaf {_tree.path_str(leaf.path)!r} '
+            f'has value type {leaf.value_type!r}, which flaxckpt cannot restore (the file is '
+            'damaged, or the leaf was saved by a custom Orbax TypeHandler).')
     arrays = [leaf for leaf in leaves if _is_stored_array(leaf)]
     regions = regions or {}
     verifier = _checksums.NO_VERIFIER

@@ -143,6 +143,11 @@ class _Checker:
     for batch in _batches(arrays, sizes):
       yield _Job(sum(size for _, size in batch),
                  lambda batch=batch: self.read_arrays(reader, [leaf for leaf, _ in batch]))
+    others = [leaf for leaf in meta.leaves
+              if not _restore._is_stored_array(leaf) and leaf.value_type != _metadata.STRING]
+    if others:  # Empty values, and value types restore refuses.
+      yield _Job(0, lambda: self.guarded(directory / _metadata.METADATA_FILE,
+                                         lambda: reader.read_many(others)))
     strings = [leaf for leaf in meta.leaves if leaf.value_type == _metadata.STRING]
     if strings:
       yield _Job(0, lambda: [self.guarded(directory, lambda leaf=leaf: reader.string(leaf))

@@ -196,3 +196,53 @@ def test_a_damaged_zarray_is_named(tmp_path, damage):
       _restore(path, item=item)
   with pytest.raises(ocp.NotACheckpointError, match=r"the \.zarray of array 'w'"):
     ocp.PyTreeCheckpointer().metadata(path)
+
+
+def _edit_metadata(path, edit):
+  meta = json.loads((path / '_METADATA').read_text())
+  edit(meta['tree_metadata'])
+  (path / '_METADATA').write_text(json.dumps(meta))
+
+
+def test_an_unknown_value_type_is_refused_not_restored_as_none(tmp_path):
+  """A damaged value type ('jax.Array' -> 'jaH.Array') made the leaf vanish from a restore
+  without a target; now restore refuses it, with a target too, and verify reports it."""
+  from flaxckpt import _verify
+  path = tmp_path / 'ckpt'
+  tree = _side_file_tree()
+  _save(path, tree)
+
+  def damage(entries):
+    entries["('w',)"]['value_metadata']['value_type'] = 'jaH.Array'
+    entries["('name',)"]['value_metadata']['value_type'] = 'strinf'
+
+  _edit_metadata(path, damage)
+  message = f"{path / '_METADATA'}: leaf '(w|name)' has value type '(jaH.Array|strinf)'"
+  for item in (None, tree):
+    with pytest.raises(ocp.NotACheckpointError, match=message):
+      _restore(path, item=item)
+  problems = [p for p in _verify.verify(path) if p.path == str(path / '_METADATA')]
+  assert len(problems) == 1 and 'has value type' in problems[0].message, problems
+
+
+@pytest.mark.parametrize('key_type', [0, 1, 3])
+def test_a_damaged_key_type_is_refused(tmp_path, key_type):
+  """Key type 1 on the dict key 'w' would have raised a bare int() ValueError while building
+  the tree; 0 and 3 are no key type at all."""
+  path = tmp_path / 'ckpt'
+  _save(path, _side_file_tree())
+  _edit_metadata(path, lambda entries: entries["('w',)"]['key_metadata'][0].update(
+      key_type=key_type))
+  with pytest.raises(ocp.NotACheckpointError,
+                     match=rf"unreadable checkpoint metadata \(key 'w' of leaf 'w' has key "
+                           rf'type {key_type}'):
+    _restore(path)
+
+
+def test_sequence_keys_still_restore_as_lists(tmp_path):
+  path = tmp_path / 'ckpt'
+  tree = {'layers': [np.arange(2), np.arange(3)], 'opt': ({}, None)}
+  _save(path, tree)
+  restored = _restore(path)
+  assert isinstance(restored['layers'], list)
+  np.testing.assert_array_equal(restored['layers'][1], np.arange(3))
