@@ -16,12 +16,11 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flaxckpt import _errors, _metadata, _multihost, _restore, _storage
+from flaxckpt import _errors, _metadata, _multihost, _restore, _steps, _storage
 from flaxckpt._handler import (AsyncCheckpointHandler, CheckpointArgs, CheckpointHandler,
                                args_type_for)
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpointHandler
 
-_REPLACED_SUFFIX = _metadata.TMP_SUFFIX + '-replaced'
 
 
 def _discard(tmp) -> None:
@@ -202,7 +201,7 @@ class Checkpointer:
     _storage.write_text(tmp / _metadata.COMMIT_SUCCESS_FILE, _metadata.commit_message(final))
     _storage.sync_tree(tmp)
     if _storage.exists(final):
-      replaced = final.with_name(final.name + _REPLACED_SUFFIX)
+      replaced = final.with_name(final.name + _steps.REPLACED_SUFFIX)
       _storage.remove_tree(replaced)
       _storage.rename(final, replaced)
       try:

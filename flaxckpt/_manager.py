@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from flaxckpt import _errors, _metadata, _multihost, _storage
+from flaxckpt import _errors, _metadata, _multihost, _steps, _storage
 from flaxckpt._args import Composite, JsonSave
 from flaxckpt._checkpointer import AsyncCheckpointer, Checkpointer
 from flaxckpt._composite_handler import CompositeCheckpointHandler, item_names
@@ -154,9 +154,11 @@ class CheckpointManager:
     if not self._options.read_only:
       if self._options.create:
         _storage.make_dirs(self._root)
-      if self._options.cleanup_tmp_directories and _multihost.is_primary():
-        for tmp in tmp_step_dirs(self._root):
-          _storage.remove_tree(tmp)
+      if _multihost.is_primary():
+        _steps.recover_replaced(self._root)
+        if self._options.cleanup_tmp_directories:
+          for tmp in tmp_step_dirs(self._root):
+            _storage.remove_tree(tmp)
       if metadata is not None and _multihost.is_primary():
         self._write_root_metadata(metadata)
     self._steps: list[_StepInfo] = self._scan()
@@ -373,7 +375,7 @@ class CheckpointManager:
       logger.info('Step %d is locked by a reader; it will be deleted later.', step)
       return
     if _multihost.is_primary():  # Every process forgets the step; one deletes it.
-      _storage.remove_tree(path)
+      _steps.delete(path)
     with self._lock:
       self._steps = [i for i in self._steps if i.step != step]
 
@@ -387,7 +389,7 @@ class CheckpointManager:
     if step not in self.all_steps():
       raise FileNotFoundError(f'No step {step} under {self._root}; steps: {self.all_steps()}.')
     if _multihost.is_primary():
-      _storage.remove_tree(self._step_dir(step))
+      _steps.delete(self._step_dir(step))
     with self._lock:
       self._steps = [i for i in self._steps if i.step != step]
 

@@ -19,7 +19,11 @@ from flaxckpt import _metadata, _storage
 LOCK_DIR = 'LOCKED'
 # Where current Orbax copies a step while wait_for_new_checkpoint holds it; never an item.
 SNAPSHOTS_DIR = '_SNAPSHOTS'
-_TMP_STEP = re.compile(r'.*?_*?(\d+)' + re.escape(_metadata.TMP_SUFFIX) + '$')
+# Temporary names: a save in flight ('<name>.orbax-checkpoint-tmp', Orbax adds '-<timestamp>'),
+# a checkpoint being replaced ('-replaced') or deleted ('-deleting').
+_TMP_STEP = re.compile(r'.*?_*?(\d+)' + re.escape(_metadata.TMP_SUFFIX) + r'(-.*)?')
+REPLACED_SUFFIX = _metadata.TMP_SUFFIX + '-replaced'
+DELETING_SUFFIX = _metadata.TMP_SUFFIX + '-deleting'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +80,32 @@ def tmp_step_dirs(root: pathlib.Path) -> list[pathlib.Path]:
   if not _storage.is_dir(root):
     return []
   return [root / name for name in _storage.list_names(root) if _TMP_STEP.fullmatch(name)]
+
+
+def delete(path: pathlib.Path) -> None:
+  """Deletes a checkpoint directory so that a crash part-way never leaves a listed, half-deleted
+  checkpoint: it first moves to a name no listing takes (where renames are not atomic, it
+  loses its commit marker instead), then is removed."""
+  if _storage.renames_atomically(path):
+    doomed = path.with_name(path.name + DELETING_SUFFIX)
+    _storage.remove_tree(doomed)
+    _storage.rename(path, doomed)
+  else:
+    _storage.remove(path / _metadata.COMMIT_SUCCESS_FILE)
+    doomed = path
+  _storage.remove_tree(doomed)
+
+
+def recover_replaced(root: pathlib.Path) -> None:
+  """Puts back checkpoints that a ``force=True`` save had moved aside when it was cut off
+  before the new checkpoint took their name."""
+  if not _storage.is_dir(root):
+    return
+  for name in _storage.list_names(root):
+    if name.endswith(REPLACED_SUFFIX):
+      final = root / name[:-len(REPLACED_SUFFIX)]
+      if not _storage.exists(final):
+        _storage.rename(root / name, final)
 
 
 def is_locked(step_dir: pathlib.Path) -> bool:

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from flax import core, errors, serialization
 
-from flaxckpt import _errors, _multihost, _storage
+from flaxckpt import _errors, _multihost, _steps, _storage
 from flaxckpt._errors import ChecksumMismatchError, CorruptCheckpointError
 from flaxckpt._checkpointer import AsyncCheckpointer, Checkpointer
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler
@@ -200,15 +200,24 @@ def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overw
           last_kept = step
           continue
       _delete_checkpoint(path)
+  for name in _names(directory):  # Deletions a crash cut short.
+    if name.startswith(prefix) and name.endswith(_steps.DELETING_SUFFIX):
+      _storage.remove(_storage.as_path(os.path.join(directory, name)))
   if _sidecar.fits_prefix(prefix):
     _sidecar.remove_orphans(directory, prefix)
 
 
 def _delete_checkpoint(path: str) -> None:
+  """Deletes a checkpoint so that a crash part-way never leaves it listed but damaged: the
+  listed name goes first (an Orbax directory is moved aside, then removed)."""
   logger.info('Removing checkpoint at %s', path)
-  _sidecar.remove(path)
+  checkpoint = _storage.as_path(path)
+  if _storage.is_dir(checkpoint):
+    _steps.delete(checkpoint)
+  else:
+    _storage.remove(checkpoint)
   _storage.remove(_storage.as_path(path + MP_ARRAY_POSTFIX))
-  _storage.remove(_storage.as_path(path))
+  _sidecar.remove(path)
 
 
 def _orbax_save(ckpt_path: str, target: PyTree, overwrite: bool,

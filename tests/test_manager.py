@@ -207,6 +207,52 @@ def test_half_written_steps_are_ignored_and_cleaned_up_on_request(tmp_path):
   assert not tmp.exists() and (tmp_path / '1').is_dir()
 
 
+_KILLED_REPLACE = """
+import os, signal, sys
+import numpy as np
+import flaxckpt as ocp
+root = sys.argv[1]
+options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+ocp.CheckpointManager(root, options=options).save(1, args=ocp.args.StandardSave({'x': np.arange(4)}))
+rename = os.rename
+def rename_then_die(source, target, *args, **kwargs):
+  if str(source).endswith('.orbax-checkpoint-tmp') and str(target).endswith('/1'):
+    os.kill(os.getpid(), signal.SIGKILL)  # The old step is aside; the new one not yet in place.
+  return rename(source, target, *args, **kwargs)
+os.rename = rename_then_die
+ocp.CheckpointManager(root, options=options).save(
+    1, args=ocp.args.StandardSave({'x': np.arange(4) * 9}), force=True)
+"""
+
+
+def test_a_replace_killed_between_its_renames_keeps_the_old_step(tmp_path):
+  """force=True moves the old step aside before the new one takes its name; a writer killed in
+  between leaves the old step under a temporary name, and the next manager puts it back."""
+  result = subprocess.run([sys.executable, '-c', _KILLED_REPLACE, str(tmp_path)], timeout=120,
+                          capture_output=True, text=True)
+  assert result.returncode == -9, result.stderr[-2000:]
+  assert sorted(os.listdir(tmp_path)) == ['1.orbax-checkpoint-tmp',
+                                          '1.orbax-checkpoint-tmp-replaced']
+  mngr = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(
+      cleanup_tmp_directories=True))
+  assert mngr.all_steps() == [1] and sorted(os.listdir(tmp_path)) == ['1']
+  assert_trees_equal(mngr.restore(1), {'x': np.arange(4)})
+
+
+def test_cleanup_removes_every_kind_of_temporary_step_directory(tmp_path):
+  """Orbax's own in-flight names carry a timestamp; deletions cut short end in -deleting."""
+  ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=False)).save(1, args=ocp.args.StandardSave(_state(1)))
+  leftovers = ['2.orbax-checkpoint-tmp', '3.orbax-checkpoint-tmp-1732886400123456',
+               '0.orbax-checkpoint-tmp-deleting', '1.orbax-checkpoint-tmp-replaced']
+  for name in leftovers:
+    (tmp_path / name / 'default').mkdir(parents=True)
+  assert ocp.CheckpointManager(tmp_path).all_steps() == [1]
+  ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(
+      cleanup_tmp_directories=True))
+  assert sorted(os.listdir(tmp_path)) == ['1']
+
+
 def test_read_only_never_writes(tmp_path):
   ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(
       enable_async_checkpointing=False)).save(1, args=ocp.args.StandardSave(_state(1)))
