@@ -493,9 +493,14 @@ def _read_with_driver(directory: pathlib.Path, base: dict[str, Any], names: list
     if verifier:
       origin = tuple(start for start, _ in box) if box is not None else (0,) * array.ndim
       _check_whole_chunks(verifier, name, array, origin, tuple(store.shape),
-                          tuple(store.chunk_layout.write_chunk.shape))
+                          _write_chunk_shape(store))
     out.append(array if box is None else Region(array, box))
   return out
+
+
+def _write_chunk_shape(store: Any) -> tuple[int, ...]:
+  """A tensorstore array's chunk shape; tensorstore gives None for a 0-d array's."""
+  return tuple(store.chunk_layout.write_chunk.shape or ())
 
 
 def _check_whole_chunks(verifier: _checksums.Verifier, name: str, array: np.ndarray,

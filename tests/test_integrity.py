@@ -246,3 +246,19 @@ def test_sequence_keys_still_restore_as_lists(tmp_path):
   restored = _restore(path)
   assert isinstance(restored['layers'], list)
   np.testing.assert_array_equal(restored['layers'][1], np.arange(3))
+
+
+@pytest.mark.parametrize('options', [{}, {'use_ocdbt': False}], ids=['ocdbt', 'files'])
+def test_zarr3_scalars_restore_checked(tmp_path, options):
+  """tensorstore gives no chunk shape for a 0-d zarr3 array: checking its one chunk raised a
+  TypeError, so no zarr3 checkpoint with a scalar restored with checksums on."""
+  path = tmp_path / 'ckpt'
+  tree = {'step': 3, 'lr': np.float32(0.5), 'w': np.arange(3.0)}
+  _save(path, tree, use_zarr3=True, **options)
+  restored = _restore(path)
+  assert restored['step'] == 3 and restored['lr'] == 0.5
+  sums = json.loads((path / CHECKSUMS / 'process_0').read_text())['chunks']
+  (path / CHECKSUMS / 'process_0').write_text(json.dumps({'algorithm': 'crc32c', 'chunks': {
+      **sums, 'step': {key: crc ^ 1 for key, crc in sums['step'].items()}}}))
+  with pytest.raises(ocp.ChecksumError, match="array 'step'"):
+    _restore(path)
