@@ -14,7 +14,7 @@ import concurrent.futures
 import itertools
 import math
 import pathlib
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -128,7 +128,7 @@ class PendingWrite:
     """The checksum of every chunk written. Chunks tensorstore writes from the caller's buffers
     are checksummed here, while the commit runs."""
     for array in self._by_reference:
-      self._sums[array.name] = _chunk_checksums(array)
+      self._sums.setdefault(array.name, {}).update(_chunk_checksums(array))
     self._by_reference = []
     return self._sums
 
@@ -176,11 +176,12 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
       (by_driver if large else by_key).append(array)
   if by_driver:
     _write_with_drivers(base, by_driver, options, context, txn)
-  sums: _checksums.Sums = {}
+  sums: _checksums.Sums = {array.name: {_checksums.LAYOUT: _checksums.of_layout(
+      array.dtype, array.global_shape, array.chunk_shape)} for array in arrays}
   if by_key:
     kv = _tensorstore().KvStore.open(base, context=context).result().with_transaction(txn)
     for array in by_key:
-      sums[array.name] = _stage_raw(kv, array, options.writes_metadata)
+      sums[array.name].update(_stage_raw(kv, array, options.writes_metadata))
   return PendingWrite(directory, txn.commit_async(),
                       process_dir if options.merge_into_root else None, context, config,
                       sums, by_driver)
@@ -333,8 +334,10 @@ def read_array_infos(directory: pathlib.Path, names: list[str], *, use_ocdbt: bo
       raise _errors.NotACheckpointError(
           f'{directory}: array {name!r} has no {meta_file}; the checkpoint is incomplete or '
           'damaged.')
-    infos.append(_parse_zarr_metadata(directory, name, meta_file,
-                                      lambda raw=raw: _array_info(raw, use_zarr3)))
+    try:
+      infos.append(_array_info(raw, use_zarr3))
+    except _DAMAGED_METADATA as e:
+      raise _damaged_metadata(directory, name, meta_file, e) from e
   return infos
 
 
@@ -350,15 +353,11 @@ _DAMAGED_METADATA = (ValueError, KeyError, TypeError, AttributeError, IndexError
                      ZeroDivisionError, OverflowError)
 
 
-def _parse_zarr_metadata(directory: pathlib.Path, name: str, meta_file: str,
-                         parse: Callable[[], Any]) -> Any:
-  """``parse()`` of an array's zarr metadata; a failure names the array and its file."""
-  try:
-    return parse()
-  except _DAMAGED_METADATA as e:
-    raise _errors.NotACheckpointError(
-        f'{directory}: the {meta_file} of array {name!r} (key {name}/{meta_file}) is damaged '
-        f'({type(e).__name__}: {e}); the checkpoint cannot be restored as saved.') from e
+def _damaged_metadata(directory: pathlib.Path, name: str, meta_file: str,
+                      error: Exception) -> _errors.NotACheckpointError:
+  return _errors.NotACheckpointError(
+      f'{directory}: the {meta_file} of array {name!r} (key {name}/{meta_file}) is damaged '
+      f'({type(error).__name__}: {error}); the checkpoint cannot be restored as saved.')
 
 
 def _read_setup(directory: pathlib.Path, use_ocdbt: bool | None
@@ -402,8 +401,13 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
       raise _errors.NotACheckpointError(
           f'{directory}: array {name!r} has no {_zarr.ZARRAY} (expected a zarr v2 array at '
           f'key {name}/{_zarr.ZARRAY}); the checkpoint is incomplete or damaged.')
-    layout = _parse_zarr_metadata(directory, name, _zarr.ZARRAY,
-                                  lambda raw=raw: _zarr.zarr2_layout(raw))
+    try:
+      layout = _zarr.zarr2_layout(raw)
+    except _DAMAGED_METADATA as e:
+      raise _damaged_metadata(directory, name, _zarr.ZARRAY, e) from e
+    if verifier:
+      verifier.check_layout(name, layout.dtype, layout.shape, layout.chunks, _zarr.ZARRAY,
+                            layout.checksum)
     if not layout.raw:
       fallback.append(i)
       continue
@@ -479,6 +483,10 @@ def _read_with_driver(directory: pathlib.Path, base: dict[str, Any], names: list
     except ValueError as e:
       raise _errors.NotACheckpointError(
           f'{directory}: cannot open array {name!r} as {driver}: {e}') from e
+  if verifier and driver == 'zarr3':  # zarr v2 layouts were checked as their .zarray was read.
+    for name, store in zip(names, stores):
+      verifier.check_layout(name, store.dtype.numpy_dtype, tuple(store.shape),
+                            _write_chunk_shape(store), _zarr.ZARR_JSON)
   boxes = [region.box if region is not None and tuple(store.shape) == region.shape else None
            for store, region in zip(stores, regions)]
   reads = [(store if box is None else store[tuple(slice(a, b) for a, b in box)]).read()

@@ -4,10 +4,16 @@ the Orbax layout (Orbax ignores the folder; see docs/format.md).
 A chunk's checksum covers its bytes as uncompressed zarr v2 stores them: C order, little-endian,
 edge chunks zero-padded. Compressed and zarr v3 chunks use the same definition (their decoded
 bytes), so any read that holds a whole chunk can verify it.
+
+An array's *layout* checksum covers what its ``.zarray`` / ``zarr.json`` says about decoding
+the chunks (dtype, shape, chunk shape), which nothing else records: one flipped byte there
+(``<f4`` to ``<i4``) would turn the same, checked bytes into other numbers. The file keeps
+layouts in ``"layouts"``; in memory they sit beside the array's chunk keys under ``LAYOUT``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 from typing import Any, Callable
@@ -20,8 +26,11 @@ from flaxckpt import _errors, _storage
 DIR = 'flaxckpt_checksums'
 ALGORITHM = 'crc32c'
 
+LAYOUT = '.layout'  # Never a chunk key.
+
 Location = tuple[pathlib.Path, int, int]  # (file, offset, length)
-Sums = dict[str, dict[str, int]]  # Array name -> chunk key ('0.1', as zarr v2 names it) -> crc.
+# Array name -> chunk key ('0.1', as zarr v2 names it) or LAYOUT -> crc.
+Sums = dict[str, dict[str, int]]
 
 
 def of_bytes(data: Any) -> int:
@@ -35,12 +44,29 @@ def of_array(array: np.ndarray) -> int:
   return crc32c.crc32c(array.reshape(-1).view(np.uint8))
 
 
+@functools.lru_cache(maxsize=4096)  # Trees repeat a few layouts many times.
+def of_layout(dtype: np.dtype, shape: tuple[int, ...], chunks: tuple[int, ...],
+              big_endian: bool = False) -> int:
+  """The checksum of an array's layout: its dtype's name (and byte order, when big-endian),
+  shape and chunk shape. Saved arrays are little-endian, whatever ``dtype`` says."""
+  order = ' big-endian' if big_endian else ''
+  text = f'{np.dtype(dtype).name}{order} {list(shape)} {list(chunks)}'
+  return crc32c.crc32c(text.encode())
+
+
 def file_name(process_index: int) -> str:
   return f'{DIR}/process_{process_index}'
 
 
 def to_json(sums: Sums) -> str:
-  return json.dumps({'algorithm': ALGORITHM, 'chunks': sums}, separators=(',', ':'))
+  chunks, layouts = {}, {}
+  for name, by_key in sums.items():
+    if LAYOUT in by_key:
+      layouts[name] = by_key[LAYOUT]
+      by_key = {key: crc for key, crc in by_key.items() if key != LAYOUT}
+    chunks[name] = by_key
+  return json.dumps({'algorithm': ALGORITHM, 'chunks': chunks, 'layouts': layouts},
+                    separators=(',', ':'))
 
 
 def load(directory: pathlib.Path) -> Sums:
@@ -57,6 +83,8 @@ def load(directory: pathlib.Path) -> Sums:
         continue  # Written by a later release with another algorithm: nothing to check here.
       for array, chunks in raw['chunks'].items():
         sums.setdefault(array, {}).update({key: int(value) for key, value in chunks.items()})
+      for array, value in raw.get('layouts', {}).items():  # Absent before layouts were kept.
+        sums.setdefault(array, {})[LAYOUT] = int(value)
     except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
       raise _errors.ChecksumError(
           f'{path}: the checksum file is damaged ({type(e).__name__}: {e}); expected JSON '
@@ -93,6 +121,25 @@ class Verifier:
     expected = self.expected(name, key)
     if expected is not None:
       self._compare(name, key, expected, of_array(array), where)
+
+  def check_layout(self, name: str, dtype: np.dtype, shape: tuple[int, ...],
+                   chunks: tuple[int, ...], meta_file: str, checksum: int | None = None) -> None:
+    """Checks the layout an array's ``meta_file`` gives (``checksum`` is its ``of_layout``,
+    when known) against the one recorded at save."""
+    expected = self.expected(name, LAYOUT)
+    if expected is None:
+      return
+    dtype = np.dtype(dtype)
+    big_endian = dtype.byteorder == '>'
+    if checksum is None:
+      checksum = of_layout(dtype, tuple(shape), tuple(chunks), big_endian)
+    if checksum != expected:
+      kind = f'{dtype.name}{" big-endian" if big_endian else ""}'
+      raise _errors.ChecksumError(
+          f'{self.directory}: the {meta_file} of array {name!r} (key {name}/{meta_file}) '
+          f'describes {kind} elements, shape {tuple(shape)} in chunks of {tuple(chunks)}, '
+          f'whose crc32c {checksum:#010x} differs from the {expected:#010x} recorded when it '
+          'was saved; the checkpoint is damaged.', name=name)
 
   def _compare(self, name: str, key: str, expected: int, actual: int,
                where: Callable[[], Location | None] | None) -> None:

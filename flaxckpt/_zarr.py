@@ -16,6 +16,8 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
+from flaxckpt import _checksums
+
 ZARRAY = '.zarray'
 ZARR_JSON = 'zarr.json'
 
@@ -71,6 +73,7 @@ class Zarr2Layout(NamedTuple):
   grid: tuple[tuple[int, ...], ...]  # Every chunk index.
   key_suffixes: tuple[str, ...]  # '/<chunk key>' for each index of ``grid``.
   chunk_nbytes: int
+  checksum: int  # Of the layout (``_checksums.of_layout``).
 
   @property
   def single_chunk(self) -> bool:
@@ -84,7 +87,8 @@ def zarr2_layout(zarray: bytes) -> Zarr2Layout:
   dtype = parse_dtype(meta['dtype'])
   indices = tuple(grid(shape, chunks))
   return Zarr2Layout(is_raw_zarr2(meta), shape, chunks, dtype, indices,
-                     tuple('/' + chunk_key(i) for i in indices), math.prod(chunks) * dtype.itemsize)
+                     tuple('/' + chunk_key(i) for i in indices), math.prod(chunks) * dtype.itemsize,
+                     _checksums.of_layout(dtype, shape, chunks, dtype.byteorder == '>'))
 
 
 def is_raw_zarr2(meta: dict[str, Any]) -> bool:

@@ -2,6 +2,7 @@
 a ChecksumError instead of returning wrong numbers (issue 8, part 1)."""
 
 import json
+import re
 import pathlib
 
 import jax
@@ -262,3 +263,52 @@ def test_zarr3_scalars_restore_checked(tmp_path, options):
       **sums, 'step': {key: crc ^ 1 for key, crc in sums['step'].items()}}}))
   with pytest.raises(ocp.ChecksumError, match="array 'step'"):
     _restore(path)
+
+
+# --- layouts: what a checksum of the bytes cannot see ------------------------------------------
+
+
+def _edit_text(file, old, new):
+  text = file.read_text()
+  assert old in text, text
+  file.write_text(text.replace(old, new, 1))
+
+
+@pytest.mark.parametrize('options, meta_file, old, new', [
+    ({'use_ocdbt': False}, 'w/.zarray', '"<f4"', '"<i4"'),  # One flipped byte: 'f' ^ 0x0f.
+    ({'use_ocdbt': False}, 'w/.zarray', '"<f4"', '">f4"'),  # One flipped byte: '<' ^ 0x02.
+    ({'use_ocdbt': False}, 'w/.zarray', '"shape":[1000]', '"shape":[1008]'),
+    ({'use_ocdbt': False, 'use_zarr3': True}, 'w/zarr.json', '"float32"', '"int32"'),
+], ids=['zarr2-dtype', 'zarr2-byte-order', 'zarr2-shape', 'zarr3-dtype'])
+def test_a_damaged_layout_is_a_checksum_error_not_other_numbers(tmp_path, options, meta_file,
+                                                                  old, new):
+  """The chunk bytes are intact and their checksums match; only the dtype (or shape) their
+  metadata gives changed, which used to restore int32 or byte-swapped values silently."""
+  from flaxckpt import _verify
+  path = tmp_path / 'ckpt'
+  tree = {'w': np.linspace(0, 1, 1000, dtype=np.float32), 'step': 3}
+  _save(path, tree, **options)
+  _edit_text(path / meta_file, old, new)
+  name = meta_file.split('/')[1]
+  for item in (None, tree):
+    with pytest.raises(ocp.ChecksumError, match=rf"the {re.escape(name)} of array 'w' \(key "
+                                                rf'w/{re.escape(name)}\) describes'):
+      _restore(path, item=item)
+  assert len(_verify.verify(path)) == 1
+  if 'shape' not in new:  # Unchecked, the same bytes come back as other numbers.
+    unchecked = np.asarray(_restore(path, verify_checksums=False)['w'])
+    assert unchecked.tobytes() != tree['w'].tobytes() or unchecked.dtype != tree['w'].dtype
+    assert not np.array_equal(unchecked, tree['w'])
+
+
+def test_layouts_are_kept_apart_from_chunk_checksums(tmp_path):
+  import crc32c
+  path = tmp_path / 'ckpt'
+  _save(path, {'w': jnp.ones((4, 6), jnp.bfloat16), 'step': 3})
+  sums = json.loads((path / CHECKSUMS / 'process_0').read_text())
+  assert sorted(sums['chunks']['w']) == ['0.0'] and sorted(sums['layouts']) == ['step', 'w']
+  assert sums['layouts']['w'] == crc32c.crc32c(b'bfloat16 [4, 6] [4, 6]')
+  # Checkpoints saved before layouts were kept restore (checked chunk by chunk as before).
+  del sums['layouts']
+  (path / CHECKSUMS / 'process_0').write_text(json.dumps(sums))
+  assert _restore(path)['step'] == 3
