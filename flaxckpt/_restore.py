@@ -127,7 +127,8 @@ def read_tree_metadata(directory: pathlib.Path) -> _metadata.TreeMetadata:
   try:
     return _metadata.parse_tree_metadata(_storage.read_text(path))
   except _DAMAGED as e:
-    raise _errors.NotACheckpointError(f'{path}: unreadable checkpoint metadata ({e}).') from e
+    raise _errors.NotACheckpointError(
+        f'{path}: unreadable checkpoint metadata ({type(e).__name__}: {e}).') from e
 
 
 # What parsing a damaged JSON file can raise (UnicodeDecodeError and JSONDecodeError are

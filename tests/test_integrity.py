@@ -235,8 +235,17 @@ def test_a_damaged_key_type_is_refused(tmp_path, key_type):
   _edit_metadata(path, lambda entries: entries["('w',)"]['key_metadata'][0].update(
       key_type=key_type))
   with pytest.raises(ocp.NotACheckpointError,
-                     match=rf"unreadable checkpoint metadata \(key 'w' of leaf 'w' has key "
-                           rf'type {key_type}'):
+                     match=rf"unreadable checkpoint metadata \(ValueError: key 'w' of leaf 'w' "
+                           rf'has key type {key_type}'):
+    _restore(path)
+
+
+def test_unreadable_metadata_names_the_error(tmp_path):
+  path = tmp_path / 'ckpt'
+  _save(path, _side_file_tree())
+  _edit_metadata(path, lambda entries: entries["('w',)"].pop('key_metadata'))
+  with pytest.raises(ocp.NotACheckpointError,
+                     match=r"_METADATA: unreadable checkpoint metadata \(KeyError: 'key_metadata'"):
     _restore(path)
 
 
