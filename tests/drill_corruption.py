@@ -23,6 +23,9 @@ Contenders (a writer and a reader of one checkpoint):
 
 Run ``python tests/drill_corruption.py --trials 200`` (``make drill``); ``--only SEED`` replays
 single trials, as the list of bad trials prints them. ``run_trials`` is what the test calls.
+A seed picks the same file and damage in every run wherever the saved files are the same;
+Orbax splits its data into a different number of OCDBT files from save to save (its writes
+race), so its rows vary a little between runs.
 """
 
 from __future__ import annotations
