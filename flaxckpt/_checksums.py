@@ -58,39 +58,74 @@ def file_name(process_index: int) -> str:
   return f'{DIR}/process_{process_index}'
 
 
-def to_json(sums: Sums) -> str:
+def to_json(sums: Sums, files: dict[str, int] | None = None) -> str:
+  """The checksum file: chunks and layouts by array, and ``files`` (the crc32c of whole JSON
+  files of the checkpoint, by name) when given."""
   chunks, layouts = {}, {}
   for name, by_key in sums.items():
     if LAYOUT in by_key:
       layouts[name] = by_key[LAYOUT]
       by_key = {key: crc for key, crc in by_key.items() if key != LAYOUT}
     chunks[name] = by_key
-  return json.dumps({'algorithm': ALGORITHM, 'chunks': chunks, 'layouts': layouts},
-                    separators=(',', ':'))
+  content: dict[str, Any] = {'algorithm': ALGORITHM, 'chunks': chunks, 'layouts': layouts}
+  if files:
+    content['files'] = files
+  return json.dumps(content, separators=(',', ':'))
+
+
+class Recorded:
+  """The checksums recorded in a checkpoint, read on first use: those of array chunks and
+  layouts (``chunks``), and those of whole files such as ``_METADATA`` (``check_file``).
+  Checkpoints without them (Orbax, older flaxckpt) have none, and nothing is checked."""
+
+  def __init__(self, directory: pathlib.Path):
+    self.directory = directory
+
+  @functools.cached_property
+  def _loaded(self) -> tuple[Sums, dict[str, int]]:
+    folder = self.directory / DIR
+    sums: Sums = {}
+    files: dict[str, int] = {}
+    if not _storage.is_dir(folder):
+      return sums, files
+    for name in sorted(_storage.list_names(folder)):
+      path = folder / name
+      try:
+        raw = json.loads(_storage.read_text(path))
+        if raw.get('algorithm') != ALGORITHM:
+          continue  # Written by a later release with another algorithm: nothing to check here.
+        for array, chunks in raw['chunks'].items():
+          sums.setdefault(array, {}).update({key: int(value) for key, value in chunks.items()})
+        for array, value in raw.get('layouts', {}).items():  # Absent before layouts were kept.
+          sums.setdefault(array, {})[LAYOUT] = int(value)
+        files.update({file: int(value) for file, value in raw.get('files', {}).items()})
+      except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+        raise _errors.ChecksumError(
+            f'{path}: the checksum file is damaged ({type(e).__name__}: {e}); expected JSON '
+            f'{{"algorithm": "{ALGORITHM}", "chunks": {{...}}}}. Restore with '
+            'verify_checksums=False to read the checkpoint unchecked.') from e
+    return sums, files
+
+  @property
+  def chunks(self) -> Sums:
+    return self._loaded[0]
+
+  @property
+  def files(self) -> dict[str, int]:
+    return self._loaded[1]
+
+  def check_file(self, name: str, data: bytes) -> None:
+    """Checks the bytes of the checkpoint's file ``name`` (e.g. '_METADATA'), if recorded."""
+    expected = self.files.get(name)
+    if expected is not None and of_bytes(data) != expected:
+      raise _errors.ChecksumError(
+          f'{self.directory / name} has crc32c {of_bytes(data):#010x}, but {expected:#010x} '
+          'was recorded when it was saved; the checkpoint is damaged.')
 
 
 def load(directory: pathlib.Path) -> Sums:
-  """Every process's checksums; empty for checkpoints without them (Orbax, older flaxckpt)."""
-  folder = directory / DIR
-  if not _storage.is_dir(folder):
-    return {}
-  sums: Sums = {}
-  for name in sorted(_storage.list_names(folder)):
-    path = folder / name
-    try:
-      raw = json.loads(_storage.read_text(path))
-      if raw.get('algorithm') != ALGORITHM:
-        continue  # Written by a later release with another algorithm: nothing to check here.
-      for array, chunks in raw['chunks'].items():
-        sums.setdefault(array, {}).update({key: int(value) for key, value in chunks.items()})
-      for array, value in raw.get('layouts', {}).items():  # Absent before layouts were kept.
-        sums.setdefault(array, {})[LAYOUT] = int(value)
-    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
-      raise _errors.ChecksumError(
-          f'{path}: the checksum file is damaged ({type(e).__name__}: {e}); expected JSON '
-          f'{{"algorithm": "{ALGORITHM}", "chunks": {{...}}}}. Restore with '
-          'verify_checksums=False to read the arrays unchecked.') from e
-  return sums
+  """Every process's chunk and layout checksums (see ``Recorded``)."""
+  return Recorded(directory).chunks
 
 
 class Verifier:

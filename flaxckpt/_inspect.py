@@ -77,13 +77,13 @@ def storage_of(directory: pathlib.Path, meta: _metadata.TreeMetadata) -> str:
 
 
 def pytree(directory: pathlib.Path) -> Description:
-  meta = _restore.read_tree_metadata(directory)
+  reader = _restore.open_reader(directory, verify_checksums=False)
+  meta = reader.meta
   arrays = [leaf for leaf in meta.leaves if _restore._is_stored_array(leaf)]
   infos = dict(zip([leaf.path for leaf in arrays], _arrays.read_array_infos(
       directory, [leaf.name for leaf in arrays], use_ocdbt=meta.use_ocdbt,
       use_zarr3=meta.use_zarr3)))
   shardings = _json_file(directory / _metadata.SHARDING_FILE)
-  reader = _restore._Reader(directory, meta, verify_checksums=False)
   leaves = []
   for leaf in meta.leaves:
     name = _tree.path_str(leaf.path)

@@ -29,9 +29,9 @@ class LeafSource:
       self._values = _msgpack_leaves(found.path)
       self.paths = list(self._values)
     else:
-      meta = _restore.read_tree_metadata(found.path)
-      self._reader = _restore._Reader(found.path, meta)
-      self._leaves = {tuple(str(key) for key in leaf.path): leaf for leaf in meta.leaves}
+      self._reader = _restore.open_reader(found.path)
+      self._leaves = {tuple(str(key) for key in leaf.path): leaf
+                      for leaf in self._reader.meta.leaves}
       self.paths = list(self._leaves)
 
   def read(self, path: KeyPath) -> Any:

@@ -28,8 +28,8 @@ except (ImportError, AttributeError):
 
 def restore(directory: pathlib.Path, args: PyTreeRestore) -> Any:
   """Restores the tree at ``directory`` as ``args`` asks (see ``PyTreeRestore``)."""
-  meta = read_tree_metadata(directory)
-  reader = _Reader(directory, meta, args.verify_checksums)
+  reader = open_reader(directory, args.verify_checksums)
+  meta = reader.meta
   if args.item is None and args.restore_args is None:
     values = reader.read_many(list(meta.leaves))
     converted = _materialize(
@@ -111,8 +111,17 @@ def _flatten_restore_args(tree: Any) -> tuple[list[_tree.Leaf], Any]:
   return _tree.leaves_from_pairs(pairs), treedef
 
 
-def read_tree_metadata(directory: pathlib.Path) -> _metadata.TreeMetadata:
-  """Reads ``_METADATA`` after checking that ``directory`` is a committed checkpoint."""
+def open_reader(directory: pathlib.Path, verify_checksums: bool = True) -> _Reader:
+  """A reader of the committed checkpoint at ``directory``, its ``_METADATA`` read (and, with
+  ``verify_checksums``, everything it reads checked against the checksums saved with it)."""
+  recorded = _checksums.Recorded(directory) if verify_checksums else None
+  return _Reader(directory, read_tree_metadata(directory, recorded), recorded)
+
+
+def read_tree_metadata(directory: pathlib.Path, recorded: _checksums.Recorded | None = None
+                       ) -> _metadata.TreeMetadata:
+  """Reads ``_METADATA`` after checking that ``directory`` is a committed checkpoint (and the
+  file against its checksum, with ``recorded``)."""
   check_committed(directory)
   path = directory / _metadata.METADATA_FILE
   if not _storage.is_file(path):
@@ -124,8 +133,11 @@ def read_tree_metadata(directory: pathlib.Path) -> _metadata.TreeMetadata:
     raise _errors.NotACheckpointError(
         f'{directory}: not a PyTree checkpoint (expected a {_metadata.METADATA_FILE} file; found '
         f'{_storage.list_names(directory)[:10]}).')
+  data = _storage.read_bytes(path)
+  if recorded is not None:
+    recorded.check_file(_metadata.METADATA_FILE, data)
   try:
-    return _metadata.parse_tree_metadata(_storage.read_text(path))
+    return _metadata.parse_tree_metadata(data.decode('utf-8'))
   except _DAMAGED as e:
     raise _errors.NotACheckpointError(
         f'{path}: unreadable checkpoint metadata ({type(e).__name__}: {e}).') from e
@@ -143,11 +155,15 @@ def _json_object(text: str) -> dict:
   return value
 
 
-def read_side_file(path: pathlib.Path, parse: Callable[[str], Any] = _json_object) -> Any:
+def read_side_file(path: pathlib.Path, parse: Callable[[str], Any] = _json_object,
+                   recorded: _checksums.Recorded | None = None) -> Any:
   """``parse`` of the text of ``path`` (by default, the JSON object in it): a file beside a
   checkpoint's arrays, such as ``_strings.json``. A damaged one raises NotACheckpointError
-  naming it."""
-  return parse_side_file(path, lambda: parse(_storage.read_text(path)))
+  naming it (ChecksumError, when ``recorded`` holds its checksum)."""
+  data = _storage.read_bytes(path)
+  if recorded is not None:
+    recorded.check_file(path.name, data)
+  return parse_side_file(path, lambda: parse(data.decode('utf-8')))
 
 
 def parse_side_file(path: pathlib.Path, parse: Callable[[], Any], what: str = 'the file') -> Any:
@@ -222,10 +238,10 @@ class _Reader:
   """Reads leaves of one checkpoint, batching array reads and side files."""
 
   def __init__(self, directory: pathlib.Path, meta: _metadata.TreeMetadata,
-               verify_checksums: bool = True):
+               recorded: _checksums.Recorded | None):
     self.directory = directory
     self.meta = meta
-    self._verify_checksums = verify_checksums
+    self._recorded = recorded  # None: nothing is checked.
     self._strings: dict | None = None
     self._shardings: dict | None = None
     self._parsed_shardings: dict[str, jax.sharding.Sharding | None] = {}
@@ -245,8 +261,8 @@ class _Reader:
     arrays = [leaf for leaf in leaves if _is_stored_array(leaf)]
     regions = regions or {}
     verifier = _checksums.NO_VERIFIER
-    if self._verify_checksums and arrays:
-      verifier = _checksums.Verifier(self.directory, _checksums.load(self.directory))
+    if self._recorded is not None and arrays:
+      verifier = _checksums.Verifier(self.directory, self._recorded.chunks)
     try:
       data = _arrays.read_arrays(
           self.directory, [leaf.name for leaf in arrays], use_ocdbt=self.meta.use_ocdbt,
@@ -275,7 +291,7 @@ class _Reader:
         raise _errors.NotACheckpointError(
             f'{self.directory}: leaf {_tree.path_str(leaf.path)!r} is a string but '
             f'{_metadata.STRINGS_FILE} is missing.')
-      self._strings = read_side_file(path)
+      self._strings = read_side_file(path, recorded=self._recorded)
     try:
       value = _get_by_slash(self._strings, leaf.name)
     except (KeyError, TypeError) as e:
@@ -291,7 +307,8 @@ class _Reader:
   def saved_sharding(self, leaf: _metadata.LeafMetadata) -> jax.sharding.Sharding | None:
     path = self.directory / _metadata.SHARDING_FILE
     if self._shardings is None:
-      self._shardings = read_side_file(path) if _storage.is_file(path) else {}
+      self._shardings = (read_side_file(path, recorded=self._recorded)
+                         if _storage.is_file(path) else {})
     text = self._shardings.get(_metadata.sharding_key(leaf.name))
     if not text:
       return None

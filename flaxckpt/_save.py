@@ -56,26 +56,33 @@ class Prepared(NamedTuple):
     """Writes the JSON files; ``sums`` holds the checksums of arrays written before
     ``pending``'s."""
     primary = self.options.writes_metadata  # Only one process of a multi-process save.
+    files: dict[str, int] = {}  # crc32c of the JSON files the primary writes.
+
+    def write_checked(name: str, text: str) -> None:
+      data = text.encode('utf-8')
+      _storage.write_bytes(self.directory / name, data)
+      files[name] = _checksums.of_bytes(data)
+
     if self.strings and primary:
-      _storage.write_text(self.directory / _metadata.STRINGS_FILE,
-                          json.dumps(self.strings, ensure_ascii=False, separators=(',', ':')))
+      write_checked(_metadata.STRINGS_FILE,
+                    json.dumps(self.strings, ensure_ascii=False, separators=(',', ':')))
     layout = self.layout
     if layout.shardings and primary:
-      _storage.write_text(self.directory / _metadata.SHARDING_FILE, layout.sharding_text)
+      write_checked(_metadata.SHARDING_FILE, layout.sharding_text)
     if layout.array_metadatas:
       folder = self.directory / _metadata.ARRAY_METADATAS_DIR
       _storage.make_dirs(folder)
       _storage.write_text(folder / f'process_{self.options.process_index}',
                           layout.array_metadatas_text)
     sums.update(pending.checksums())
-    if sums:
-      _storage.make_dirs(self.directory / _checksums.DIR)
-      _storage.write_text(self.directory / _checksums.file_name(self.options.process_index),
-                          _checksums.to_json(sums))
     pending.advance()  # Arrays committed; the merge runs while _METADATA is encoded.
     if primary:
-      _storage.write_text(self.directory / _metadata.METADATA_FILE,
-                          _metadata.tree_metadata_json(self.tree_metadata, layout.entries_text))
+      write_checked(_metadata.METADATA_FILE,
+                    _metadata.tree_metadata_json(self.tree_metadata, layout.entries_text))
+    if sums or files:
+      _storage.make_dirs(self.directory / _checksums.DIR)
+      _storage.write_text(self.directory / _checksums.file_name(self.options.process_index),
+                          _checksums.to_json(sums, files))
 
 
 def _in_batches(arrays: list[_arrays.ArrayWrite], max_bytes: int | None

@@ -118,23 +118,32 @@ class _Checker:
       yield from self.step(path / name)
 
   def pytree(self, directory: pathlib.Path) -> Iterator[_Job]:
-    meta = self.guarded(directory, lambda: _restore.read_tree_metadata(directory))
+    recorded = _checksums.Recorded(directory)
+    if self.guarded(directory, lambda: recorded.chunks) is None:
+      recorded = None  # Its damage is reported; everything else is read unchecked.
+    meta = self.guarded(directory, lambda: _restore.read_tree_metadata(directory, recorded))
     if meta is None:
       return
+    reader = _restore._Reader(directory, meta, recorded)
     for name, check in ((_metadata.SHARDING_FILE, _check_shardings),
                         (_metadata.STRINGS_FILE, _check_json_object),
                         (_metadata.CHECKPOINT_METADATA_FILE, _check_json_object)):
       if _storage.exists(directory / name):
         file = directory / name
-        yield _Job(0, lambda file=file, check=check: self.guarded(file, lambda: check(file)))
+
+        def check_file(file=file, check=check) -> None:
+          if recorded is not None:
+            recorded.check_file(file.name, _storage.read_bytes(file))
+          check(file)
+
+        yield _Job(0, lambda check_file=check_file, file=file: self.guarded(file, check_file))
     folder = directory / _metadata.ARRAY_METADATAS_DIR
     if _storage.is_dir(folder):
       for name in _storage.list_names(folder):
         file = folder / name
         yield _Job(0, lambda file=file: self.guarded(
             file, lambda: _metadata.parse_array_metadatas(_storage.read_text(file))))
-    sums = self.guarded(directory, lambda: _checksums.load(directory))
-    reader = _restore._Reader(directory, meta, verify_checksums=sums is not None)
+    sums = recorded.chunks if recorded is not None else None
     arrays = [leaf for leaf in meta.leaves if _restore._is_stored_array(leaf)]
     try:
       sizes = _array_sizes(directory, meta, arrays)
@@ -150,13 +159,19 @@ class _Checker:
                                          lambda: reader.read_many(others)))
     strings = [leaf for leaf in meta.leaves if leaf.value_type == _metadata.STRING]
     if strings:
-      yield _Job(0, lambda: [self.guarded(directory, lambda leaf=leaf: reader.string(leaf))
-                             for leaf in strings])
+      yield _Job(0, lambda: self.read_strings(directory, reader, strings))
     stored = {leaf.name for leaf in arrays}
     for name in sorted(set(sums or {}) - stored):
       self.report(directory / _checksums.DIR,
                   f'checksums are recorded for array {name!r}, which the checkpoint metadata '
                   'does not list')
+
+  def read_strings(self, directory: pathlib.Path, reader: Any,
+                   leaves: list[_metadata.LeafMetadata]) -> None:
+    """Reads the string leaves up to the first failure (which usually holds for all of them)."""
+    for leaf in leaves:
+      if self.guarded(directory, lambda leaf=leaf: reader.string(leaf)) is None:
+        return
 
   def read_arrays(self, reader: Any, leaves: list[_metadata.LeafMetadata]) -> None:
     """Reads the leaves together; on a failure, one by one, so that each problem names its

@@ -97,11 +97,11 @@ def verify(ckpt_path: str, data: np.ndarray) -> None:
   """
   path = _path(ckpt_path)
   try:
-    text = _storage.read_text(path)
+    text = _storage.read_bytes(path)
   except FileNotFoundError:
     return  # Written by flax, or a save that stopped before its sidecar: nothing to check.
   try:
-    recorded = json.loads(text)
+    recorded = json.loads(text)  # Bytes: not UTF-8 is a ValueError like any other damage.
     if recorded.get('algorithm') != _checksums.ALGORITHM:
       return  # Another algorithm, from a later release: nothing this one can check.
     size, crc = recorded['size'], recorded['crc32c']

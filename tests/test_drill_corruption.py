@@ -25,20 +25,10 @@ def orbax_trials():
   return drill.run_trials(ORBAX, trials=8, seed=FIRST_SEED)
 
 
-def _known_sidecar_defect(trial):
-  """A defect in legacy/_sidecar.py, reported to its owner: ``verify`` reads the sidecar with
-  ``read_text`` before its ``try``, so a sidecar that is not UTF-8 raises a bare
-  UnicodeDecodeError (test_a_sidecar_that_is_not_utf8_is_named below). Drop this filter once
-  that test passes."""
-  return (trial.contender == 'flaxckpt-msgpack' and trial.file.endswith('.crc32c')
-          and all(r['outcome'] == 'error' or r.get('error_type') == 'UnicodeDecodeError'
-                  for r in trial.restores.values()))
-
-
 def _failures(trials):
   return [(t.contender, t.seed, t.file, t.damage, t.bad(drill.CONTENDERS[t.contender]),
            t.restores) for t in trials
-          if t.bad(drill.CONTENDERS[t.contender]) and not _known_sidecar_defect(t)]
+          if t.bad(drill.CONTENDERS[t.contender])]
 
 
 def test_flaxckpt_restores_exactly_or_raises_a_clear_error(flaxckpt_trials):
@@ -46,8 +36,6 @@ def test_flaxckpt_restores_exactly_or_raises_a_clear_error(flaxckpt_trials):
   assert not _failures(flaxckpt_trials), drill.report(flaxckpt_trials, FLAXCKPT)[0]
 
 
-@pytest.mark.xfail(strict=True, reason='legacy/_sidecar.py verify() reads the sidecar outside '
-                   'its try: a non-UTF-8 sidecar raises a bare UnicodeDecodeError')
 def test_a_sidecar_that_is_not_utf8_is_named(tmp_path, set_flag):
   from flaxckpt.legacy import checkpoints
   set_flag(False)

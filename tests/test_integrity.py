@@ -2,8 +2,9 @@
 a ChecksumError instead of returning wrong numbers (issue 8, part 1)."""
 
 import json
-import re
 import pathlib
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +120,17 @@ def test_standard_restore_verifies_too(tmp_path):
 
 
 # --- damaged side files (found by tests/drill_corruption.py) ---------------------------------
+#
+# With checksums, damage to _METADATA, _strings.json or _sharding is a ChecksumError before
+# anything is parsed (test_json_files_are_checked_whole below). Checkpoints without checksums
+# (Orbax's, older flaxckpt's) still need every parse failure to name its file: these tests
+# remove the checksum folder first.
+
+
+def _save_unchecked(path, tree, **options):
+  """A checkpoint as Orbax writes it: flaxckpt's, less the checksum folder."""
+  _save(path, tree, **options)
+  shutil.rmtree(path / CHECKSUMS)
 
 
 def _side_file_tree():
@@ -146,7 +158,7 @@ def test_a_damaged_side_file_is_named(tmp_path, name, needs_target, damage):
   fails with an error naming it, not a bare JSONDecodeError or UnicodeDecodeError."""
   path = tmp_path / 'ckpt'
   tree = _side_file_tree()
-  _save(path, tree)
+  _save_unchecked(path, tree)
   file = _damage_side_file(path, name, damage)
   targets = [None, jax.tree.map(lambda x: x, tree)] if needs_target else [None]
   for item in targets:
@@ -158,7 +170,7 @@ def test_a_damaged_side_file_is_named(tmp_path, name, needs_target, damage):
 
 def test_a_damaged_sharding_entry_is_named(tmp_path):
   path = tmp_path / 'ckpt'
-  _save(path, _side_file_tree())
+  _save_unchecked(path, _side_file_tree())
   shardings = json.loads((path / '_sharding').read_text())
   shardings = {key: text.replace('"sharding_type"', '"sharding_typ"')[:-3]
                for key, text in shardings.items()}
@@ -172,7 +184,7 @@ def test_verify_parses_every_sharding(tmp_path):
   """Restore rejects a damaged sharding entry (above), so verify must report it too."""
   from flaxckpt import _verify
   path = tmp_path / 'ckpt'
-  _save(path, _side_file_tree())
+  _save_unchecked(path, _side_file_tree())
   shardings = json.loads((path / '_sharding').read_text())
   shardings = {key: text[:-3] for key, text in shardings.items()}
   (path / '_sharding').write_text(json.dumps(shardings))
@@ -211,7 +223,7 @@ def test_an_unknown_value_type_is_refused_not_restored_as_none(tmp_path):
   from flaxckpt import _verify
   path = tmp_path / 'ckpt'
   tree = _side_file_tree()
-  _save(path, tree)
+  _save_unchecked(path, tree)
 
   def damage(entries):
     entries["('w',)"]['value_metadata']['value_type'] = 'jaH.Array'
@@ -231,7 +243,7 @@ def test_a_damaged_key_type_is_refused(tmp_path, key_type):
   """Key type 1 on the dict key 'w' would have raised a bare int() ValueError while building
   the tree; 0 and 3 are no key type at all."""
   path = tmp_path / 'ckpt'
-  _save(path, _side_file_tree())
+  _save_unchecked(path, _side_file_tree())
   _edit_metadata(path, lambda entries: entries["('w',)"]['key_metadata'][0].update(
       key_type=key_type))
   with pytest.raises(ocp.NotACheckpointError,
@@ -242,7 +254,7 @@ def test_a_damaged_key_type_is_refused(tmp_path, key_type):
 
 def test_unreadable_metadata_names_the_error(tmp_path):
   path = tmp_path / 'ckpt'
-  _save(path, _side_file_tree())
+  _save_unchecked(path, _side_file_tree())
   _edit_metadata(path, lambda entries: entries["('w',)"].pop('key_metadata'))
   with pytest.raises(ocp.NotACheckpointError,
                      match=r"_METADATA: unreadable checkpoint metadata \(KeyError: 'key_metadata'"):
@@ -321,3 +333,31 @@ def test_layouts_are_kept_apart_from_chunk_checksums(tmp_path):
   del sums['layouts']
   (path / CHECKSUMS / 'process_0').write_text(json.dumps(sums))
   assert _restore(path)['step'] == 3
+
+
+@pytest.mark.parametrize('name', ['_METADATA', '_strings.json', '_sharding'])
+def test_json_files_are_checked_whole(tmp_path, name):
+  """Damage that leaves valid JSON (a changed letter in a string value or a key) reads as
+  another checkpoint: the whole-file checksums recorded at save catch it, on restore (with a
+  target or without) and in verify; verify_checksums=False reads it as it now is."""
+  from flaxckpt import _verify
+  path = tmp_path / 'ckpt'
+  tree = _side_file_tree()
+  _save(path, tree)
+  recorded = json.loads((path / CHECKSUMS / 'process_0').read_text())['files']
+  assert sorted(recorded) == ['_METADATA', '_sharding', '_strings.json']
+  file = path / name
+  text = file.read_text()
+  old = {'_METADATA': '"step"', '_strings.json': 'run-1', '_sharding': 'cpu:0'}[name]
+  new = {'_METADATA': '"stop"', '_strings.json': 'run-7', '_sharding': 'cpu:1'}[name]
+  assert old in text
+  file.write_text(text.replace(old, new))
+  for item in (None, tree):
+    if name == '_sharding' and item is not None:
+      continue  # A target's own shardings are used; the file is not read.
+    with pytest.raises(ocp.ChecksumError, match=re.escape(f'{file} has crc32c')):
+      _restore(path, item=item)
+  assert [p.path for p in _verify.verify(path)] == [str(path)] if name == '_METADATA' else [
+      str(file)]
+  if name == '_strings.json':
+    assert _restore(path, verify_checksums=False)['name'] == 'run-7'
