@@ -123,11 +123,6 @@ class Recorded:
           'was recorded when it was saved; the checkpoint is damaged.')
 
 
-def load(directory: pathlib.Path) -> Sums:
-  """Every process's chunk and layout checksums (see ``Recorded``)."""
-  return Recorded(directory).chunks
-
-
 class Verifier:
   """Compares chunks read from ``directory`` with the checksums recorded at save."""
 
