@@ -162,7 +162,7 @@ def read_side_file(path: pathlib.Path, parse: Callable[[str], Any] = _json_objec
   naming it (ChecksumError, when ``recorded`` holds its checksum)."""
   data = _storage.read_bytes(path)
   if recorded is not None:
-    recorded.check_file(path.name, data)
+    recorded.check_file(path.relative_to(recorded.directory).as_posix(), data)
   return parse_side_file(path, lambda: parse(data.decode('utf-8')))
 
 
@@ -324,7 +324,8 @@ class _Reader:
       folder = self.directory / _metadata.ARRAY_METADATAS_DIR
       if _storage.is_dir(folder):
         for name in _storage.list_names(folder):
-          for entry in read_side_file(folder / name, _metadata.parse_array_metadatas):
+          for entry in read_side_file(folder / name, _metadata.parse_array_metadatas,
+                                      self._recorded):
             if entry.ext_metadata:
               self._ext[entry.param_name] = entry.ext_metadata
     return (self._ext.get(leaf.name) or {}).get('random_key_impl')

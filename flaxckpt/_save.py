@@ -56,7 +56,7 @@ class Prepared(NamedTuple):
     """Writes the JSON files; ``sums`` holds the checksums of arrays written before
     ``pending``'s."""
     primary = self.options.writes_metadata  # Only one process of a multi-process save.
-    files: dict[str, int] = {}  # crc32c of the JSON files the primary writes.
+    files: dict[str, int] = {}  # crc32c of the JSON files this process writes.
 
     def write_checked(name: str, text: str) -> None:
       data = text.encode('utf-8')
@@ -70,10 +70,9 @@ class Prepared(NamedTuple):
     if layout.shardings and primary:
       write_checked(_metadata.SHARDING_FILE, layout.sharding_text)
     if layout.array_metadatas:
-      folder = self.directory / _metadata.ARRAY_METADATAS_DIR
-      _storage.make_dirs(folder)
-      _storage.write_text(folder / f'process_{self.options.process_index}',
-                          layout.array_metadatas_text)
+      _storage.make_dirs(self.directory / _metadata.ARRAY_METADATAS_DIR)
+      write_checked(f'{_metadata.ARRAY_METADATAS_DIR}/process_{self.options.process_index}',
+                    layout.array_metadatas_text)
     sums.update(pending.checksums())
     pending.advance()  # Arrays committed; the merge runs while _METADATA is encoded.
     if primary:

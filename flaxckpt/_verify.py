@@ -141,8 +141,8 @@ class _Checker:
     if _storage.is_dir(folder):
       for name in _storage.list_names(folder):
         file = folder / name
-        yield _Job(0, lambda file=file: self.guarded(
-            file, lambda: _metadata.parse_array_metadatas(_storage.read_text(file))))
+        yield _Job(0, lambda file=file: self.guarded(file, lambda: _restore.read_side_file(
+            file, _metadata.parse_array_metadatas, recorded)))
     sums = recorded.chunks if recorded is not None else None
     arrays = [leaf for leaf in meta.leaves if _restore._is_stored_array(leaf)]
     try:

@@ -345,7 +345,8 @@ def test_json_files_are_checked_whole(tmp_path, name):
   tree = _side_file_tree()
   _save(path, tree)
   recorded = json.loads((path / CHECKSUMS / 'process_0').read_text())['files']
-  assert sorted(recorded) == ['_METADATA', '_sharding', '_strings.json']
+  assert sorted(recorded) == ['_METADATA', '_sharding', '_strings.json',
+                              'array_metadatas/process_0']
   file = path / name
   text = file.read_text()
   old = {'_METADATA': '"step"', '_strings.json': 'run-1', '_sharding': 'cpu:0'}[name]
