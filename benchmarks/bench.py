@@ -525,7 +525,9 @@ def run_msgpack_case(a, workdir: Path) -> dict:
         gc.collect()
         identical = None
         if "flax" in warmups and "flaxckpt" in warmups:
-            files = {n: sorted(f for f in d.iterdir() if f.is_file()) for n, d in warmups.items()}
+            # Hidden files (flaxckpt's .<name>.crc32c checksum sidecar) are not the checkpoint.
+            files = {n: sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
+                     for n, d in warmups.items()}
             names = {n: [f.name for f in fs] for n, fs in files.items()}
             if names["flax"] != names["flaxckpt"]:
                 identical = f"no (files {names['flax']} vs {names['flaxckpt']})"
