@@ -15,7 +15,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from flaxckpt import _arrays, _checksums, _errors, _metadata, _storage, _transforms, _tree
+from flaxckpt import (_aggregate, _arrays, _checksums, _errors, _metadata, _storage,
+                      _transforms, _tree)
 from flaxckpt._args import PyTreeRestore
 from flaxckpt._types import ArrayRestoreArgs, RestoreArgs, key_impl_name, normalize_dtype
 
@@ -125,11 +126,8 @@ def read_tree_metadata(directory: pathlib.Path, recorded: _checksums.Recorded | 
   check_committed(directory)
   path = directory / _metadata.METADATA_FILE
   if not _storage.is_file(path):
-    if _storage.is_file(directory / _metadata.LEGACY_AGGREGATE_FILE):
-      raise _errors.NotACheckpointError(
-          f'{directory}: this checkpoint was written by an Orbax release older than mid-2023 '
-          f'(it has a "{_metadata.LEGACY_AGGREGATE_FILE}" file and no _METADATA); that format is '
-          'not supported yet.')
+    if _storage.is_file(directory / _aggregate.FILE):  # Written by Orbax before 0.5.
+      return _aggregate.tree_metadata(directory)
     raise _errors.NotACheckpointError(
         f'{directory}: not a PyTree checkpoint (expected a {_metadata.METADATA_FILE} file; found '
         f'{_storage.list_names(directory)[:10]}).')
@@ -242,6 +240,7 @@ class _Reader:
     self.directory = directory
     self.meta = meta
     self._recorded = recorded  # None: nothing is checked.
+    self._aggregate: Any = None  # The ``checkpoint`` file's tree, once a leaf needs it.
     self._strings: dict | None = None
     self._shardings: dict | None = None
     self._parsed_shardings: dict[str, jax.sharding.Sharding | None] = {}
@@ -258,7 +257,8 @@ class _Reader:
             f'{self.directory / _metadata.METADATA_FILE}: leaf {_tree.path_str(leaf.path)!r} '
             f'has value type {leaf.value_type!r}, which flaxckpt cannot restore (the file is '
             'damaged, or the leaf was saved by a custom Orbax TypeHandler).')
-    arrays = [leaf for leaf in leaves if _is_stored_array(leaf)]
+    arrays = [leaf for leaf in leaves
+              if _is_stored_array(leaf) and not _aggregate.is_aggregated(leaf)]
     regions = regions or {}
     verifier = _checksums.NO_VERIFIER
     if self._recorded is not None and arrays:
@@ -280,11 +280,26 @@ class _Reader:
     for leaf in leaves:
       if leaf.value_type == _metadata.STRING:
         out[leaf.path] = self.string(leaf)
+      elif _aggregate.is_aggregated(leaf):
+        out[leaf.path] = self.aggregated(leaf)
       elif leaf.path not in out:
         out[leaf.path] = _empty_value(leaf)
     return out
 
+  def aggregated(self, leaf: _metadata.LeafMetadata) -> Any:
+    """The value of a leaf stored in the ``checkpoint`` file (Orbax before 0.11)."""
+    if self._aggregate is None:
+      self._aggregate = _aggregate.read(self.directory)
+    return _aggregate.value_at(self._aggregate, leaf, self.directory)
+
   def string(self, leaf: _metadata.LeafMetadata) -> str:
+    if _aggregate.is_aggregated(leaf):
+      value = self.aggregated(leaf)
+      if not isinstance(value, str):
+        raise _errors.NotACheckpointError(
+            f'{self.directory / _aggregate.FILE}: string leaf {_tree.path_str(leaf.path)!r} '
+            f'holds a {type(value).__name__}; the file is damaged.')
+      return value
     if self._strings is None:
       path = self.directory / _metadata.STRINGS_FILE
       if not _storage.is_file(path):
