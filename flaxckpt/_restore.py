@@ -210,8 +210,11 @@ class _Want(NamedTuple):
         shape = arg.global_shape if isinstance(arg, ArrayRestoreArgs) else None
         return cls('jax', normalize_dtype(arg.dtype), tuple(shape) if shape else None, sharding,
                    getattr(arg, 'strict', True))
-      kind = 'numpy' if arg.restore_type is np.ndarray else 'stored'
-      return cls(kind, normalize_dtype(arg.dtype))
+      if arg.restore_type is np.ndarray:
+        return cls('numpy', normalize_dtype(arg.dtype))
+      if arg.restore_type in (bool, int, float):
+        return cls('scalar')  # A Python number, even where an old release stored an array.
+      return cls('stored', normalize_dtype(arg.dtype))
     if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
       if jax.dtypes.issubdtype(target.dtype, jax.dtypes.prng_key):
         # Keys are stored as their uint32 key data, which has extra trailing dimensions.
