@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import math
 import time
 from typing import Any, NamedTuple
 
@@ -182,31 +183,76 @@ def _nest_ids(ids: np.ndarray) -> Any:
 
 
 def sharding_from_json(text: str) -> jax.sharding.Sharding | None:
-  """Rebuilds a saved sharding; None when its devices are not all present here."""
+  """Rebuilds a saved sharding; None when its devices are not all present here, or for a kind
+  Orbax never rebuilt (the leaf then restores as numpy).
+
+  A ``NamedSharding`` entry without ``device_mesh`` (older Orbax, 0.5.9 for one) names only its
+  mesh shape; as those releases did, its mesh is made of ``jax.devices()`` in order, here the
+  first ``prod(shape)`` of them (Orbax wanted exactly that many devices), and with fewer devices
+  there is no sharding. A ``SingleDeviceSharding`` names its device as ``str(device)`` of the jax
+  that wrote it (``TFRT_CPU_0``, ``gpu:0``, ...).
+
+  Raises:
+    KeyError, TypeError, ValueError: the entry is damaged (a field missing or malformed).
+  """
   entry = json.loads(text)
-  devices = {d.id: d for d in jax.devices()}
   kind = entry.get('sharding_type')
   if kind == 'SingleDeviceSharding':
-    wanted = entry['device_str']
-    if wanted.startswith('TFRT_CPU_'):
-      wanted = 'cpu:' + wanted[len('TFRT_CPU_'):]
-    for device in devices.values():
-      if str(device) == wanted:
+    wanted = _device_name(entry['device_str'])
+    for device in jax.devices():
+      if _device_name(str(device)) == wanted:
         return jax.sharding.SingleDeviceSharding(device)
     return None
-  if kind == 'NamedSharding':
-    ids = np.array(_flatten_ids(entry['device_mesh']['mesh'])).reshape(entry['shape'])
-    if not all(int(i) in devices for i in ids.flat):
-      return None
-    axis_types = None
-    if entry.get('axis_types'):
-      axis_types = tuple(getattr(jax.sharding.AxisType, name.rsplit('.', 1)[-1])
-                         for name in entry['axis_types'])
-    mesh = jax.sharding.Mesh(np.vectorize(lambda i: devices[int(i)], otypes=[object])(ids),
-                             tuple(entry['axis_names']), axis_types=axis_types)
-    spec = [tuple(p) if isinstance(p, list) else p for p in entry['partition_spec']]
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-  return None
+  if kind != 'NamedSharding':
+    return None
+  shape = tuple(int(n) for n in entry['shape'])
+  axis_names = tuple(entry['axis_names'])
+  if len(axis_names) != len(shape):
+    raise ValueError(f'mesh shape {list(shape)} has {len(shape)} axes but the entry names '
+                     f'{len(axis_names)}')
+  if entry.get('device_mesh'):
+    mesh_devices = _mesh_devices(entry['device_mesh']['mesh'], shape)
+  else:
+    mesh_devices = _first_devices(shape)
+  if mesh_devices is None:
+    return None
+  axis_types = None
+  if entry.get('axis_types'):
+    axis_types = tuple(getattr(jax.sharding.AxisType, name.rsplit('.', 1)[-1])
+                       for name in entry['axis_types'])
+  mesh = jax.sharding.Mesh(mesh_devices, axis_names, axis_types=axis_types)
+  spec = [tuple(p) if isinstance(p, list) else p for p in entry['partition_spec']]
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _mesh_devices(nested_ids: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+  """The devices of a recorded ``device_mesh``; None unless all of them are present."""
+  devices = {d.id: d for d in jax.devices()}
+  ids = np.array(_flatten_ids(nested_ids)).reshape(shape)
+  if not all(int(i) in devices for i in ids.flat):
+    return None
+  return np.vectorize(lambda i: devices[int(i)], otypes=[object])(ids)
+
+
+def _first_devices(shape: tuple[int, ...]) -> np.ndarray | None:
+  """The first ``prod(shape)`` devices in ``jax.devices()`` order, shaped like the mesh; None
+  when there are fewer."""
+  count = math.prod(shape)
+  devices = jax.devices()
+  if len(devices) < count:
+    return None
+  return np.array(devices[:count], dtype=object).reshape(shape)
+
+
+def _device_name(name: str) -> str:
+  """``str(device)`` in one spelling across jax releases: ``TFRT_CPU_0`` became ``cpu:0``,
+  ``gpu:0`` became ``cuda:0`` (or ``rocm:0``), TPUs' ``host=`` became ``process=``."""
+  if name.startswith('TFRT_CPU_'):
+    return 'cpu:' + name[len('TFRT_CPU_'):]
+  for platform in ('cuda:', 'rocm:'):
+    if name.startswith(platform):
+      return 'gpu:' + name[len(platform):]
+  return name.replace('(host=', '(process=')
 
 
 def _flatten_ids(node: Any) -> list[int]:

@@ -75,10 +75,11 @@ def placeholders(state: Any) -> list[tuple[tuple[str, ...], str]]:
 def read(directory: pathlib.Path, subpaths: list[str], references: list[Any]
          ) -> list[jax.Array | np.ndarray]:
   """Reads arrays stored by ``write``, each placed like its reference (a jax.Array or sharded
-  ``ShapeDtypeStruct``; numpy for anything else). A process reads only the chunks its shards
-  of a multi-process array need."""
+  ``ShapeDtypeStruct``; numpy, as stored, for anything else, None included). A process reads
+  only the chunks its shards of a multi-process array need."""
   shardings = [getattr(reference, 'sharding', None) for reference in references]
-  regions = [_restore.local_region(sharding, tuple(reference.shape))
+  regions = [None if sharding is None
+             else _restore.local_region(sharding, tuple(reference.shape))
              for sharding, reference in zip(shardings, references)]
   hosts = _arrays.read_arrays(directory, subpaths, use_ocdbt=False, use_zarr3=False,
                               missing_chunks_are_errors=True, regions=regions)

@@ -8,9 +8,10 @@ either kind, and ``_gda`` multi-process arrays, whatever the flag says.
 
 Where we differ from flax: retention never deletes a save that is still in flight (``<prefix>tmp``
 or ``*.orbax-checkpoint-tmp*``), errors name the path they are about, a corrupt msgpack file
-raises ``CorruptCheckpointError`` instead of a bare msgpack error, and each msgpack file we write
-gets a hidden sidecar ``.<name>.crc32c`` with its size and crc32c, checked on restore (flax's
-format has no checksum; flax neither lists nor reads the sidecar).
+raises ``CorruptCheckpointError`` instead of a bare msgpack error, ``_gda`` arrays restore
+without a target (as numpy) instead of raising ``MPARestoreTargetRequiredError``, and each
+msgpack file we write gets a hidden sidecar ``.<name>.crc32c`` with its size and crc32c, checked
+on restore (flax's format has no checksum; flax neither lists nor reads the sidecar).
 """
 
 from __future__ import annotations
@@ -460,13 +461,14 @@ def _restore_gda_arrays(state: Any, target: Any, ckpt_path: str, step: int | flo
 
   Each is placed like the target's array at its position: with its sharding for a jax.Array or
   a ``jax.ShapeDtypeStruct`` with a sharding (flax accepts only arrays spread over several
-  processes; any sharding works here), as numpy for a numpy array.
+  processes; any sharding works here), as numpy for a numpy array. Where the target has no
+  array (or there is no target) flax raises ``MPARestoreTargetRequiredError``; flaxckpt reads
+  the array as numpy, exactly as stored, unless ``allow_partial`` asks to leave the placeholder
+  string there, as flax does.
   """
   found = _gda.placeholders(state)
   if not found:
     return state
-  if target is None and not allow_partial:
-    raise errors.MPARestoreTargetRequiredError(ckpt_path, step)
   if found[0][0] == ():
     flat_target = {(): target}
   elif target is not None:
@@ -484,11 +486,11 @@ def _restore_gda_arrays(state: Any, target: Any, ckpt_path: str, step: int | flo
           'path.')
     reference = flat_target.get(key)
     if not isinstance(reference, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)):
-      if not allow_partial:
-        raise errors.MPARestoreTargetRequiredError(ckpt_path, step, key)
-      logger.warning('Multi-process array %s of %s is not restored: the target has no array '
-                     'there.', '/'.join(key), ckpt_path)
-      continue
+      if allow_partial:
+        logger.warning('Multi-process array %s of %s is not restored: the target has no array '
+                       'there.', '/'.join(key), ckpt_path)
+        continue
+      reference = None  # Read whole, as numpy.
     wanted.append((key, subpath, reference))
   if not wanted:
     return state
@@ -513,8 +515,12 @@ def restore_checkpoint(ckpt_dir: str | os.PathLike, target: Any | None,
   """Restores the newest checkpoint in ``ckpt_dir`` (or ``step``, or ``ckpt_dir`` itself when it
   is a checkpoint), whichever backend wrote it.
 
-  Without a target the raw state dict comes back (lists as ``{'0': ...}`` dicts, numpy arrays);
-  with one, ``flax.serialization.from_state_dict`` rebuilds its structure. When ``ckpt_dir``
+  Without a target the raw state dict comes back (lists as ``{'0': ...}`` dicts, numpy arrays,
+  ``_gda`` arrays too, where flax raises ``MPARestoreTargetRequiredError``); with one,
+  ``flax.serialization.from_state_dict`` rebuilds its structure, a ``_gda`` array taking the
+  sharding of the target's jax.Array or ``ShapeDtypeStruct`` (numpy for a numpy leaf, or where
+  the target has no array). ``allow_partial_mpa_restoration`` leaves the placeholder string of a
+  ``_gda`` array that has no target array, as flax does. When ``ckpt_dir``
   does not exist or holds no checkpoint, ``target`` is returned unchanged (with a warning).
   ``parallel`` and ``gda_manager`` are accepted for flax's call sites; flaxckpt reads files in
   parallel slices and reads ``_gda`` arrays itself. A msgpack file with a ``.<name>.crc32c``
@@ -527,8 +533,7 @@ def restore_checkpoint(ckpt_dir: str | os.PathLike, target: Any | None,
     ChecksumMismatchError: a msgpack file's size or crc32c differs from its sidecar's (a
       ``CorruptCheckpointError`` and a ``flaxckpt.ChecksumError``).
     flaxckpt.StructureMismatchError: the checkpoint does not fit ``target``.
-    flax.errors.MPARestoreTargetRequiredError: the checkpoint has ``_gda`` arrays and the
-      target has no multi-process jax.Array for them.
+    flaxckpt.IncompleteCheckpointError: the checkpoint's ``_gda`` folder is missing.
   """
   del parallel, gda_manager  # flaxckpt reads the files itself.
   if isinstance(orbax_checkpointer, AsyncCheckpointer):

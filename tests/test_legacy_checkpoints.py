@@ -982,11 +982,16 @@ def test_gda_fixture_restores_into_target_shardings(gda_dir):
   assert_trees_equal(again, restored)
 
 
-def test_gda_fixture_without_target_raises(gda_dir):
-  """target=None cannot restore multi-process arrays: MPARestoreTargetRequiredError, as in
-  flax."""
-  with pytest.raises(flax.errors.MPARestoreTargetRequiredError):
-    checkpoints.restore_checkpoint(gda_dir, None)
+def test_gda_fixture_without_target_restores_numpy(gda_dir):
+  """target=None restores the multi-process arrays as numpy, exactly as written, where flax
+  raises MPARestoreTargetRequiredError."""
+  restored = checkpoints.restore_checkpoint(gda_dir, None)
+  values = _fixture_state_module().sharded_values()
+  assert restored['step'] == 5
+  for key in ('w', 'b'):
+    assert type(restored[key]) is np.ndarray
+    assert restored[key].dtype == values[key].dtype and restored[key].shape == values[key].shape
+    assert restored[key].tobytes() == values[key].tobytes()
   with pytest.raises(flax.errors.MPARestoreTargetRequiredError):
     flax_checkpoints.restore_checkpoint(gda_dir, None, gda_manager=GlobalAsyncCheckpointManager())
 
