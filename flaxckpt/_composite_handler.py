@@ -6,7 +6,7 @@ import json
 import pathlib
 from typing import Any
 
-from flaxckpt import _errors, _metadata, _storage
+from flaxckpt import _errors, _formats, _metadata, _storage
 from flaxckpt._args import Composite, JsonRestore, PyTreeRestore, StandardRestore
 from flaxckpt._handler import (AsyncCheckpointHandler, CheckpointHandler, Writer, args_type_for,
                                handler_for, register_with_handler)
@@ -34,6 +34,10 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     self._handlers: dict[str, CheckpointHandler | None] = {n: None for n in item_names}
     self._handlers.update(item_handlers)
     self._names_fixed = bool(self._handlers)  # Without names, any item may be added.
+
+  def accept_any_items(self) -> None:
+    """Lets items other than those given be saved and restored (their handlers inferred)."""
+    self._names_fixed = False
 
   @property
   def item_handlers(self) -> dict[str, CheckpointHandler | None]:
@@ -149,7 +153,12 @@ def _saved_item_handlers(directory: pathlib.Path) -> dict[str, str]:
 
 
 def _infer_handler(item_dir: pathlib.Path, typestr: str | None) -> CheckpointHandler:
-  """Picks a handler from the recorded class name, else from the files present."""
+  """Picks a handler from the recorded class name, else from the files present.
+
+  Orbax before 0.5 recorded no handler and wrote no ``_METADATA``: its PyTree items hold the
+  aggregate ``checkpoint`` msgpack file (beside per-leaf zarr directories or OCDBT files), its
+  JSON items one JSON file (``metadata`` by default).
+  """
   if typestr:
     for known, cls in _HANDLERS_BY_TYPESTR.items():
       if typestr == known or typestr.rsplit('.', 1)[-1] == known.rsplit('.', 1)[-1]:
@@ -157,11 +166,22 @@ def _infer_handler(item_dir: pathlib.Path, typestr: str | None) -> CheckpointHan
   if _storage.is_file(item_dir / _metadata.METADATA_FILE):
     return PyTreeCheckpointHandler()
   names = [n for n in _storage.list_names(item_dir) if n != _metadata.COMMIT_SUCCESS_FILE]
-  if len(names) == 1 and _storage.is_file(item_dir / names[0]):
+  lone_file = len(names) == 1 and _storage.is_file(item_dir / names[0])
+  if lone_file and not (names[0] == _metadata.LEGACY_AGGREGATE_FILE
+                        and not _starts_like_json(item_dir / names[0])):
     return JsonCheckpointHandler(names[0])
+  if _formats.is_pytree_dir(item_dir):
+    return PyTreeCheckpointHandler()
   raise _errors.NotACheckpointError(
       f'{item_dir}: cannot tell which handler wrote this item (no recorded handler, no '
       f'_METADATA, files {names[:10]}); pass explicit restore args for it.')
+
+
+def _starts_like_json(path: pathlib.Path) -> bool:
+  """Whether a file opens like a JSON document (a msgpack map opens with a byte >= 0x80)."""
+  with open(path, 'rb') as f:
+    head = f.read(64).lstrip()
+  return bool(head) and head[:1] in b'{["-0123456789tfn'
 
 
 register_with_handler(CompositeCheckpointHandler, for_save=True, for_restore=True)(Composite)

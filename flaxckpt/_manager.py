@@ -142,6 +142,9 @@ class CheckpointManager:
     names = [n for n, h in handlers.items() if h is None]
     self._composite = CompositeCheckpointHandler(
         *names, **{n: h for n, h in handlers.items() if h is not None})
+    self._open_items = self._single is None  # Items unknown until saved or restored (Orbax).
+    if self._open_items:
+      self._composite.accept_any_items()
     if use_async is None:  # Not fixed by the older form's checkpointers: the options decide.
       use_async = self._options.enable_async_checkpointing
     if use_async:
@@ -167,8 +170,8 @@ class CheckpointManager:
 
   @staticmethod
   def _item_setup(checkpointers: Any, item_names: Sequence[str] | None, item_handlers: Any
-                  ) -> tuple[dict[str, CheckpointHandler | None], bool, bool | None, bool]:
-    """(handlers by item, single-item?, async override, older form?)."""
+                  ) -> tuple[dict[str, CheckpointHandler | None], bool | None, bool | None, bool]:
+    """(handlers by item, single-item? (None: not known yet), async override, older form?)."""
     if checkpointers is not None:
       if item_names is not None or item_handlers is not None:
         raise TypeError('Pass either checkpointers (the older form) or item_names/'
@@ -190,15 +193,25 @@ class CheckpointManager:
       return handlers, False, None, False
     if isinstance(item_handlers, Mapping):
       return {n: _instance(h) for n, h in item_handlers.items()}, False, None, False
-    return {DEFAULT_ITEM: _instance(item_handlers)}, True, None, False
+    if item_handlers is not None:
+      return {DEFAULT_ITEM: _instance(item_handlers)}, True, None, False
+    return {}, None, None, False
+
+  def _settle_single(self, single: bool) -> None:
+    """Fixes whether a manager created without items holds one unnamed item; the first save
+    (its args) or restore (the step's layout: a ``default/`` item) decides, as in Orbax."""
+    if self._single is None:
+      self._single = single
 
   def _save_args(self, items: Any, save_kwargs: Any, args: Any) -> Composite:
     if args is not None:
       if items is not None or save_kwargs is not None:
         raise TypeError('Pass either args=... or the older items/save_kwargs, not both.')
+      self._settle_single(not isinstance(args, Composite))
       return self._as_composite(args, for_save=True)
     if items is None:
       raise TypeError('save() needs what to save: save(step, args=...) or save(step, items).')
+    self._settle_single(True)
     return self._older_args(items, save_kwargs, for_save=True)
 
   def _restore_args(self, items: Any, restore_kwargs: Any, args: Any) -> Composite | None:
@@ -225,7 +238,8 @@ class CheckpointManager:
     if not isinstance(args, Composite):
       raise TypeError(f'This manager holds the items {self._known_items()}; pass '
                       f'args=args.Composite(name=...), got {type(args).__name__}.')
-    unknown = [n for n in args if n not in self._composite.item_handlers or n == METRICS_ITEM]
+    unknown = [n for n in args if (n == METRICS_ITEM and for_save) or (
+        not self._open_items and n not in self._composite.item_handlers)]
     if unknown:
       raise ValueError(f'Unknown item names {unknown}; this manager holds '
                        f'{self._known_items()}.')
@@ -449,7 +463,13 @@ class CheckpointManager:
               args: CheckpointArgs | None = None) -> Any:
     """Restores ``step`` (default: the latest); waits for a save still in flight first.
 
-    Returns the item for a single-item manager, else a ``Composite`` by item name.
+    A manager created without items or checkpointers holds one unnamed item when the step has
+    a ``default/`` item (the first save or restore decides).
+
+    Returns:
+      The item for a single-item manager, else a ``Composite`` by item name (without args:
+      every item of the step, ``metrics`` included, each with its inferred handler's default
+      restore args).
     """
     self.wait_until_finished()
     if step is None:
@@ -462,17 +482,19 @@ class CheckpointManager:
       where = directory if directory is not None else self._root
       raise FileNotFoundError(f'No step {step} at {path}; steps under {where}: '
                               f'{self._naming.list_steps(_storage.as_path(where))}.')
+    self._settle_single(_storage.is_dir(path / DEFAULT_ITEM))
     composite = self._restore_args(items, restore_kwargs, args)
-    if composite is None:
-      names = [DEFAULT_ITEM] if self._single else [
-          n for n in item_names(path) if n != METRICS_ITEM]
+    if composite is None:  # Every item whose handler is known or can be inferred, as Orbax.
+      names = [DEFAULT_ITEM] if self._single else item_names(path)
       composite = Composite({n: None for n in names})
     result = self._checkpointer.restore(path, args=composite)
     return result[DEFAULT_ITEM] if self._single else result
 
   def item_metadata(self, step: int) -> Any:
     """What each item of ``step`` holds, without reading array data."""
-    meta = self._composite.metadata(self._step_dir(validate_step(step)))
+    path = self._step_dir(validate_step(step))
+    self._settle_single(_storage.is_dir(path / DEFAULT_ITEM))
+    meta = self._composite.metadata(path)
     if self._single:
       return meta[DEFAULT_ITEM] if DEFAULT_ITEM in meta else None
     return Composite({n: v for n, v in meta.items() if n != METRICS_ITEM})
