@@ -120,6 +120,8 @@ def _print_description(description: dict[str, Any], out: TextIO, indent: str = '
   details = [kind]
   if 'storage' in description:
     details.append(description['storage'])
+  if 'layout' in description:
+    details.append(description['layout'])
   if 'checksums' in description:
     details.append('checksums' if description['checksums'] else 'no checksums')
   print(f'{indent}{description["path"]}: {", ".join(details)}', file=out)

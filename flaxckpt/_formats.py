@@ -78,8 +78,8 @@ def detect(path: _storage.PathLike) -> Found:
     return Found(Kind.MANAGER, location)
   if _storage.exists(location / _metadata.CHECKPOINT_METADATA_FILE) or _only_items(location):
     return Found(Kind.COMPOSITE, location)
-  if _storage.is_file(location / location.name):
-    return Found(Kind.JSON, location / location.name)
+  if json_file(location) is not None:
+    return Found(Kind.JSON, json_file(location))
   names = _storage.list_names(location)
   raise _errors.NotACheckpointError(
       f'{location}: not a checkpoint (expected a PyTree checkpoint with '
@@ -93,9 +93,19 @@ def item_names(path: pathlib.Path) -> list[str]:
   for name in _storage.list_names(path):
     sub = path / name
     if _storage.is_dir(sub) and not is_temporary(name) and (
-        is_pytree_dir(sub) or _storage.is_file(sub / name)):
+        is_pytree_dir(sub) or json_file(sub) is not None):
       items.append(name)
   return items
+
+
+def json_file(item: pathlib.Path) -> pathlib.Path | None:
+  """The file of a JSON item: the one file in its directory (named after the item, or
+  ``metadata`` as older Orbax named it), beside at most a commit marker."""
+  names = [name for name in _storage.list_names(item)
+           if name != _metadata.COMMIT_SUCCESS_FILE and not name.startswith('.')]
+  if names in ([item.name], ['metadata']) and _storage.is_file(item / names[0]):
+    return item / names[0]
+  return None
 
 
 def _only_items(path: pathlib.Path) -> bool:

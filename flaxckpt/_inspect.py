@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from flaxckpt import (_arrays, _checksums, _formats, _leaf_source, _metadata, _restore,
-                      _storage, _tree)
+from flaxckpt import (_aggregate, _arrays, _checksums, _formats, _leaf_source, _metadata,
+                      _restore, _storage, _tree)
 
 Description = dict[str, Any]
 _EMPTY_SHOWN_AS = {'None': 'None', 'Dict': '{}', 'List': '[]', 'Tuple': '()', 'NamedTuple': '()'}
@@ -93,13 +93,29 @@ def pytree(directory: pathlib.Path) -> Description:
       leaves.append(_leaf(name, shape, dtype, sharding_summary(sharding)))
     elif leaf.value_type == _metadata.STRING:
       leaves.append(_leaf(name, None, None, value=reader.string(leaf)))
+    elif _aggregate.is_aggregated(leaf):  # Stored in the 'checkpoint' file of older Orbax.
+      value = reader.aggregated(leaf)
+      if isinstance(value, np.ndarray):
+        leaves.append(_leaf(name, value.shape, value.dtype, f'in {_aggregate.FILE} file'))
+      else:
+        leaves.append(_leaf(name, None, None, value=value))
     else:
       leaves.append(_leaf(name, None, None, value=_EMPTY_SHOWN_AS.get(leaf.value_type),
                           empty=True))
   return _with_totals({
       'format': 'orbax-pytree', 'path': str(directory), 'storage': storage_of(directory, meta),
-      'checksums': _storage.is_dir(directory / _checksums.DIR),
+      'layout': layout_of(directory), 'checksums': _storage.is_dir(directory / _checksums.DIR),
       'leaves': leaves})
+
+
+def layout_of(directory: pathlib.Path) -> str:
+  """Which family of Orbax releases wrote a PyTree checkpoint, from the files it has."""
+  has_tree_file = _storage.is_file(directory / _aggregate.FILE)
+  if not _storage.is_file(directory / _metadata.METADATA_FILE):
+    return f'{_aggregate.FILE} file, no {_metadata.METADATA_FILE} (Orbax before 0.5)'
+  if has_tree_file:
+    return f'{_metadata.METADATA_FILE} and {_aggregate.FILE} file (Orbax 0.5 to 0.9)'
+  return f'{_metadata.METADATA_FILE} (Orbax 0.10 on, flaxckpt)'
 
 
 def sharding_summary(text: str | None) -> str | None:

@@ -70,7 +70,8 @@ def restore(directory: pathlib.Path, args: PyTreeRestore) -> Any:
 def metadata(directory: pathlib.Path) -> Any:
   """The stored tree with ``jax.ShapeDtypeStruct`` leaves for arrays and scalars, read from
   the array metadata alone (no array data)."""
-  meta = read_tree_metadata(directory)
+  reader = open_reader(directory, verify_checksums=False)
+  meta = reader.meta
   arrays = [leaf for leaf in meta.leaves if _is_stored_array(leaf)]
   infos = dict(zip([leaf.path for leaf in arrays], _arrays.read_array_infos(
       directory, [leaf.name for leaf in arrays], use_ocdbt=meta.use_ocdbt,
@@ -82,6 +83,9 @@ def metadata(directory: pathlib.Path) -> Any:
       value: Any = jax.ShapeDtypeStruct(shape, dtype)
     elif leaf.value_type == _metadata.STRING:
       value = str
+    elif _aggregate.is_aggregated(leaf):  # Its value is at hand: describe it the same way.
+      stored = np.asarray(reader.aggregated(leaf))
+      value = jax.ShapeDtypeStruct(stored.shape, stored.dtype)
     else:
       value = _empty_value(leaf)
     entries.append((leaf.path, leaf.key_types, value))
@@ -96,7 +100,9 @@ def _get_by_slash(strings: dict[str, Any], name: str) -> Any:
 
 
 def _is_stored_array(leaf: _metadata.LeafMetadata) -> bool:
-  return leaf.value_type in (_metadata.JAX_ARRAY, _metadata.NP_ARRAY, _metadata.SCALAR)
+  """Whether ``leaf`` is an array (or scalar) in array storage, not in the ``checkpoint`` file."""
+  return (leaf.value_type in (_metadata.JAX_ARRAY, _metadata.NP_ARRAY, _metadata.SCALAR)
+          and not _aggregate.is_aggregated(leaf))
 
 
 def _restore_args_by_path(restore_args: Any) -> dict[_tree.Path, RestoreArgs]:
@@ -260,8 +266,7 @@ class _Reader:
             f'{self.directory / _metadata.METADATA_FILE}: leaf {_tree.path_str(leaf.path)!r} '
             f'has value type {leaf.value_type!r}, which flaxckpt cannot restore (the file is '
             'damaged, or the leaf was saved by a custom Orbax TypeHandler).')
-    arrays = [leaf for leaf in leaves
-              if _is_stored_array(leaf) and not _aggregate.is_aggregated(leaf)]
+    arrays = [leaf for leaf in leaves if _is_stored_array(leaf)]
     regions = regions or {}
     verifier = _checksums.NO_VERIFIER
     if self._recorded is not None and arrays:

@@ -235,3 +235,46 @@ def test_flax_checkpoint_into_a_target(case, copy_of, set_flag):
       expected = state.make_train_state(as_jax=False)
     assert jax.tree.structure(restored) == jax.tree.structure(target)
     state.tree_eq_loose(expected, restored)
+
+
+# ==================================================================================================
+# metadata, inspect and verify on old layouts
+# ==================================================================================================
+
+
+@pytest.mark.parametrize('case', PYTREE_CASES)
+def test_metadata_describes_every_array_of_an_old_checkpoint(case, copy_of):
+  path = copy_of(case)
+  described = ocp.PyTreeCheckpointer().metadata(path)
+  expected = _expected(case)
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(
+      state.canon(state._state_dict(expected)))}
+  got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(
+      state.canon(state._state_dict(described)))}
+  for key, value in flat.items():
+    if isinstance(value, np.ndarray):
+      assert (got[key].shape, got[key].dtype) == (value.shape, value.dtype), key
+
+
+@pytest.mark.parametrize('path, layout', [
+    ('f0610-ocp018/pytree', 'checkpoint file, no _METADATA'),
+    ('f070-ocp027/pytree_ocdbt', 'checkpoint file, no _METADATA'),
+    ('f082-ocp059/flax_orbax/checkpoint_2', '_METADATA and checkpoint file'),
+    ('f0102-ocp0102/pytree', '_METADATA (Orbax 0.10 on'),
+])
+def test_inspect_names_the_layout_family_and_verify_passes(path, layout):
+  from flaxckpt import _inspect, _verify
+  described = _inspect.describe(DATA / path)
+  assert described['format'] == 'orbax-pytree' and layout in described['layout']
+  by_path = {leaf['path']: leaf for leaf in described['leaves']}
+  assert by_path['f32']['shape'] == [4, 3] and by_path['f32']['dtype'] == 'float32'
+  assert _verify.verify(DATA / path) == []
+
+
+@pytest.mark.parametrize('case', _cases('orbax_manager'))
+def test_inspect_and_verify_read_old_manager_roots(case):
+  from flaxckpt import _inspect, _verify
+  described = _inspect.describe(DATA / case['path'])
+  assert described['format'] == 'manager'
+  assert [step['step'] for step in described['steps']] == case['steps']
+  assert _verify.verify(DATA / case['path']) == []
