@@ -133,8 +133,46 @@ def _clean_tmp(parent):
       shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
+CASES = ('pytree', 'pytree_sharded', 'standard', 'ts_pytree', 'manager', 'manager_best', 'manager_default',
+         'flax_msgpack', 'flax_orbax', 'ts_flax_orbax', 'pytree_ocdbt', 'pytree_no_ocdbt')
+
+
+def _needs_shims():
+  """Only orbax 0.1.0-era code imports the jax modules that jax 0.4.13 no longer has."""
+  import importlib.util
+  spec = importlib.util.find_spec('orbax.checkpoint')
+  src = os.path.join(os.path.dirname(spec.origin), 'type_handlers.py')
+  with open(src) as f:
+    return 'gda_serialization' in f.read()
+
+
 def write(out, era):
-  shims = _shim_old_jax()
+  """Each case in a fresh process: orbax 0.2-0.4 keep OCDBT switches in global type handlers, so a
+  case written after another would not show what a fresh program writes."""
+  import subprocess
+  root = os.path.join(out, era)
+  if os.path.exists(root):
+    shutil.rmtree(root)
+  os.makedirs(root)
+  part = None
+  for case in CASES:
+    subprocess.run([sys.executable, os.path.abspath(__file__), 'write-case', out, era, case], check=True)
+    with open(os.path.join(out, f'{era}.{case}.json')) as f:
+      one = json.load(f)
+    os.remove(os.path.join(out, f'{era}.{case}.json'))
+    if part is None:
+      part = dict(one, cases=[], skipped=[])
+    part['cases'] += one['cases']
+    part['skipped'] += [x for x in one['skipped'] if x not in part['skipped'] and x.startswith(case + ':')]
+  _clean_tmp(root)
+  with open(os.path.join(out, f'{era}.json'), 'w') as f:
+    json.dump(part, f, indent=1)
+  print(json.dumps({'skipped': part['skipped'], 'cases': {c['case']: c['self_read'] for c in part['cases']}},
+                   indent=1))
+
+
+def write_case(out, era, only):
+  shims = _shim_old_jax() if _needs_shims() else []
   import numpy as np
   import jax
   sys.path.insert(0, HERE)
@@ -157,9 +195,6 @@ def write(out, era):
   if versions.get('orbax') and versions.get('orbax-checkpoint') is None:
     del versions['orbax-checkpoint']
   root = os.path.join(out, era)
-  if os.path.exists(root):
-    shutil.rmtree(root)
-  os.makedirs(root)
   cases, skipped = [], []
   has_args = hasattr(ocp, 'args')
   handler_params = inspect.signature(ocp.PyTreeCheckpointHandler.__init__).parameters
@@ -184,6 +219,8 @@ def write(out, era):
     print(f'[{era}] {case}: {self_read}', flush=True)
 
   def run(case, body):
+    if case != only:
+      return
     try:
       body()
     except Exception as e:  # noqa
@@ -225,7 +262,8 @@ def write(out, era):
     else:
       pre = ''
       if use_ocdbt and hasattr(ocp.type_handlers, 'register_standard_handlers_with_options') \
-          and not has_args:
+          and not has_args and not hasattr(ocp.type_handlers, 'start_coordinator_server_and_create_context'):
+        # orbax 0.2.x: OCDBT by re-registering the type handlers (0.3.x+: the handler's flag alone)
         ctx = ocp.type_handlers.create_coordinator_server_and_context()[0] \
             if hasattr(ocp.type_handlers, 'create_coordinator_server_and_context') else None
         ocp.type_handlers.register_standard_handlers_with_options(use_ocdbt=True, ts_context=ctx)
@@ -264,11 +302,6 @@ def write(out, era):
       ocp.type_handlers.register_standard_handlers_with_options(use_ocdbt=False)
 
   run('pytree', lambda: pytree_case('pytree', None))
-  if has_ocdbt:
-    other = 'pytree_no_ocdbt' if ocdbt_default else 'pytree_ocdbt'
-    run(other, lambda: pytree_case(other, not ocdbt_default))
-  else:
-    skipped.append('pytree_ocdbt: PyTreeCheckpointHandler has no use_ocdbt')
 
   def sharded_case():
     path = os.path.join(root, 'pytree_sharded')
@@ -485,16 +518,23 @@ def write(out, era):
     mk('ts_flax_orbax', 'orbax', 'make_train_state', {}, (3,), 1,
        'checkpoints.save_checkpoint(dir, train_state, 3) (orbax backend)', trainstate=True)
   else:
-    skipped.append('flax_orbax, ts_flax_orbax: this flax has no orbax backend (no flax_use_orbax_checkpointing)')
+    skipped += [f'{c}: this flax has no orbax backend (no flax_use_orbax_checkpointing)'
+                for c in ('flax_orbax', 'ts_flax_orbax')]
+
+  # The other OCDBT choice last: in orbax 0.2-0.4, turning OCDBT on changes the global type handlers.
+  if has_ocdbt:
+    other = 'pytree_no_ocdbt' if ocdbt_default else 'pytree_ocdbt'
+    run(other, lambda: pytree_case(other, not ocdbt_default))
+  else:
+    skipped.append('pytree_ocdbt: PyTreeCheckpointHandler has no use_ocdbt')
 
   _clean_tmp(root)
   part = {'era': era, 'versions': versions, 'python': '.'.join(map(str, sys.version_info[:3])),
           'skipped': skipped, 'cases': cases}
   if shims:
     part['shims'] = shims
-  with open(os.path.join(out, f'{era}.json'), 'w') as f:
+  with open(os.path.join(out, f'{era}.{only}.json'), 'w') as f:
     json.dump(part, f, indent=1)
-  print(json.dumps({'skipped': skipped, 'cases': {c['case']: c['self_read'] for c in cases}}, indent=1))
 
 
 def merge(part_path, known_failing=None):
@@ -525,6 +565,8 @@ def merge(part_path, known_failing=None):
 if __name__ == '__main__':
   if sys.argv[1] == 'write':
     write(sys.argv[2], sys.argv[3])
+  elif sys.argv[1] == 'write-case':
+    write_case(sys.argv[2], sys.argv[3], sys.argv[4])
   elif sys.argv[1] == 'merge':
     merge(sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else None)
   else:
