@@ -4,7 +4,8 @@ Orbax up to 0.4 (2023) wrote no ``_METADATA``: the tree lived in ``checkpoint``,
 document of the saved tree in which every leaf is either its value (leaves saved with
 ``SaveArgs(aggregate=True)``: arrays as flax's msgpack arrays, scalars, strings, and ``None`` or
 empty containers) or the string ``PLACEHOLDER://<name>`` for an array stored under ``<name>``
-(per-leaf zarr directories, or in OCDBT when ``manifest.ocdbt`` is there). Orbax 0.5 to 0.10 kept
+(per-leaf zarr directories, or in OCDBT when ``manifest.ocdbt`` is there; a string leaf of
+Orbax 0.3 in ``<name>/_strings.json``). Orbax 0.5 to 0.10 kept
 writing it beside ``_METADATA``, which marks the leaves stored there ``skip_deserialize``.
 
 This module maps that layout onto the current restore path: ``tree_metadata`` builds what
@@ -63,7 +64,10 @@ def _collect(node: Any, path: _tree.Path, key_types: tuple[int, ...],
       raise _errors.NotACheckpointError(
           f'{directory / FILE}: leaf {_tree.path_str(path)!r} points to the array {name!r}; '
           f'expected {".".join(path)!r}, the name Orbax gives that leaf.')
-    out.append(_metadata.LeafMetadata(path, key_types, _metadata.NP_ARRAY))
+    # Orbax 0.3 kept a string leaf in its own '<name>/_strings.json', as {name: value}.
+    kind = (_metadata.STRING if _storage.is_file(directory / name / _metadata.STRINGS_FILE)
+            else _metadata.NP_ARRAY)
+    out.append(_metadata.LeafMetadata(path, key_types, kind))
     return
   out.append(_metadata.LeafMetadata(path, key_types, _value_type(node, path, directory),
                                     skip_deserialize=True))

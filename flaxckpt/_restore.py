@@ -308,6 +308,14 @@ class _Reader:
             f'{self.directory / _aggregate.FILE}: string leaf {_tree.path_str(leaf.path)!r} '
             f'holds a {type(value).__name__}; the file is damaged.')
       return value
+    own_file = self.directory / leaf.name / _metadata.STRINGS_FILE
+    if self.meta.use_ocdbt is False and _storage.is_file(own_file):  # Orbax 0.3: one per leaf.
+      value = read_side_file(own_file).get(leaf.name)
+      if not isinstance(value, str):
+        raise _errors.NotACheckpointError(
+            f'{own_file}: string leaf {_tree.path_str(leaf.path)!r} is not in it; the file is '
+            'damaged.')
+      return value
     if self._strings is None:
       path = self.directory / _metadata.STRINGS_FILE
       if not _storage.is_file(path):
