@@ -281,6 +281,8 @@ def write_case(out, era, only):
         how = '.save(path, tree)'
     except Exception as e:  # noqa
       reduced.append(_err(e))
+      import time
+      time.sleep(2)  # let the failed save's other writes finish before clearing its temporary dir
       shutil.rmtree(path, ignore_errors=True)
       _clean_tmp(root)
       if has_args:
@@ -327,17 +329,20 @@ def write_case(out, era, only):
     path = os.path.join(root, 'standard')
     tree = S.make_array_state()
     ckptr = ocp.StandardCheckpointer()
-    if has_args:
+    takes_args = 'args' in inspect.signature(ckptr.save).parameters
+    if has_args and takes_args:
       ckptr.save(path, args=ocp.args.StandardSave(tree))
       api = 'ocp.StandardCheckpointer().save(path, args=ocp.args.StandardSave(tree))'
     else:
       ckptr.save(path, tree)
       api = 'ocp.StandardCheckpointer().save(path, tree)'
+    if hasattr(ckptr, 'wait_until_finished'):
+      ckptr.wait_until_finished()
     target = S.make_array_state()
     def plain():
       return ckptr.restore(path)
     def with_target():
-      if has_args:
+      if has_args and 'args' in inspect.signature(ckptr.restore).parameters:
         return ckptr.restore(path, args=ocp.args.StandardRestore(target))
       return ckptr.restore(path, target)
     sr = self_read(plain, with_target, S.expected('make_array_state'))
