@@ -142,6 +142,8 @@ def _needs_shims():
   import importlib.util
   spec = importlib.util.find_spec('orbax.checkpoint')
   src = os.path.join(os.path.dirname(spec.origin), 'type_handlers.py')
+  if not os.path.exists(src):
+    return False
   with open(src) as f:
     return 'gda_serialization' in f.read()
 
