@@ -159,14 +159,16 @@ def _infer_handler(item_dir: pathlib.Path, typestr: str | None) -> CheckpointHan
   aggregate ``checkpoint`` msgpack file (beside per-leaf zarr directories or OCDBT files), its
   JSON items one JSON file (``metadata`` by default).
   """
+  names = [n for n in _storage.list_names(item_dir) if n != _metadata.COMMIT_SUCCESS_FILE]
+  lone_file = len(names) == 1 and _storage.is_file(item_dir / names[0])
   if typestr:
     for known, cls in _HANDLERS_BY_TYPESTR.items():
       if typestr == known or typestr.rsplit('.', 1)[-1] == known.rsplit('.', 1)[-1]:
+        if cls is JsonCheckpointHandler and lone_file:  # 'metrics/metrics', not 'metadata'.
+          return JsonCheckpointHandler(names[0])
         return cls()
   if _storage.is_file(item_dir / _metadata.METADATA_FILE):
     return PyTreeCheckpointHandler()
-  names = [n for n in _storage.list_names(item_dir) if n != _metadata.COMMIT_SUCCESS_FILE]
-  lone_file = len(names) == 1 and _storage.is_file(item_dir / names[0])
   if lone_file and not (names[0] == _metadata.LEGACY_AGGREGATE_FILE
                         and not _starts_like_json(item_dir / names[0])):
     return JsonCheckpointHandler(names[0])
@@ -179,8 +181,7 @@ def _infer_handler(item_dir: pathlib.Path, typestr: str | None) -> CheckpointHan
 
 def _starts_like_json(path: pathlib.Path) -> bool:
   """Whether a file opens like a JSON document (a msgpack map opens with a byte >= 0x80)."""
-  with open(path, 'rb') as f:
-    head = f.read(64).lstrip()
+  head = _storage.read_head(path, 64).lstrip()
   return bool(head) and head[:1] in b'{["-0123456789tfn'
 
 

@@ -89,6 +89,12 @@ def read_bytes(path: pathlib.Path) -> bytes:
   return path.read_bytes()
 
 
+def read_head(path: pathlib.Path, size: int) -> bytes:
+  """The first ``size`` bytes of a file (fewer if it is shorter)."""
+  with open(path, 'rb') as f:
+    return f.read(size)
+
+
 def read_into_buffer(path: pathlib.Path) -> np.ndarray:
   """The whole file in a new writable uint8 array, read without intermediate copies (and
   without zero-filling the memory first, which costs as much as the read). Large files are
