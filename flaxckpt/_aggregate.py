@@ -1,12 +1,12 @@
-"""The ``checkpoint`` file of PyTree checkpoints written by Orbax releases before 0.11.
+"""The ``checkpoint`` file of PyTree checkpoints written by Orbax 0.1 to 0.5.
 
-Orbax up to 0.4 (2023) wrote no ``_METADATA``: the tree lived in ``checkpoint``, a flax msgpack
+Orbax 0.1 to 0.3 wrote no ``_METADATA``: the tree lived in ``checkpoint``, a flax msgpack
 document of the saved tree in which every leaf is either its value (leaves saved with
 ``SaveArgs(aggregate=True)``: arrays as flax's msgpack arrays, scalars, strings, and ``None`` or
 empty containers) or the string ``PLACEHOLDER://<name>`` for an array stored under ``<name>``
 (per-leaf zarr directories, or in OCDBT when ``manifest.ocdbt`` is there; a string leaf of
-Orbax 0.3 in ``<name>/_strings.json``). Orbax 0.5 to 0.10 kept
-writing it beside ``_METADATA``, which marks the leaves stored there ``skip_deserialize``.
+Orbax 0.3 in ``<name>/_strings.json``). From 0.3 (with OCDBT) to 0.5, ``checkpoint`` sat beside
+``_METADATA``, which marks the leaves stored in it ``skip_deserialize``; 0.6 dropped it.
 
 This module maps that layout onto the current restore path: ``tree_metadata`` builds what
 ``_METADATA`` would say, and ``value_at`` gives an aggregated leaf's value.

@@ -112,10 +112,10 @@ def layout_of(directory: pathlib.Path) -> str:
   """Which family of Orbax releases wrote a PyTree checkpoint, from the files it has."""
   has_tree_file = _storage.is_file(directory / _aggregate.FILE)
   if not _storage.is_file(directory / _metadata.METADATA_FILE):
-    return f'{_aggregate.FILE} file, no {_metadata.METADATA_FILE} (Orbax before 0.5)'
+    return f'{_aggregate.FILE} file, no {_metadata.METADATA_FILE} (Orbax 0.1 to 0.3)'
   if has_tree_file:
-    return f'{_metadata.METADATA_FILE} and {_aggregate.FILE} file (Orbax 0.5 to 0.9)'
-  return f'{_metadata.METADATA_FILE} (Orbax 0.10 on, flaxckpt)'
+    return f'{_metadata.METADATA_FILE} and {_aggregate.FILE} file (Orbax 0.3 to 0.5)'
+  return f'{_metadata.METADATA_FILE} (Orbax 0.6 on, flaxckpt)'
 
 
 def sharding_summary(text: str | None) -> str | None:

@@ -260,7 +260,10 @@ def test_metadata_describes_every_array_of_an_old_checkpoint(case, copy_of):
     ('f0610-ocp018/pytree', 'checkpoint file, no _METADATA'),
     ('f070-ocp027/pytree_ocdbt', 'checkpoint file, no _METADATA'),
     ('f082-ocp059/flax_orbax/checkpoint_2', '_METADATA and checkpoint file'),
-    ('f0102-ocp0102/pytree', '_METADATA (Orbax 0.10 on'),
+    ('f0102-ocp0102/pytree', '_METADATA (Orbax 0.6 on'),
+    ('f090-ocp064/pytree', '_METADATA (Orbax 0.6 on'),
+    ('f068-ocp010/pytree', 'checkpoint file, no _METADATA (Orbax 0.1 to 0.3)'),
+    ('f075-ocp048/pytree', '_METADATA and checkpoint file (Orbax 0.3 to 0.5)'),
 ])
 def test_inspect_names_the_layout_family_and_verify_passes(path, layout):
   from flaxckpt import _inspect, _verify
