@@ -186,6 +186,7 @@ def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overw
   async save has created its directory yet.)
   """
   directory, prefix = os.path.split(base_path)
+  _steps.recover_replaced(_storage.as_path(directory))  # A replace that was cut off.
   paths = _all_checkpoints(directory, prefix)
   if overwrite and ckpt_path in paths:
     cut = paths.index(ckpt_path) + 1

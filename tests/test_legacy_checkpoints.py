@@ -19,6 +19,8 @@ import math
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -1025,6 +1027,38 @@ def test_corrupt_msgpack_raises_value_error_naming_file(tmp_path, set_flag, dama
       checkpoints.restore_checkpoint(tmp_path, None, **kwargs)
     assert path in str(info.value)
   assert pathlib.Path(path).read_bytes() == damaged
+
+
+_KILLED_LEGACY_REPLACE = """
+import os, signal, sys
+import numpy as np
+import flax
+from flaxckpt.legacy import checkpoints
+flax.config.update('flax_use_orbax_checkpointing', True)
+root = sys.argv[1]
+checkpoints.save_checkpoint(root, {'x': np.arange(4)}, 3, keep=5)
+rename = os.rename
+def rename_then_die(source, target, *args, **kwargs):
+  if str(source).endswith('.orbax-checkpoint-tmp') and str(target).endswith('checkpoint_3'):
+    os.kill(os.getpid(), signal.SIGKILL)  # The old step is aside; the new one not yet in place.
+  return rename(source, target, *args, **kwargs)
+os.rename = rename_then_die
+checkpoints.save_checkpoint(root, {'x': np.arange(4) * 9}, 3, keep=5, overwrite=True)
+"""
+
+
+def test_an_overwrite_killed_between_its_renames_is_put_back_by_the_next_save(tmp_path, set_flag):
+  """With the Orbax backend, overwrite=True moves the old checkpoint aside before the new one
+  takes its name; the next save_checkpoint puts back one left aside by a killed writer."""
+  result = subprocess.run([sys.executable, '-c', _KILLED_LEGACY_REPLACE, str(tmp_path)],
+                          timeout=120, capture_output=True, text=True)
+  assert result.returncode == -9, result.stderr[-2000:]
+  assert checkpoints.available_steps(tmp_path) == []  # The step is aside, under a tmp name.
+  set_flag(True)
+  checkpoints.save_checkpoint(tmp_path, {'x': np.ones(2)}, 4, keep=5)
+  assert checkpoints.available_steps(tmp_path) == [3, 4]
+  np.testing.assert_array_equal(
+      checkpoints.restore_checkpoint(tmp_path, None, step=3)['x'], np.arange(4))
 
 
 def test_directory_that_is_not_orbax_raises_naming_it(tmp_path):
