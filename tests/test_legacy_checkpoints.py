@@ -13,7 +13,6 @@ leaves alone) and the ``_gda`` fixture written by a real flax 0.10.2.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import math
 import os
@@ -44,6 +43,7 @@ from flaxckpt.legacy import _msgpack
 from flaxckpt.legacy import checkpoints
 from flaxckpt.legacy import orbax_utils
 from seed001 import CustomTrainState
+import old_formats
 from trees import assert_trees_equal, files_under
 
 # orbax (inside flax's restore) warns on every restore without a target that it reads the
@@ -52,24 +52,14 @@ pytestmark = pytest.mark.filterwarnings(
     'ignore:Sharding info not provided when restoring:UserWarning:orbax')
 
 MODULES = {'flax': flax_checkpoints, 'ours': checkpoints}
-# Checkpoints written by old flax/orbax releases (copied from the shared fixture collection).
-_OLD_FORMATS = pathlib.Path(__file__).parent / 'data' / 'old-formats'
 
 
 def _old_format(relative: str) -> pathlib.Path:
   """The path of ``relative`` (e.g. 'f0102-ocp0102/flax_gda') among the old-format fixtures."""
-  path = _OLD_FORMATS / relative
+  path = old_formats.DATA / relative
   if not path.exists():
-    raise FileNotFoundError(f'old-format fixture {relative} is not in {_OLD_FORMATS}')
+    raise FileNotFoundError(f'old-format fixture {relative} is not in {old_formats.DATA}')
   return path
-
-
-def _fixture_state_module():
-  """The fixtures' ``state.py``, which rebuilds the trees the fixtures were written from."""
-  spec = importlib.util.spec_from_file_location('old_formats_state', _old_format('state.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 # ==================================================================================================
@@ -572,7 +562,7 @@ def test_empty_or_missing_directory_returns_target(tmp_path, use_orbax):
 def test_old_flax_fixtures_restore_like_flax(tmp_path):
   """Checkpoints written by flax 0.10.2 (msgpack, prefix and float steps, Orbax, TrainState)
   restore like flax restores them, with the values they were written from."""
-  state = _fixture_state_module()
+  state = old_formats.state
   cases = {
       'flax_msgpack': (state.expected('make_state', with_str=True, with_empty=True,
                                       with_py_scalars=True), {}),
@@ -969,7 +959,7 @@ def gda_dir(tmp_path):
 def test_gda_fixture_restores_into_target_shardings(gda_dir):
   """The placeholders of flax's save_checkpoint_multiprocess are filled from checkpoint_4_gda
   with the values written and the shardings of the target's arrays."""
-  state = _fixture_state_module()
+  state = old_formats.state
   target = state.make_sharded()
   restored = checkpoints.restore_checkpoint(gda_dir, target)
   values = state.sharded_values()
@@ -988,7 +978,7 @@ def test_gda_fixture_without_target_restores_numpy(gda_dir):
   """target=None restores the multi-process arrays as numpy, exactly as written, where flax
   raises MPARestoreTargetRequiredError."""
   restored = checkpoints.restore_checkpoint(gda_dir, None)
-  values = _fixture_state_module().sharded_values()
+  values = old_formats.state.sharded_values()
   assert restored['step'] == 5
   for key in ('w', 'b'):
     assert type(restored[key]) is np.ndarray

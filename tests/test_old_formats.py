@@ -7,9 +7,6 @@ make: without a target, into a concrete target, into an abstract target, and wit
 The cases come from the fixtures' manifest, so every PyTree and flax case of every era runs.
 """
 
-import importlib.util
-import json
-import pathlib
 import shutil
 
 import jax
@@ -19,41 +16,22 @@ import pytest
 
 import flaxckpt as ocp
 from flaxckpt.legacy import checkpoints
+import old_formats
+from old_formats import DATA, state
 
 pytestmark = pytest.mark.filterwarnings(
     'ignore:Sharding info not provided when restoring:UserWarning:orbax',
     'ignore:Couldn.t find sharding info under RestoreArgs:UserWarning')
 
-DATA = pathlib.Path(__file__).parent / 'data' / 'old-formats'
-MANIFEST = json.loads((DATA / 'manifest.json').read_text())
-
-
-def _load_state_module():
-  spec = importlib.util.spec_from_file_location('old_formats_state', DATA / 'state.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-state = _load_state_module()
-
-
 def _cases(kind, exclude=()):
-  return [pytest.param(case, id=case['path']) for case in MANIFEST['cases']
-          if case['kind'] == kind and case['case'] not in exclude]
+  return [pytest.param(case, id=case['path']) for case in old_formats.cases(kind)
+          if case['case'] not in exclude]
 
 
 @pytest.fixture
 def copy_of(tmp_path):
-  """A scratch copy of a case (restores never write into tests/data), with the empty
-  directories its writer left (Git keeps none)."""
-  def copy(case):
-    path = tmp_path / case['case']
-    shutil.copytree(DATA / case['path'], path)
-    for name in case.get('empty_dirs') or ():
-      (path / name).mkdir(parents=True, exist_ok=True)
-    return path
-  return copy
+  """A scratch copy of a case (restores never write into tests/data)."""
+  return lambda case: old_formats.copy_case(case, tmp_path)
 
 
 def _expected(case):
@@ -156,7 +134,7 @@ def test_pytree_older_call_form(case, copy_of):
 def test_orbax_0_1_lists_restore_into_list_targets_and_none_into_empty_state(copy_of):
   """orbax 0.1.8 stored the TrainState's optax state as [adam state, None]: a TrainState
   target gets its tuple of (ScaleByAdamState, EmptyState) back."""
-  case = next(c for c in MANIFEST['cases'] if c['path'] == 'f0610-ocp018/ts_pytree')
+  case = old_formats.case_at('f0610-ocp018/ts_pytree')
   path = copy_of(case)
   stored = ocp.PyTreeCheckpointer().restore(path)
   assert isinstance(stored['opt_state'], list) and stored['opt_state'][1] is None
@@ -169,7 +147,7 @@ def test_orbax_0_1_lists_restore_into_list_targets_and_none_into_empty_state(cop
 
 
 def test_a_damaged_tree_file_is_named(copy_of):
-  case = next(c for c in MANIFEST['cases'] if c['path'] == 'f070-ocp027/pytree')
+  case = old_formats.case_at('f070-ocp027/pytree')
   path = copy_of(case)
   (path / 'checkpoint').write_bytes((path / 'checkpoint').read_bytes()[:100])
   with pytest.raises(ocp.NotACheckpointError, match=f"{path / 'checkpoint'}: the tree file"):
@@ -177,7 +155,7 @@ def test_a_damaged_tree_file_is_named(copy_of):
 
 
 def test_a_placeholder_without_its_array_is_named(copy_of):
-  case = next(c for c in MANIFEST['cases'] if c['path'] == 'f0610-ocp018/pytree')
+  case = old_formats.case_at('f0610-ocp018/pytree')
   path = copy_of(case)
   shutil.rmtree(path / 'f32')
   with pytest.raises(ocp.NotACheckpointError, match="array 'f32'"):
@@ -195,7 +173,7 @@ def test_a_foreign_directory_names_what_it_holds(tmp_path):
 
 def test_a_format_from_the_future_is_named(tmp_path, copy_of):
   """A _METADATA whose layout this release does not know (say, a later Orbax's)."""
-  case = next(c for c in MANIFEST['cases'] if c['path'] == 'f0102-ocp0102/pytree')
+  case = old_formats.case_at('f0102-ocp0102/pytree')
   path = copy_of(case)
   (path / '_METADATA').write_text('{"format_version": 7, "leaves": []}')
   with pytest.raises(ocp.NotACheckpointError, match=f"{path / '_METADATA'}: unreadable"):

@@ -10,10 +10,8 @@ Orbax never rebuilt, leave the leaf as numpy.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
-import shutil
 from typing import Any
 
 import jax
@@ -24,23 +22,20 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 import flaxckpt as ocp
 from flaxckpt import _metadata
 from flaxckpt.legacy import checkpoints
+import old_formats
 
-_OLD_FORMATS = pathlib.Path(__file__).parent / 'data' / 'old-formats'
 ERAS = ('f0610-ocp018', 'f070-ocp027', 'f082-ocp059', 'f0102-ocp0102')
 
 
 @pytest.fixture(scope='module')
 def state() -> Any:
   """The fixtures' ``state.py``, which rebuilds the saved trees bit for bit."""
-  spec = importlib.util.spec_from_file_location('old_formats_state', _OLD_FORMATS / 'state.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return old_formats.state
 
 
-def _copy(tmp_path: pathlib.Path, case: str) -> pathlib.Path:
-  """A scratch copy of a fixture, so no test can alter tests/data."""
-  return pathlib.Path(shutil.copytree(_OLD_FORMATS / case, tmp_path / case.replace('/', '_')))
+def _copy(tmp_path: pathlib.Path, path: str) -> pathlib.Path:
+  """A scratch copy of the case at ``path``, so no test can alter tests/data."""
+  return old_formats.copy_case(old_formats.case_at(path), tmp_path)
 
 
 def _assert_exact(expected: np.ndarray, got: Any) -> None:

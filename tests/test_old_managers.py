@@ -8,9 +8,7 @@ checkpointers, ``restore(step, items=..., restore_kwargs=...)``). Each test read
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 import shutil
 from typing import Any
 
@@ -20,35 +18,17 @@ import pytest
 
 import flaxckpt as ocp
 from flaxckpt import _composite_handler
+import old_formats
 
-_DATA = pathlib.Path(__file__).parent / 'data' / 'old-formats'
-_MANIFEST = json.loads((_DATA / 'manifest.json').read_text())
-_CASES = [c for c in _MANIFEST['cases'] if c['kind'] == 'orbax_manager']
+_CASES = old_formats.cases('orbax_manager')
 _MULTI = [c for c in _CASES if c['case'] != 'manager_default']
 _OLD_TMP = '.orbax-checkpoint-tmp-1795457646680668'  # How every era named a save in progress.
+_STATE = old_formats.state
+_copy = old_formats.copy_case
 
 
 def _ids(cases: list[dict[str, Any]]) -> list[str]:
   return [c['path'] for c in cases]
-
-
-def _state_module():
-  spec = importlib.util.spec_from_file_location('old_formats_state', _DATA / 'state.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-_STATE = _state_module()
-
-
-def _copy(case: dict[str, Any], tmp_path: pathlib.Path) -> pathlib.Path:
-  """A scratch copy of the case, with the empty directories Git could not keep."""
-  directory = tmp_path / case['case']
-  shutil.copytree(_DATA / case['path'], directory)
-  for empty in case.get('empty_dirs', []):
-    (directory / empty).mkdir(parents=True, exist_ok=True)
-  return directory
 
 
 def _expected(case: dict[str, Any], item: str, step: int) -> Any:
