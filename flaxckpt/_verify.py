@@ -130,13 +130,8 @@ class _Checker:
                         (_metadata.CHECKPOINT_METADATA_FILE, _check_json_object)):
       if _storage.exists(directory / name):
         file = directory / name
-
-        def check_file(file=file, check=check) -> None:
-          if recorded is not None:
-            recorded.check_file(file.name, _storage.read_bytes(file))
-          check(file)
-
-        yield _Job(0, lambda check_file=check_file, file=file: self.guarded(file, check_file))
+        yield _Job(0, lambda file=file, check=check: self.guarded(
+            file, lambda: check(file, recorded)))
     folder = directory / _metadata.ARRAY_METADATAS_DIR
     if _storage.is_dir(folder):
       for name in _storage.list_names(folder):
@@ -228,18 +223,23 @@ class _Checker:
           missing_chunks_are_errors=True))
 
 
-def _check_json_object(path: pathlib.Path) -> None:
+def _check_json_object(path: pathlib.Path,
+                       recorded: _checksums.Recorded | None = None) -> None:
+  """Checks ``path`` against its recorded checksum, if any, and that it holds a JSON object."""
+  data = _storage.read_bytes(path)
+  if recorded is not None:
+    recorded.check_file(path.name, data)
   try:
-    value = json.loads(_storage.read_text(path))
+    value = json.loads(data.decode('utf-8'))
   except (ValueError, UnicodeDecodeError) as e:
     raise ValueError(f'not valid JSON ({e})') from e
   if not isinstance(value, dict):
     raise ValueError(f'expected a JSON object, found {type(value).__name__}')
 
 
-def _check_shardings(path: pathlib.Path) -> None:
+def _check_shardings(path: pathlib.Path, recorded: _checksums.Recorded | None) -> None:
   """Parses every sharding in ``_sharding``, as a restore without a target does."""
-  for key, text in _restore.read_side_file(path).items():
+  for key, text in _restore.read_side_file(path, recorded=recorded).items():
     _restore.parse_side_file(path, lambda text=text: _metadata.sharding_from_json(text),
                              f'the sharding of entry {key!r}')
 
