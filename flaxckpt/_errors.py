@@ -64,3 +64,13 @@ class CorruptCheckpointError(CheckpointError, ValueError):
 class ChecksumMismatchError(CorruptCheckpointError, ChecksumError):
   """A flax msgpack file's size or crc32c differs from what its sidecar recorded at save, or the
   sidecar itself is unreadable."""
+
+
+class UnsafeCheckpointError(CheckpointError, ValueError):
+  """A name or entry of a checkpoint (or of a caller) would lead outside the checkpoint, or a
+  file to be read is not a regular file (a FIFO, a device, a socket, a link leaving the root)."""
+
+
+class LimitExceededError(CheckpointError, ValueError):
+  """A checkpoint declares more than flaxckpt reads from untrusted input (an array larger than
+  memory or its target, too many chunks, JSON nested too deep, a metadata file too large)."""

@@ -12,12 +12,20 @@ import contextlib
 import os
 import pathlib
 import shutil
+import stat
 import threading
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from flaxckpt import _errors
+
 PathLike = str | os.PathLike
+
+# The largest file read whole into memory as metadata (JSON side files, checksum files, msgpack
+# sidecars). _METADATA of a million leaves is about 300 MB; anything larger is not metadata, and a
+# sparse file declaring terabytes must not be allocated.
+MAX_METADATA_FILE_BYTES = 1 << 30
 
 _READ_SLICE_BYTES = 64 << 20
 _READ_THREADS = 4
@@ -45,6 +53,106 @@ def renames_atomically(path: pathlib.Path) -> bool:
   return True
 
 
+def check_name(name: str, what: str) -> str:
+  """Returns ``name``, a relative name read from a checkpoint file or given by a caller, after
+  refusing any that could lead outside the directory it is joined to: empty, absolute,
+  with a '..' component, a NUL, a backslash or a drive letter.
+
+  Raises:
+    UnsafeCheckpointError: naming ``what`` (where the name came from) and the name.
+  """
+  problem = None
+  if not isinstance(name, str) or not name:
+    problem = 'it is empty' if name == '' else f'it is a {type(name).__name__}, not a string'
+  elif '\x00' in name:
+    problem = 'it contains a NUL character'
+  elif '\\' in name:
+    problem = 'it contains a backslash'
+  elif name.startswith('/') or (len(name) > 1 and name[1] == ':' and name[0].isalpha()):
+    problem = 'it is an absolute path'
+  elif any(part == '..' for part in name.split('/')):
+    problem = "it has a '..' component"
+  if problem is not None:
+    raise _errors.UnsafeCheckpointError(
+        f'{what}: refusing the name {name!r}: {problem}, so it could lead outside the '
+        'checkpoint. Names stored in a checkpoint are relative paths below it.')
+  return name
+
+
+def join_inside(root: pathlib.Path, name: str, what: str) -> pathlib.Path:
+  """``root / name`` for a name from untrusted input (see ``check_name``)."""
+  return root / check_name(name, what)
+
+
+def check_tree(directory: pathlib.Path, root: pathlib.Path | None = None) -> None:
+  """Refuses a checkpoint directory that holds anything a reader must not follow: a FIFO,
+  device or socket (reading one blocks forever or never ends), or a symbolic link that leads
+  outside ``root`` (``directory`` itself by default). ``directory`` must lie inside ``root``.
+
+  Links that stay inside are allowed and not descended into (their target is scanned anyway).
+  """
+  real_root = os.path.realpath(root if root is not None else directory)
+  if root is not None and not _is_within(os.path.realpath(directory), real_root):
+    raise _errors.UnsafeCheckpointError(
+        f'{directory}: this entry of {root} is a link to {os.path.realpath(directory)}, '
+        'outside it; refusing to read a checkpoint through it.')
+  pending = [os.fspath(directory)]
+  while pending:
+    try:
+      entries = list(os.scandir(pending.pop()))
+    except (NotADirectoryError, FileNotFoundError):
+      continue
+    for entry in entries:
+      if entry.is_symlink():
+        target = os.path.realpath(entry.path)
+        if not _is_within(target, real_root):
+          raise _errors.UnsafeCheckpointError(
+              f'{entry.path}: a symbolic link to {target}, outside the checkpoint '
+              f'{real_root}; refusing to read through it.')
+        if os.path.exists(target) and not _is_plain(os.stat(target).st_mode):
+          raise _not_regular(entry.path, os.stat(target).st_mode)
+      elif entry.is_dir(follow_symlinks=False):
+        pending.append(entry.path)
+      elif not entry.is_file(follow_symlinks=False):
+        raise _not_regular(entry.path, entry.stat(follow_symlinks=False).st_mode)
+
+
+def _is_within(path: str, root: str) -> bool:
+  return path == root or path.startswith(root.rstrip('/') + '/')
+
+
+def _is_plain(mode: int) -> bool:
+  return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+
+
+def _not_regular(path: Any, mode: int) -> _errors.UnsafeCheckpointError:
+  kind = ('a FIFO' if stat.S_ISFIFO(mode) else 'a socket' if stat.S_ISSOCK(mode)
+          else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 'not a regular file')
+  return _errors.UnsafeCheckpointError(
+      f'{path}: expected a regular file, found {kind}; a checkpoint holds only regular files '
+      'and directories, and reading this one could block forever or never end.')
+
+
+def open_regular(path: PathLike, max_bytes: int | None = None) -> int:
+  """A read-only descriptor of the regular file at ``path``, refused without blocking when it
+  is a FIFO, device or socket (O_NONBLOCK: opening a FIFO would wait for a writer), or larger
+  than ``max_bytes``. The caller closes it."""
+  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+  try:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+      raise _not_regular(path, info.st_mode)
+    if max_bytes is not None and info.st_size > max_bytes:
+      raise _errors.LimitExceededError(
+          f'{path}: {info.st_size} bytes, more than the {max_bytes} bytes this file may hold '
+          'when read as metadata; the checkpoint is damaged or hostile.')
+    os.set_blocking(fd, True)
+  except BaseException:
+    os.close(fd)
+    raise
+  return fd
+
+
 def exists(path: pathlib.Path) -> bool:
   return path.exists()
 
@@ -65,8 +173,35 @@ def make_dirs(path: pathlib.Path) -> None:
   path.mkdir(parents=True, exist_ok=True)
 
 
+def make_new_dir(path: pathlib.Path) -> None:
+  """Creates the directory ``path`` (and missing parents), failing if anything already stands
+  at ``path``, a link included: a save never writes into a directory it did not create."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    os.mkdir(path)
+  except FileExistsError as e:
+    raise _errors.UnsafeCheckpointError(
+        f'{path}: something already exists there ({_describe(path)}), where this save was '
+        'about to create its own new directory; another writer may be saving to the same '
+        'path. Nothing was written.') from e
+
+
+def _describe(path: pathlib.Path) -> str:
+  try:
+    if path.is_symlink():
+      return f'a symbolic link to {os.readlink(path)}'
+    return 'a directory' if path.is_dir() else 'a file'
+  except OSError:
+    return 'an entry'
+
+
 def remove_tree(path: pathlib.Path) -> None:
-  """Deletes a directory tree; missing paths are fine."""
+  """Deletes a directory tree; missing paths are fine. A symbolic link (or a file) at ``path``
+  is itself removed, never what it points to."""
+  if path.is_symlink() or (path.exists() and not path.is_dir()):
+    with contextlib.suppress(FileNotFoundError):
+      path.unlink()
+    return
   shutil.rmtree(path, ignore_errors=True)
 
 
@@ -85,13 +220,16 @@ def rename(source: pathlib.Path, target: pathlib.Path) -> None:
   _sync_path(target.parent)
 
 
-def read_bytes(path: pathlib.Path) -> bytes:
-  return path.read_bytes()
+def read_bytes(path: pathlib.Path, max_bytes: int | None = MAX_METADATA_FILE_BYTES) -> bytes:
+  """A regular file's bytes (see ``open_regular``); metadata-sized unless ``max_bytes`` says
+  otherwise (None: any size)."""
+  with os.fdopen(open_regular(path, max_bytes), 'rb') as f:
+    return f.read()
 
 
 def read_head(path: pathlib.Path, size: int) -> bytes:
-  """The first ``size`` bytes of a file (fewer if it is shorter)."""
-  with open(path, 'rb') as f:
+  """The first ``size`` bytes of a regular file (fewer if it is shorter)."""
+  with os.fdopen(open_regular(path), 'rb') as f:
     return f.read(size)
 
 
@@ -99,7 +237,7 @@ def read_into_buffer(path: pathlib.Path) -> np.ndarray:
   """The whole file in a new writable uint8 array, read without intermediate copies (and
   without zero-filling the memory first, which costs as much as the read). Large files are
   read in parallel slices: faulting in fresh memory is a good part of the cost."""
-  fd = os.open(path, os.O_RDONLY)
+  fd = open_regular(path)
   try:
     buffer = np.empty(os.fstat(fd).st_size, np.uint8)
     slices = range(0, len(buffer), _READ_SLICE_BYTES)
@@ -123,17 +261,37 @@ def read_into_buffer(path: pathlib.Path) -> np.ndarray:
   return buffer
 
 
-def open_for_write(path: pathlib.Path) -> BinaryIO:
-  """A new (or truncated) file to stream bytes into; the caller closes it."""
-  return open(path, 'wb')
+def open_for_write(path: pathlib.Path, exclusive: bool = False) -> BinaryIO:
+  """A new (or truncated) file to stream bytes into; the caller closes it. Never opened
+  through a symbolic link; with ``exclusive``, nothing may stand at ``path`` yet."""
+  return os.fdopen(_open_writable(path, exclusive), 'wb')
 
 
-def read_text(path: pathlib.Path) -> str:
-  return path.read_text(encoding='utf-8')
+def _open_writable(path: pathlib.Path, exclusive: bool) -> int:
+  flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+  flags |= os.O_EXCL if exclusive else os.O_TRUNC
+  try:
+    return os.open(path, flags, 0o666)
+  except FileExistsError as e:
+    raise _errors.UnsafeCheckpointError(
+        f'{path}: something already exists there ({_describe(path)}), where this save was '
+        'about to create a new file; another writer may be saving to the same path.') from e
+  except OSError as e:
+    if path.is_symlink():  # O_NOFOLLOW's ELOOP.
+      raise _errors.UnsafeCheckpointError(
+          f'{path}: a symbolic link to {os.readlink(path)} stands where a file is written; '
+          'refusing to write through a link this save did not create.') from e
+    raise
 
 
-def write_bytes(path: pathlib.Path, data: bytes, sync: bool = False) -> None:
-  with open(path, 'wb') as f:
+def read_text(path: pathlib.Path, max_bytes: int | None = MAX_METADATA_FILE_BYTES) -> str:
+  return read_bytes(path, max_bytes).decode('utf-8')
+
+
+def write_bytes(path: pathlib.Path, data: bytes, sync: bool = False,
+                exclusive: bool = False) -> None:
+  """Writes a file, never through a symbolic link (see ``open_for_write``)."""
+  with open_for_write(path, exclusive) as f:
     f.write(data)
     if sync:
       f.flush()
