@@ -1,7 +1,7 @@
 """Checkpointers: one checkpoint at one path, saved atomically, optionally in the background.
 
-Commit protocol (Orbax's, for local file systems): write everything into
-``<path>.orbax-checkpoint-tmp``, write ``_CHECKPOINT_METADATA`` with the commit time and
+Commit protocol (Orbax's, for local file systems): write everything into a new directory
+``<path>.orbax-checkpoint-tmp-<timestamp>`` of this save's own, write ``_CHECKPOINT_METADATA`` with the commit time and
 ``commit_success.txt``, make it durable, then rename it to ``<path>``. A failed save deletes its
 temporary directory; an existing checkpoint is only replaced (with ``force=True``) after the new
 one is complete.
@@ -10,6 +10,7 @@ one is complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import threading
@@ -21,6 +22,11 @@ from flaxckpt._handler import (AsyncCheckpointHandler, CheckpointArgs, Checkpoin
                                args_type_for)
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpointHandler
 
+
+
+def _exists_error(final) -> _errors.CheckpointExistsError:
+  return _errors.CheckpointExistsError(
+      f'{final} already exists; pass force=True to replace it, or save to a new path.')
 
 
 def _discard(tmp) -> None:
@@ -84,7 +90,7 @@ class Checkpointer:
     try:
       with _gc_paused():
         self._handler.save(tmp, args)
-      self._commit(final, tmp, init_ns, custom_metadata)
+      self._commit(final, tmp, init_ns, custom_metadata, force)
     except BaseException:
       _discard(tmp)
       raise
@@ -163,16 +169,20 @@ class Checkpointer:
     except (TypeError, ValueError) as e:
       raise TypeError(f'custom_metadata for {final} must be JSON-serializable: {e}') from e
     if _storage.exists(final) and not force:
-      raise _errors.CheckpointExistsError(
-          f'{final} already exists; pass force=True to replace it, or save to a new path.')
+      raise _exists_error(final)
     # Without atomic renames (object stores) the checkpoint is written in place and committed by
     # its commit_success.txt alone.
     in_place = not _storage.renames_atomically(final)
-    tmp = final if in_place else final.with_name(final.name + _metadata.TMP_SUFFIX)
     init_ns = _metadata.now_ns()
+    # Each save writes into a directory of its own, created here and nowhere else, so that two
+    # writers of one path never share files and nothing planted at the name is written through.
+    tmp = final if in_place else final.with_name(
+        _multihost.agree(f'tmp:{final}', f'{final.name}{_metadata.TMP_SUFFIX}-{init_ns}'))
     if _multihost.is_primary():
-      _storage.remove_tree(tmp)
-      _storage.make_dirs(tmp)
+      if in_place:
+        _storage.make_dirs(tmp)
+      else:
+        _storage.make_new_dir(tmp)
       self._write_checkpoint_metadata(tmp, init_ns, None, None)
     try:
       _multihost.barrier(f'save-begin:{final}')  # The others write into tmp from here on.
@@ -181,16 +191,17 @@ class Checkpointer:
       raise
     return final, tmp, init_ns
 
-  def _commit(self, final, tmp, init_ns: int, custom_metadata: dict[str, Any] | None) -> None:
+  def _commit(self, final, tmp, init_ns: int, custom_metadata: dict[str, Any] | None,
+              force: bool) -> None:
     """The primary finalizes and commits once every process has written its part; the others
     return when the commit is done, so a save ends at the same point everywhere."""
     _multihost.barrier(f'save-written:{final}')
     if _multihost.is_primary():
-      self._commit_as_primary(final, tmp, init_ns, custom_metadata)
+      self._commit_as_primary(final, tmp, init_ns, custom_metadata, force)
     _multihost.barrier(f'save-committed:{final}')
 
   def _commit_as_primary(self, final, tmp, init_ns: int,
-                         custom_metadata: dict[str, Any] | None) -> None:
+                         custom_metadata: dict[str, Any] | None, force: bool) -> None:
     self._handler.finalize(tmp)
     self._write_checkpoint_metadata(tmp, init_ns, _metadata.now_ns(), custom_metadata)
     if tmp == final:  # Written in place: the commit marker, written last, is the commit.
@@ -201,6 +212,8 @@ class Checkpointer:
     _storage.write_text(tmp / _metadata.COMMIT_SUCCESS_FILE, _metadata.commit_message(final))
     _storage.sync_tree(tmp)
     if _storage.exists(final):
+      if not force:  # Another writer committed this path while this save was writing.
+        raise _exists_error(final)
       replaced = final.with_name(final.name + _steps.REPLACED_SUFFIX)
       _storage.remove_tree(replaced)
       _storage.rename(final, replaced)
@@ -211,7 +224,12 @@ class Checkpointer:
         raise
       _storage.remove_tree(replaced)
     else:
-      _storage.rename(tmp, final)
+      try:
+        _storage.rename(tmp, final)
+      except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+          raise _exists_error(final) from e  # Another writer committed it since the check.
+        raise
 
   def _write_checkpoint_metadata(self, directory, init_ns: int, commit_ns: int | None,
                                  custom_metadata: dict[str, Any] | None) -> None:
@@ -269,7 +287,7 @@ class AsyncCheckpointer(Checkpointer):
       try:
         if writer is not None:
           writer()
-        self._commit(final, tmp, init_ns, custom_metadata)
+        self._commit(final, tmp, init_ns, custom_metadata, force)
       except BaseException as e:  # Surfaced to the caller by the next check.
         _discard(tmp)
         self._error = e

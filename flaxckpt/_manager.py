@@ -346,8 +346,9 @@ class CheckpointManager:
     step = self._started_step
     if step is None:
       return None
-    tmp = self._root / (self._naming.name(step) + _metadata.TMP_SUFFIX)
-    return step if _storage.exists(tmp) else None
+    in_flight = self._naming.name(step) + _metadata.TMP_SUFFIX + '-'
+    return step if any(name.startswith(in_flight) and name[len(in_flight):].isdigit()
+                       for name in _storage.list_names(self._root)) else None
 
   def reached_preemption(self, step: int) -> bool:
     """True at a preemption sync point of JAX's distributed runtime; False without one."""

@@ -77,3 +77,28 @@ def barrier(name: str) -> None:
         'must make the same checkpoint calls (a save called on process 0 only ends here); '
         'the timeout is set with flaxckpt.multihost.set_barrier_timeout. Runtime error: '
         f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
+
+
+def agree(name: str, value: str) -> str:
+  """The primary's ``value`` on every process (each other process's own ``value`` is ignored);
+  just ``value`` in a single process. Called in the same order on every process, like
+  ``barrier``.
+
+  Raises:
+    BarrierTimeoutError: the primary did not publish its value within the timeout.
+  """
+  if jax.process_count() == 1:
+    return value
+  client = _client()
+  with _counts_lock:
+    _counts[f'agree:{name}'] += 1
+    key = f'flaxckpt/agree/{name}#{_counts[f"agree:{name}"]}'
+  if is_primary():
+    client.key_value_set(key, value)
+    return value
+  try:
+    return client.blocking_key_value_get(key, int(_timeout_secs * 1000))
+  except Exception as e:  # jax raises its runtime error type; its text names the cause.
+    raise _errors.BarrierTimeoutError(
+        f'Process {jax.process_index()} waited {_timeout_secs:g} s for process 0 to choose '
+        f'{name!r}; it never did (a save called on some processes only ends here).') from e

@@ -144,7 +144,7 @@ _EACCES = PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
 # (storage function, which call) for every step of an Orbax-layout save.
 _ORBAX_FAULTS = {
-    'make tmp dir': ('make_dirs', lambda p: p.endswith('.orbax-checkpoint-tmp'), _EACCES),
+    'make tmp dir': ('make_new_dir', lambda p: '.orbax-checkpoint-tmp-' in p, _EACCES),
     'write _METADATA': ('write_bytes', lambda p: p.endswith('/_METADATA'), _ENOSPC),
     'write checksums': ('write_text', lambda p: 'flaxckpt_checksums' in p, _ENOSPC),
     'write commit marker': ('write_text', lambda p: p.endswith('commit_success.txt'), _ENOSPC),

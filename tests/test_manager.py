@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -216,7 +217,7 @@ options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
 ocp.CheckpointManager(root, options=options).save(1, args=ocp.args.StandardSave({'x': np.arange(4)}))
 rename = os.rename
 def rename_then_die(source, target, *args, **kwargs):
-  if str(source).endswith('.orbax-checkpoint-tmp') and str(target).endswith('/1'):
+  if '.orbax-checkpoint-tmp-' in str(source) and str(target).endswith('/1'):
     os.kill(os.getpid(), signal.SIGKILL)  # The old step is aside; the new one not yet in place.
   return rename(source, target, *args, **kwargs)
 os.rename = rename_then_die
@@ -231,8 +232,9 @@ def test_a_replace_killed_between_its_renames_keeps_the_old_step(tmp_path):
   result = subprocess.run([sys.executable, '-c', _KILLED_REPLACE, str(tmp_path)], timeout=120,
                           capture_output=True, text=True)
   assert result.returncode == -9, result.stderr[-2000:]
-  assert sorted(os.listdir(tmp_path)) == ['1.orbax-checkpoint-tmp',
-                                          '1.orbax-checkpoint-tmp-replaced']
+  names = sorted(os.listdir(tmp_path))
+  assert len(names) == 2 and re.fullmatch(r'1\.orbax-checkpoint-tmp-\d+', names[0]), names
+  assert names[1] == '1.orbax-checkpoint-tmp-replaced'
   mngr = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(
       cleanup_tmp_directories=True))
   assert mngr.all_steps() == [1] and sorted(os.listdir(tmp_path)) == ['1']
@@ -462,7 +464,7 @@ def test_manager_saves_in_the_background_unless_disabled(tmp_path, enable_async)
   if enable_async:
     assert not saver.is_alive()  # save returned although the write cannot run yet
     assert manager.all_steps() == []
-    assert (tmp_path / '1.orbax-checkpoint-tmp').is_dir()
+    assert [p.is_dir() for p in tmp_path.glob('1.orbax-checkpoint-tmp-*')] == [True]
     handler.gate.set()
   manager.wait_until_finished()
   assert manager.all_steps() == [1]
