@@ -2,7 +2,11 @@
 
 Exit status: 0 when all is well, 1 when ``verify`` finds problems or ``diff`` finds differences,
 2 when a command cannot run (no checkpoint at the path, bad arguments); errors are one line on
-stderr. Everything runs on the CPU; no accelerator is needed.
+stderr, never a traceback. Everything runs on the CPU; no accelerator is needed.
+
+Whatever is printed that came from a checkpoint (key paths, item and file names, values, error
+messages) goes through ``printable`` first: a checkpoint is untrusted input, and a name holding
+ESC, CR or a bidi override must not drive the terminal.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import os
 import sys
 import time
+import unicodedata
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -29,10 +34,70 @@ def main(argv: Sequence[str] | None = None) -> int:
   except BrokenPipeError:  # The reader (``| head``) is gone; say nothing more.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 1
-  except (OSError, ValueError, TypeError, KeyError) as e:  # A bad path or a damaged file.
-    message = ' '.join(str(e).split()) or type(e).__name__
-    print(f'flaxckpt {args.command}: error: {message}', file=sys.stderr)
+  except Exception as e:  # Whatever failed, one line and no traceback.
+    _say(f'flaxckpt {args.command}: error: {error_line(e, _paths_of(args))}', sys.stderr)
     return 2
+
+
+def printable(text: Any) -> str:
+  """``text`` with every character that could act on a terminal written as an escape (``\\x1b``,
+  ``\\r``, ``\\u202e``): C0 and C1 controls, DEL, format characters such as bidi overrides and
+  zero-width ones, line and paragraph separators, lone surrogates and unassigned code points.
+  Letters of every script and plain spaces are kept."""
+  text = str(text)
+  if text.isprintable():
+    return text
+  return ''.join(char if char.isprintable() or unicodedata.category(char) == 'Zs'
+                 else _escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+  code = ord(char)
+  if code < 0x100:
+    return f'\\x{code:02x}'
+  return f'\\u{code:04x}' if code < 0x10000 else f'\\U{code:08x}'
+
+
+# What a failure says when its message is not enough: errors of the interpreter rather than of
+# flaxckpt, raised by a checkpoint that is damaged or built to break readers.
+_EXPLAINED = {
+    RecursionError: 'nested too deeply to read (RecursionError); the checkpoint is damaged or '
+                    'hostile',
+    MemoryError: 'declares more data than fits in memory (MemoryError); the checkpoint is '
+                 'damaged or hostile',
+    OverflowError: 'holds a number too large to use (OverflowError: {message}); the checkpoint '
+                   'is damaged or hostile',
+}
+
+
+def error_line(error: BaseException, paths: Sequence[str] = ()) -> str:
+  """``error`` as one printable line that names the path it is about: its message when that
+  names one of ``paths`` (or any absolute path), else the first of ``paths`` before it."""
+  message = ' '.join(str(error).split())
+  for kind, explanation in _EXPLAINED.items():
+    if isinstance(error, kind):
+      message = explanation.format(message=message or 'no message')
+      break
+  else:
+    known = (OSError, ValueError, TypeError, KeyError, NotImplementedError)
+    if not isinstance(error, known):  # A bug or an unforeseen failure: say what it was.
+      message = f'{type(error).__name__}: {message}' if message else type(error).__name__
+  message = message or type(error).__name__
+  names_a_path = message.startswith('/') or any(path and path in message for path in paths)
+  if paths and not names_a_path:
+    message = f'{paths[0]}: {message}'
+  return printable(message)
+
+
+def _paths_of(args: argparse.Namespace) -> list[str]:
+  """The paths a command was given, as typed and absolute (messages name the absolute one)."""
+  given = [getattr(args, name) for name in ('path', 'source', 'destination', 'first', 'second')
+           if getattr(args, name, None)]
+  return [os.path.abspath(path) for path in given] + given
+
+
+def _say(line: str, out: TextIO) -> None:
+  print(printable(line), file=out)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,6 +152,7 @@ def _inspect(args: argparse.Namespace) -> int:
   from flaxckpt import _inspect as inspect
   description = inspect.describe(args.path, args.best_metric, args.best_mode)
   if args.json:
+    # ensure_ascii (the default) writes control characters as \\u escapes.
     json.dump(description, sys.stdout, indent=1, default=str)
     print()
   else:
@@ -95,10 +161,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def human_bytes(count: int) -> str:
-  for unit in ('B', 'KiB', 'MiB', 'GiB'):
-    if count < 1024 or unit == 'GiB':
-      return f'{count} {unit}' if unit == 'B' else f'{count:.1f} {unit}'
-    count /= 1024
+  """``count`` bytes in B to EiB; a hostile checkpoint may declare sizes no float can hold."""
+  if count < 1024:
+    return f'{count} B'
+  if count >= 1 << 70:
+    return f'about 2^{int(count).bit_length() - 1} B'
+  for power, unit in enumerate(('KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'), start=1):
+    if count < 1024 ** (power + 1) or unit == 'EiB':
+      return f'{count / 1024 ** power:.1f} {unit}'
   raise AssertionError('unreachable')
 
 
@@ -109,13 +179,13 @@ def _print_description(description: dict[str, Any], out: TextIO, indent: str = '
     return
   if kind == 'composite':
     names = ', '.join(description['items']) or 'none'
-    print(f'{indent}{description["path"]}: checkpoint of items {names}, saved '
-          f'{description["saved"]}', file=out)
+    _say(f'{indent}{description["path"]}: checkpoint of items {names}, saved '
+         f'{description["saved"]}', out)
     for item in description['items'].values():
       _print_description(item, out, indent + '  ')
     return
   if kind == 'json':
-    print(f'{indent}{description["path"]}: JSON {json.dumps(description["value"])}', file=out)
+    _say(f'{indent}{description["path"]}: JSON {json.dumps(description["value"])}', out)
     return
   details = [kind]
   if 'storage' in description:
@@ -124,7 +194,7 @@ def _print_description(description: dict[str, Any], out: TextIO, indent: str = '
     details.append(description['layout'])
   if 'checksums' in description:
     details.append('checksums' if description['checksums'] else 'no checksums')
-  print(f'{indent}{description["path"]}: {", ".join(details)}', file=out)
+  _say(f'{indent}{description["path"]}: {", ".join(details)}', out)
   rows = [('key path', 'shape', 'dtype', 'size', 'sharding / value')]
   for leaf in description['leaves']:
     if leaf['shape'] is None:
@@ -135,8 +205,8 @@ def _print_description(description: dict[str, Any], out: TextIO, indent: str = '
                    human_bytes(leaf['bytes']), leaf['sharding'] or _short(leaf['value'])))
   _print_table(rows, out, indent + '  ')
   totals = description['totals']
-  print(f'{indent}  {totals["leaves"]} leaves, {totals["arrays"]} arrays, '
-        f'{human_bytes(totals["bytes"])}', file=out)
+  _say(f'{indent}  {totals["leaves"]} leaves, {totals["arrays"]} arrays, '
+       f'{human_bytes(totals["bytes"])}', out)
 
 
 def _short(value: Any) -> str:
@@ -147,17 +217,17 @@ def _short(value: Any) -> str:
 
 
 def _print_table(rows: list[tuple[str, ...]], out: TextIO, indent: str) -> None:
+  rows = [tuple(printable(cell) for cell in row) for row in rows]  # Escaped, then aligned.
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   for row in rows:
-    print(indent + '  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip(),
-          file=out)
+    _say(indent + '  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip(), out)
 
 
 def _print_steps(description: dict[str, Any], out: TextIO, indent: str) -> None:
   steps = description['steps']
   what = 'CheckpointManager root' if description['format'] == 'manager' else 'flax directory'
   rule = f', best by {description["best_by"]}' if description.get('best_by') else ''
-  print(f'{indent}{description["path"]}: {what}, {len(steps)} steps{rule}', file=out)
+  _say(f'{indent}{description["path"]}: {what}, {len(steps)} steps{rule}', out)
   with_metrics = any(entry.get('metrics') is not None for entry in steps)
   rows = [('step', 'saved') + (('metrics',) if with_metrics else ()) + ('',)]
   for entry in steps:
@@ -167,7 +237,7 @@ def _print_steps(description: dict[str, Any], out: TextIO, indent: str) -> None:
                 + (marks,))
   _print_table(rows, out, indent + '  ')
   if 'latest' in description:
-    print(f'{indent}latest step {description["latest_step"]}:', file=out)
+    _say(f'{indent}latest step {description["latest_step"]}:', out)
     _print_description(description['latest'], out, indent + '  ')
 
 
@@ -206,12 +276,12 @@ def _verify(args: argparse.Namespace) -> int:
   problems = verify.verify(args.path, progress=bar)
   bar.finish()
   for problem in problems:
-    print(problem)
+    _say(str(problem), sys.stdout)
   if problems:
-    print(f'{len(problems)} problem{"s" if len(problems) > 1 else ""} found in {args.path}',
-          file=sys.stderr)
+    _say(f'{len(problems)} problem{"s" if len(problems) > 1 else ""} found in {args.path}',
+         sys.stderr)
     return 1
-  print(f'{args.path}: OK')
+  _say(f'{args.path}: OK', sys.stdout)
   return 0
 
 
@@ -221,7 +291,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
   from flaxckpt import _convert as convert
   target = convert.convert(args.source, args.destination, args.to, args.batch_mib << 20)
-  print(f'wrote {target}')
+  _say(f'wrote {target}', sys.stdout)
   return 0
 
 
@@ -235,14 +305,14 @@ def _diff(args: argparse.Namespace) -> int:
     print()
     return 0 if found.identical else 1
   for path in found.removed:
-    print(f'- {path}')
+    _say(f'- {path}', sys.stdout)
   for path in found.added:
-    print(f'+ {path}')
+    _say(f'+ {path}', sys.stdout)
   for change in found.changed:
     detail = f'{change.before} -> {change.after}'
     if change.what == 'values' and change.max_abs_diff is not None:
       detail = f'{change.before}, max abs diff {change.max_abs_diff:.6g}'
-    print(f'~ {change.path}: {change.what} differ ({detail})')
-  print(f'{len(found.removed)} removed, {len(found.added)} added, {len(found.changed)} changed, '
-        f'{found.same} equal')
+    _say(f'~ {change.path}: {change.what} differ ({detail})', sys.stdout)
+  _say(f'{len(found.removed)} removed, {len(found.added)} added, {len(found.changed)} changed, '
+       f'{found.same} equal', sys.stdout)
   return 0 if found.identical else 1

@@ -59,12 +59,25 @@ def _describe(value: Any) -> str:
   return type(value).__name__
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+  """``repr(value)``, cut to ``limit`` characters (a stored string can be any length)."""
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def _equal(a: Any, b: Any) -> bool:
+  """Scalars, strings and empty nodes; nan equals nan, as for arrays."""
+  if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+    return True
+  return bool(a == b)
+
+
 def _compare(name: str, a: Any, b: Any) -> Change | None:
   arrays = isinstance(a, (np.ndarray, np.generic)), isinstance(b, (np.ndarray, np.generic))
   if not all(arrays):
     if any(arrays) or type(a) is not type(b):
       return Change(name, 'type', _describe(a), _describe(b), None)
-    return None if a == b else Change(name, 'values', repr(a), repr(b), None)
+    return None if _equal(a, b) else Change(name, 'values', _shown(a), _shown(b), None)
   a, b = np.asarray(a), np.asarray(b)
   if a.shape != b.shape:
     return Change(name, 'shape', _describe(a), _describe(b), None)

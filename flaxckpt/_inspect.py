@@ -7,15 +7,14 @@ text. No array data is read for Orbax layouts; msgpack files are mapped, not rea
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import pathlib
 from typing import Any
 
 import numpy as np
 
-from flaxckpt import (_aggregate, _arrays, _checksums, _formats, _leaf_source, _metadata,
-                      _restore, _storage, _tree)
+from flaxckpt import (_aggregate, _arrays, _checksums, _errors, _formats, _leaf_source,
+                      _metadata, _restore, _safe_json, _storage, _tree)
 
 Description = dict[str, Any]
 _EMPTY_SHOWN_AS = {'None': 'None', 'Dict': '{}', 'List': '[]', 'Tuple': '()', 'NamedTuple': '()'}
@@ -28,8 +27,26 @@ def describe(path: _storage.PathLike, best_metric: str | None = None,
 
   ``best_metric`` names the metric that ranks a manager's steps (default: the only numeric
   one); ``best_mode`` is ``max`` or ``min``, as ``CheckpointManagerOptions.best_mode``.
+
+  Raises:
+    UnsafeCheckpointError: the checkpoint holds a FIFO, device or socket, or a link leading
+      outside it (nothing is read through it).
   """
-  return _describe(_formats.detect(path), best_metric, best_mode)
+  found = _formats.detect(path)
+  check_surroundings(found.path)
+  return _describe(found, best_metric, best_mode)
+
+
+def check_surroundings(path: pathlib.Path) -> None:
+  """Refuses a checkpoint (directory, or msgpack file and its ``_gda`` folder) holding entries
+  a reader must not open: FIFOs, devices, sockets, links that lead outside it."""
+  if _storage.is_dir(path):
+    _storage.check_tree(path)
+    return
+  from flaxckpt.legacy import _gda  # Only flax files need the legacy package.
+  gda_dir = pathlib.Path(str(path) + _gda.SUFFIX)
+  if _storage.is_dir(gda_dir):
+    _storage.check_tree(gda_dir)
 
 
 def _describe(found: _formats.Found, best_metric: str | None, best_mode: str) -> Description:
@@ -46,7 +63,7 @@ def _describe(found: _formats.Found, best_metric: str | None, best_mode: str) ->
     return flax_dir(path)
   if kind is _formats.Kind.GDA:
     return gda(path)
-  return {'format': 'json', 'path': str(path), 'value': json.loads(_storage.read_text(path))}
+  return {'format': 'json', 'path': str(path), 'value': _json_file(path)}
 
 
 def _with_totals(description: Description) -> Description:
@@ -60,6 +77,11 @@ def _with_totals(description: Description) -> Description:
 
 def _leaf(path: str, shape: tuple[int, ...] | None, dtype: Any, sharding: str | None = None,
           value: Any = None, empty: bool = False) -> dict[str, Any]:
+  if shape is not None and any(size < 0 for size in shape):
+    raise _errors.NotACheckpointError(
+        f'leaf {path!r}: the stored shape {tuple(shape)} has a negative dimension; the '
+        'checkpoint is damaged.')
+  # A product of Python ints: a declared shape of any size is counted, never allocated.
   nbytes = 0 if shape is None else math.prod(shape) * np.dtype(dtype).itemsize
   kind = ('array' if shape is not None else 'string' if isinstance(value, str)
           and not empty else 'empty' if empty else 'scalar')
@@ -84,13 +106,15 @@ def pytree(directory: pathlib.Path) -> Description:
       directory, [leaf.name for leaf in arrays], use_ocdbt=meta.use_ocdbt,
       use_zarr3=meta.use_zarr3)))
   shardings = _json_file(directory / _metadata.SHARDING_FILE)
+  if not isinstance(shardings, dict):
+    shardings = {}  # Not a sharding of any leaf; verify reports the damage.
   leaves = []
   for leaf in meta.leaves:
     name = _tree.path_str(leaf.path)
     if leaf.path in infos:
       shape, dtype = infos[leaf.path]
       sharding = shardings.get(_metadata.sharding_key(leaf.name))
-      leaves.append(_leaf(name, shape, dtype, sharding_summary(sharding)))
+      leaves.append(_leaf(name, shape, dtype, sharding_summary(sharding, directory)))
     elif leaf.value_type == _metadata.STRING:
       leaves.append(_leaf(name, None, None, value=reader.string(leaf)))
     elif _aggregate.is_aggregated(leaf):  # Stored in the 'checkpoint' file of older Orbax.
@@ -118,14 +142,17 @@ def layout_of(directory: pathlib.Path) -> str:
   return f'{_metadata.METADATA_FILE} (Orbax 0.6 on, flaxckpt)'
 
 
-def sharding_summary(text: str | None) -> str | None:
-  """``_sharding``'s JSON of one array, in a few words."""
+def sharding_summary(text: Any, directory: pathlib.Path | None = None) -> str | None:
+  """``_sharding``'s JSON of one array, in a few words ('unreadable' if it is damaged)."""
   if not text:
     return None
   try:
-    entry = json.loads(text)
-  except ValueError:
+    return _summarise_sharding(_safe_json.loads(text, directory or _metadata.SHARDING_FILE))
+  except (ValueError, TypeError, AttributeError):  # Not JSON, or JSON of the wrong shape.
     return 'unreadable'
+
+
+def _summarise_sharding(entry: Any) -> str | None:
   kind = entry.get('sharding_type')
   if kind == 'NamedSharding':
     axes = ', '.join(f'{name}={size}' for name, size in zip(entry.get('axis_names', []),
@@ -140,7 +167,17 @@ def sharding_summary(text: str | None) -> str | None:
 
 
 def _json_file(path: pathlib.Path) -> Any:
-  return json.loads(_storage.read_text(path)) if _storage.is_file(path) else {}
+  """The JSON value in ``path`` (nesting bounded), {} when there is no such file."""
+  if not _storage.exists(path):
+    return {}
+  try:
+    return _safe_json.loads(_storage.read_bytes(path), path)
+  except UnicodeDecodeError as e:
+    raise _errors.NotACheckpointError(f'{path}: not UTF-8 text ({e}).') from None
+  except ValueError as e:
+    if isinstance(e, _errors.CheckpointError):
+      raise
+    raise _errors.NotACheckpointError(f'{path}: not valid JSON ({e}).') from None
 
 
 def composite(directory: pathlib.Path) -> Description:
@@ -152,12 +189,31 @@ def composite(directory: pathlib.Path) -> Description:
           'items': items}
 
 
+# Recorded times outside these years are shown as invalid: datetime covers years 1 to 9999, and
+# no checkpoint was written before 1970 (nor will be after 9999).
+_LATEST_SECONDS = 253402214400  # 9999-12-31T00:00:00Z
+
+
 def _saved_at(directory: pathlib.Path, meta: Any) -> str:
-  """When a checkpoint committed: its recorded commit time, else the directory's mtime."""
+  """When a checkpoint committed: its recorded commit time, else the directory's mtime;
+  'invalid (...)' when the recorded time is not a time (a string, 1e300, 10**400)."""
   nanos = (meta.get('commit_timestamp_nsecs') or meta.get('init_timestamp_nsecs')
            if isinstance(meta, dict) else None)
-  seconds = nanos / 1e9 if nanos else directory.stat().st_mtime
-  return datetime.datetime.fromtimestamp(seconds).astimezone().isoformat(timespec='seconds')
+  if not nanos:
+    return _local_time(directory.stat().st_mtime)
+  if isinstance(nanos, bool) or not isinstance(nanos, (int, float)) or not (
+      0 <= nanos <= _LATEST_SECONDS * 10**9):  # Also false for nan.
+    shown = repr(nanos) if len(repr(nanos)) <= 24 else repr(nanos)[:21] + '...'
+    return f'invalid ({shown})'
+  return _local_time(nanos / 1e9)
+
+
+def _local_time(seconds: float) -> str:
+  try:
+    return datetime.datetime.fromtimestamp(seconds).astimezone().isoformat(timespec='seconds')
+  except (OverflowError, OSError, ValueError):  # Beyond this platform's time_t.
+    return f'invalid ({seconds!r} s)'
+
 
 
 def manager(root: pathlib.Path, best_metric: str | None, best_mode: str) -> Description:
@@ -207,7 +263,8 @@ def msgpack_file(path: pathlib.Path) -> Description:
       leaves.append(_leaf(name, value.shape, value.dtype,
                           value=value.item() if value.ndim == 0 else None))
     elif isinstance(value, str) and value.startswith(_gda.PLACEHOLDER):
-      subpath = value[len(_gda.PLACEHOLDER):]
+      subpath = _storage.check_name(value[len(_gda.PLACEHOLDER):],
+                                    f'{path}: the multi-process array of leaf {name!r}')
       gda_dir = pathlib.Path(str(path) + _gda.SUFFIX)
       shape, dtype = _arrays.read_array_infos(gda_dir, [subpath], use_ocdbt=False,
                                               use_zarr3=False)[0]

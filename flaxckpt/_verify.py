@@ -8,14 +8,14 @@ checkpoint needs memory for one batch, not for the whole state.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import pathlib
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-from flaxckpt import _arrays, _checksums, _formats, _metadata, _restore, _storage, _tree
+from flaxckpt import (_arrays, _checksums, _errors, _formats, _metadata, _restore, _safe_json,
+                      _storage, _tree)
 
 # Arrays are read in batches of about this many bytes (a larger array is its own batch).
 _BATCH_BYTES = 256 << 20
@@ -43,23 +43,36 @@ def verify(path: _storage.PathLike, progress: Progress | None = None) -> list[Pr
   checker = _Checker()
   try:
     found = _formats.detect(path)
-  except (OSError, ValueError) as e:
+    _check_surroundings(found.path)
+  except Exception as e:  # Whatever stops the checks is the problem reported.
     location = _storage.as_path(path)
     return [Problem(str(location), _one_line(e, location))]
-  jobs = list(checker.jobs(found))
-  total = sum(job.nbytes for job in jobs)
-  done = 0
-  for job in jobs:
-    job.run()
-    done += job.nbytes
-    if progress is not None:
-      progress(done, total)
+  try:
+    jobs = list(checker.jobs(found))
+    total = sum(job.nbytes for job in jobs)
+    done = 0
+    for job in jobs:
+      job.run()
+      done += job.nbytes
+      if progress is not None:
+        progress(done, total)
+  except Exception as e:  # A failure outside the guarded checks ends them; it is one more.
+    checker.report(found.path, e)
   return checker.problems
+
+
+def _check_surroundings(path: pathlib.Path) -> None:
+  """Refuses, before anything is read, a checkpoint holding a FIFO, device or socket (reading
+  one would block forever or never end) or a link leading outside it (see ``_inspect``)."""
+  from flaxckpt import _inspect
+  _inspect.check_surroundings(path)
 
 
 def _one_line(error: BaseException, path: pathlib.Path | str = '') -> str:
   """The error's type and message on one line, without a leading ``<path>: ``."""
   text = ' '.join(str(error).split()).removeprefix(f'{path}: ')
+  if isinstance(error, RecursionError):
+    text = f'nested too deeply to read ({text})'
   return f'{type(error).__name__}: {text}'
 
 
@@ -89,7 +102,8 @@ class _Checker:
     elif kind is _formats.Kind.COMPOSITE:
       yield from self.composite(path)
     elif kind is _formats.Kind.JSON:
-      yield _Job(0, lambda: self.guarded(path, lambda: json.loads(_storage.read_text(path))))
+      yield _Job(0, lambda: self.guarded(path, lambda: _safe_json.loads(
+          _storage.read_bytes(path), path)))
     elif kind is _formats.Kind.MANAGER:
       for step in _formats.manager_steps(path):
         yield from self.step(step.path)
@@ -109,7 +123,7 @@ class _Checker:
   def composite(self, path: pathlib.Path) -> Iterator[_Job]:
     meta = path / _metadata.CHECKPOINT_METADATA_FILE
     if _storage.exists(meta):
-      yield _Job(0, lambda: self.guarded(meta, lambda: _check_json_object(meta)))
+      yield _Job(0, lambda: self.guarded(meta, lambda: _check_checkpoint_metadata(meta)))
     items = _formats.item_names(path)
     if not items:
       self.report(path, 'a checkpoint with no items (expected subdirectories holding a '
@@ -127,7 +141,7 @@ class _Checker:
     reader = _restore._Reader(directory, meta, recorded)
     for name, check in ((_metadata.SHARDING_FILE, _check_shardings),
                         (_metadata.STRINGS_FILE, _check_json_object),
-                        (_metadata.CHECKPOINT_METADATA_FILE, _check_json_object)):
+                        (_metadata.CHECKPOINT_METADATA_FILE, _check_checkpoint_metadata)):
       if _storage.exists(directory / name):
         file = directory / name
         yield _Job(0, lambda file=file, check=check: self.guarded(
@@ -224,17 +238,37 @@ class _Checker:
 
 
 def _check_json_object(path: pathlib.Path,
-                       recorded: _checksums.Recorded | None = None) -> None:
+                       recorded: _checksums.Recorded | None = None) -> dict[str, Any]:
   """Checks ``path`` against its recorded checksum, if any, and that it holds a JSON object."""
   data = _storage.read_bytes(path)
   if recorded is not None:
     recorded.check_file(path.name, data)
   try:
-    value = json.loads(data.decode('utf-8'))
-  except (ValueError, UnicodeDecodeError) as e:
+    value = _safe_json.loads(data, path)
+  except ValueError as e:  # Also UnicodeDecodeError; LimitExceededError says enough itself.
+    if isinstance(e, _errors.LimitExceededError):
+      raise
     raise ValueError(f'not valid JSON ({e})') from e
   if not isinstance(value, dict):
     raise ValueError(f'expected a JSON object, found {type(value).__name__}')
+  return value
+
+
+_TIMESTAMPS = ('init_timestamp_nsecs', 'commit_timestamp_nsecs')
+_LATEST_NSECS = 253402214400 * 10**9  # 9999-12-31: no checkpoint is dated later.
+
+
+def _check_checkpoint_metadata(path: pathlib.Path,
+                               recorded: _checksums.Recorded | None = None) -> None:
+  """``_check_json_object``, and that the recorded save times are times (ns since 1970)."""
+  value = _check_json_object(path, recorded)
+  for key in _TIMESTAMPS:
+    nanos = value.get(key)
+    if nanos is not None and (isinstance(nanos, bool) or not isinstance(nanos, int)
+                              or not 0 <= nanos <= _LATEST_NSECS):
+      shown = repr(nanos) if len(repr(nanos)) <= 40 else repr(nanos)[:37] + '...'
+      raise ValueError(f'{key} is {shown}, not a time in nanoseconds since 1970 (an integer '
+                       f'from 0 to {_LATEST_NSECS})')
 
 
 def _check_shardings(path: pathlib.Path, recorded: _checksums.Recorded | None) -> None:
@@ -246,6 +280,8 @@ def _check_shardings(path: pathlib.Path, recorded: _checksums.Recorded | None) -
 
 def _array_sizes(directory: pathlib.Path, meta: _metadata.TreeMetadata,
                  arrays: list[_metadata.LeafMetadata]) -> list[int]:
+  """Each array's declared bytes, from its metadata: products of Python ints, so a declared
+  shape of any size costs nothing here (reading it is what the bounds in ``_zarr`` refuse)."""
   infos = _arrays.read_array_infos(directory, [leaf.name for leaf in arrays],
                                    use_ocdbt=meta.use_ocdbt, use_zarr3=meta.use_zarr3)
   return [math.prod(shape) * dtype.itemsize for shape, dtype in infos]
