@@ -65,7 +65,8 @@ def _collect(node: Any, path: _tree.Path, key_types: tuple[int, ...],
           f'{directory / FILE}: leaf {_tree.path_str(path)!r} points to the array {name!r}; '
           f'expected {".".join(path)!r}, the name Orbax gives that leaf.')
     # Orbax 0.3 kept a string leaf in its own '<name>/_strings.json', as {name: value}.
-    kind = (_metadata.STRING if _storage.is_file(directory / name / _metadata.STRINGS_FILE)
+    own_dir = _storage.join_inside(directory, name, f'{directory / FILE}: a placeholder')
+    kind = (_metadata.STRING if _storage.is_file(own_dir / _metadata.STRINGS_FILE)
             else _metadata.NP_ARRAY)
     out.append(_metadata.LeafMetadata(path, key_types, kind))
     return

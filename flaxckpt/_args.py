@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from flaxckpt import _storage
 from flaxckpt._handler import CheckpointArgs
 
 
@@ -84,6 +85,7 @@ class Composite(CheckpointArgs, Mapping):
   def __init__(self, *args: Any, **items: Any):
     self._items = dict(*args, **items)
     for name in self._items:
+      _storage.check_entry_name(name, 'Composite item name')
       if name.startswith('_'):
         raise ValueError(f'Composite item names cannot start with "_": {name!r}')
 

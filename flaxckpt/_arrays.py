@@ -336,6 +336,8 @@ def read_array_infos(directory: pathlib.Path, names: list[str], *, use_ocdbt: bo
           'damaged.')
     try:
       infos.append(_array_info(raw, use_zarr3))
+    except _errors.LimitExceededError as e:
+      raise _errors.LimitExceededError(f'{directory}: array {name!r}: {e}') from None
     except _DAMAGED_METADATA as e:
       raise _damaged_metadata(directory, name, meta_file, e) from e
   return infos
@@ -403,6 +405,8 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
           f'key {name}/{_zarr.ZARRAY}); the checkpoint is incomplete or damaged.')
     try:
       layout = _zarr.zarr2_layout(raw)
+    except _errors.LimitExceededError as e:
+      raise _errors.LimitExceededError(f'{directory}: array {name!r}: {e}') from None
     except _DAMAGED_METADATA as e:
       raise _damaged_metadata(directory, name, _zarr.ZARRAY, e) from e
     if verifier:
@@ -443,7 +447,8 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
         if data is not None:
           chunk = _zarr.chunk_key(index)
           verifier.check_bytes(name, chunk, data, lambda: source.location(f'{name}/{chunk}'))
-    array = _zarr.assemble(layout.shape, layout.chunks, layout.dtype, pieces, box=box)
+    array = _zarr.assemble(layout.shape, layout.chunks, layout.dtype, pieces, fill=layout.fill,
+                           box=box)
     results[i] = array if box is None else Region(array, box)
   if direct:
     def read_and_check(out: np.ndarray, where: _sources.Location, name: str, key: str) -> None:
@@ -489,6 +494,11 @@ def _read_with_driver(directory: pathlib.Path, base: dict[str, Any], names: list
                             _write_chunk_shape(store), _zarr.ZARR_JSON)
   boxes = [region.box if region is not None and tuple(store.shape) == region.shape else None
            for store, region in zip(stores, regions)]
+  for name, store, box in zip(names, stores, boxes):  # Before tensorstore allocates anything.
+    what = f'{directory}: array {name!r}'
+    _zarr.check_grid(tuple(store.shape), _write_chunk_shape(store) or tuple(store.shape), what)
+    _zarr.check_allocation(tuple(b - a for a, b in box) if box else tuple(store.shape),
+                           store.dtype.numpy_dtype, what)
   reads = [(store if box is None else store[tuple(slice(a, b) for a, b in box)]).read()
            for store, box in zip(stores, boxes)]
   out = []

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import crc32c
 import numpy as np
 
-from flaxckpt import _errors, _storage
+from flaxckpt import _errors, _safe_json, _storage
 
 DIR = 'flaxckpt_checksums'
 ALGORITHM = 'crc32c'
@@ -91,7 +91,7 @@ class Recorded:
     for name in sorted(_storage.list_names(folder)):
       path = folder / name
       try:
-        raw = json.loads(_storage.read_text(path))
+        raw = _safe_json.read(path)
         if raw.get('algorithm') != ALGORITHM:
           continue  # Written by a later release with another algorithm: nothing to check here.
         for array, chunks in raw['chunks'].items():

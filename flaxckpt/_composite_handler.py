@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any
 
-from flaxckpt import _errors, _formats, _metadata, _storage
+from flaxckpt import _errors, _formats, _metadata, _safe_json, _storage
 from flaxckpt._args import Composite, JsonRestore, PyTreeRestore, StandardRestore
 from flaxckpt._handler import (AsyncCheckpointHandler, CheckpointHandler, Writer, args_type_for,
                                handler_for, register_with_handler)
@@ -33,6 +32,8 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
   def __init__(self, *item_names: str, **item_handlers: CheckpointHandler):
     self._handlers: dict[str, CheckpointHandler | None] = {n: None for n in item_names}
     self._handlers.update(item_handlers)
+    for name in self._handlers:
+      _storage.check_entry_name(name, 'Item name')
     self._names_fixed = bool(self._handlers)  # Without names, any item may be added.
 
   def accept_any_items(self) -> None:
@@ -104,7 +105,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     saved_handlers = _saved_item_handlers(directory)
     results = {}
     for name, item_args in args.items():
-      item_dir = directory / name
+      item_dir = _storage.check_inside(directory / name, directory)
       if not _storage.is_dir(item_dir):
         raise _errors.MissingKeysError(
             f'{directory}: no item {name!r} in this checkpoint; it holds '
@@ -146,7 +147,7 @@ def _saved_item_handlers(directory: pathlib.Path) -> dict[str, str]:
   if not _storage.is_file(path):
     return {}
   try:
-    handlers = json.loads(_storage.read_text(path)).get('item_handlers')
+    handlers = _safe_json.read(path).get('item_handlers')
   except ValueError:
     return {}
   return handlers if isinstance(handlers, dict) else {}

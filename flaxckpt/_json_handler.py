@@ -6,7 +6,7 @@ import json
 import pathlib
 from typing import Any
 
-from flaxckpt import _errors, _multihost, _storage
+from flaxckpt import _errors, _multihost, _safe_json, _storage
 from flaxckpt._args import JsonRestore, JsonSave
 from flaxckpt._handler import CheckpointHandler, register_with_handler
 
@@ -34,7 +34,8 @@ class JsonCheckpointHandler(CheckpointHandler):
         raise FileNotFoundError(f'No checkpoint at {path.parent}: the path does not exist.')
       raise _errors.NotACheckpointError(f'{path.parent}: expected a JSON item file '
                                         f'{self._filename!r}; it is missing.')
-    return json.loads(_storage.read_text(path))
+    _storage.check_inside(path, path.parent)
+    return _safe_json.read(path)
 
   def metadata(self, directory: pathlib.Path) -> Any:
     return None

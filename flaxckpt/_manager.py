@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from flaxckpt import _errors, _metadata, _multihost, _steps, _storage
+from flaxckpt import _errors, _metadata, _multihost, _safe_json, _steps, _storage
 from flaxckpt._args import Composite, JsonSave
 from flaxckpt._checkpointer import AsyncCheckpointer, Checkpointer
 from flaxckpt._composite_handler import CompositeCheckpointHandler, item_names
@@ -424,13 +424,15 @@ class CheckpointManager:
     if not _storage.is_file(path):
       return None
     try:
-      return json.loads(_storage.read_text(path))
+      return _safe_json.read(_storage.check_inside(path, self._root))
     except ValueError:
       logger.warning('Unreadable metrics at %s; step %d is ranked as having none.', path, step)
       return None
 
   def _step_dir(self, step: int, root: Any = None):
-    return self._naming.path(_storage.as_path(root) if root is not None else self._root, step)
+    """The directory of ``step``, refused if a link makes it lead outside the root."""
+    root = _storage.as_path(root) if root is not None else self._root
+    return _storage.check_inside(self._naming.path(root, step), root)
 
   def all_steps(self, read: bool = False) -> list[int]:
     """Committed steps, ascending; ``read=True`` lists the directory again first."""
@@ -510,7 +512,7 @@ class CheckpointManager:
     for name, key in ((_ROOT_METADATA_FILE, 'custom_metadata'),
                       (_LEGACY_ROOT_METADATA_FILE, None)):
       if _storage.is_file(folder / name):
-        data = json.loads(_storage.read_text(folder / name))
+        data = _safe_json.read(folder / name)
         return (data.get(key) or {}) if key else data
     return {}
 

@@ -17,13 +17,16 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from flaxckpt import _tree
+from flaxckpt import _errors, _safe_json, _storage, _tree
 
 METADATA_FILE = '_METADATA'
 CHECKPOINT_METADATA_FILE = '_CHECKPOINT_METADATA'
 SHARDING_FILE = '_sharding'
 STRINGS_FILE = '_strings.json'
 ARRAY_METADATAS_DIR = 'array_metadatas'
+# The most keys a leaf path may have. Restoring builds the tree by recursion, one level a key;
+# real trees are a few dozen keys deep, and this stays far below Python's recursion limit.
+MAX_PATH_KEYS = 200
 COMMIT_SUCCESS_FILE = 'commit_success.txt'
 # A save writes into '<name>' + TMP_SUFFIX and renames it when complete; older Orbax releases
 # appended '-<n>' to it. Any name containing it is an uncommitted save.
@@ -97,7 +100,7 @@ def _leaf_entry_json(leaf: LeafMetadata) -> str:
 @functools.lru_cache(maxsize=8)  # The checkpoints of one run share their _METADATA text.
 def parse_tree_metadata(text: str) -> TreeMetadata:
   """Parses ``_METADATA``; paths come from ``key_metadata``, never from the repr'd keys."""
-  raw = json.loads(text)
+  raw = _safe_json.loads(text, METADATA_FILE)
   leaves = []
   for entry in raw['tree_metadata'].values():
     keys = entry['key_metadata']
@@ -106,6 +109,7 @@ def parse_tree_metadata(text: str) -> TreeMetadata:
     path = tuple([str(k['key']) for k in keys])
     key_types = tuple([int(k['key_type']) for k in keys])
     _check_keys(path, key_types)
+    _check_name('.'.join(path))
     leaves.append(LeafMetadata(
         path, key_types, value['value_type'], bool(value.get('skip_deserialize', False)),
         tuple(write_shape) if write_shape is not None else None))
@@ -118,8 +122,20 @@ def parse_tree_metadata(text: str) -> TreeMetadata:
       custom_metadata=raw.get('custom_metadata'))
 
 
+def _check_name(name: str) -> None:
+  """A leaf's name becomes a path below the checkpoint (its zarr folder, Orbax 0.3's own
+  ``_strings.json``): refuse names that would leave it. The common case costs one scan."""
+  if '..' in name or '\\' in name or '\x00' in name or name.startswith('/') or name[1:2] == ':':
+    _storage.check_name(name, f'leaf {name!r} of {METADATA_FILE}')
+
+
 def _check_keys(path: _tree.Path, key_types: tuple[int, ...]) -> None:
-  """Key types are 1 (a sequence index: digits) or 2 (a dict key or attribute)."""
+  """Key types are 1 (a sequence index: digits) or 2 (a dict key or attribute); a path is at
+  most ``MAX_PATH_KEYS`` long."""
+  if len(path) > MAX_PATH_KEYS:
+    raise _errors.LimitExceededError(
+        f'{METADATA_FILE}: a leaf path of {len(path)} keys, more than {MAX_PATH_KEYS}; the file '
+        'is damaged or hostile.')
   for key, kind in zip(path, key_types):
     if kind != _tree.DICT_KEY and not (kind == _tree.SEQUENCE_KEY and key.isdigit()):
       raise ValueError(f'key {key!r} of leaf {_tree.path_str(path)!r} has key type {kind}; '
@@ -195,7 +211,7 @@ def sharding_from_json(text: str) -> jax.sharding.Sharding | None:
   Raises:
     KeyError, TypeError, ValueError: the entry is damaged (a field missing or malformed).
   """
-  entry = json.loads(text)
+  entry = _safe_json.loads(text, SHARDING_FILE)
   kind = entry.get('sharding_type')
   if kind == 'SingleDeviceSharding':
     wanted = _device_name(entry['device_str'])
@@ -288,4 +304,5 @@ def _array_entry_json(name: str, write_shape: tuple[int, ...], chunk_shape: tupl
 def parse_array_metadatas(text: str) -> list[ArrayMetadata]:
   return [ArrayMetadata(e['param_name'], tuple(e['write_shape']), tuple(e['chunk_shape']),
                         e.get('ext_metadata'))
-          for e in (entry['array_metadata'] for entry in json.loads(text)['array_metadatas'])]
+          for e in (entry['array_metadata']
+                    for entry in _safe_json.loads(text, ARRAY_METADATAS_DIR)['array_metadatas'])]

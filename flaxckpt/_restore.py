@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from flaxckpt import (_aggregate, _arrays, _checksums, _errors, _metadata, _storage,
+from flaxckpt import (_aggregate, _arrays, _checksums, _errors, _metadata, _safe_json, _storage,
                       _transforms, _tree)
 from flaxckpt._args import PyTreeRestore
 from flaxckpt._types import ArrayRestoreArgs, RestoreArgs, key_impl_name, normalize_dtype
@@ -142,6 +142,8 @@ def read_tree_metadata(directory: pathlib.Path, recorded: _checksums.Recorded | 
     recorded.check_file(_metadata.METADATA_FILE, data)
   try:
     return _metadata.parse_tree_metadata(data.decode('utf-8'))
+  except (_errors.UnsafeCheckpointError, _errors.LimitExceededError) as e:
+    raise type(e)(f'{path}: {e}') from None
   except _DAMAGED as e:
     raise _errors.NotACheckpointError(
         f'{path}: unreadable checkpoint metadata ({type(e).__name__}: {e}).') from e
@@ -153,7 +155,7 @@ _DAMAGED = (ValueError, KeyError, TypeError, AttributeError, IndexError)
 
 
 def _json_object(text: str) -> dict:
-  value = json.loads(text)
+  value = _safe_json.loads(text, 'JSON')
   if not isinstance(value, dict):
     raise TypeError(f'expected a JSON object, found {type(value).__name__}')
   return value
@@ -174,6 +176,8 @@ def parse_side_file(path: pathlib.Path, parse: Callable[[], Any], what: str = 't
   """``parse()``, a failure becoming a NotACheckpointError that names ``path``."""
   try:
     return parse()
+  except (_errors.UnsafeCheckpointError, _errors.LimitExceededError) as e:
+    raise type(e)(f'{path}: {e}') from None
   except _DAMAGED as e:
     raise _errors.NotACheckpointError(
         f'{path}: {what} is damaged ({type(e).__name__}: {e}); the checkpoint cannot be '
@@ -181,7 +185,8 @@ def parse_side_file(path: pathlib.Path, parse: Callable[[], Any], what: str = 't
 
 
 def check_committed(directory: pathlib.Path) -> None:
-  """Raises unless ``directory`` exists and is not a temporary (uncommitted) checkpoint."""
+  """Raises unless ``directory`` exists, is not a temporary (uncommitted) checkpoint, and holds
+  nothing a reader must not open (see ``_storage.check_tree``)."""
   if not _storage.exists(directory):
     raise FileNotFoundError(f'No checkpoint at {directory}: the path does not exist.')
   if not _storage.is_dir(directory):
@@ -196,6 +201,7 @@ def check_committed(directory: pathlib.Path) -> None:
     raise _errors.IncompleteCheckpointError(
         f'{directory}: no {_metadata.COMMIT_SUCCESS_FILE}; on this storage a checkpoint is '
         'committed only once that file exists, so this save never finished.')
+  _storage.check_tree(directory)  # No FIFO, device or link out of it is ever opened.
 
 
 class _Want(NamedTuple):
@@ -308,7 +314,8 @@ class _Reader:
             f'{self.directory / _aggregate.FILE}: string leaf {_tree.path_str(leaf.path)!r} '
             f'holds a {type(value).__name__}; the file is damaged.')
       return value
-    own_file = self.directory / leaf.name / _metadata.STRINGS_FILE
+    own_file = _storage.join_inside(self.directory, leaf.name, 'a string leaf\'s name') / (
+        _metadata.STRINGS_FILE)
     if self.meta.use_ocdbt is False and _storage.is_file(own_file):  # Orbax 0.3: one per leaf.
       value = read_side_file(own_file).get(leaf.name)
       if not isinstance(value, str):

@@ -55,3 +55,10 @@ def loads(data: bytes | str, where: str | os.PathLike) -> Any:
         f'{os.fspath(where)}: JSON nested more than {MAX_DEPTH} levels deep; no checkpoint '
         'file nests that deep, so the file is damaged or hostile.')
   return json.loads(raw)
+
+
+def read(path: os.PathLike) -> Any:
+  """The JSON value in the file at ``path`` (a regular file of metadata size; see
+  ``_storage.read_bytes``), parsed by ``loads``."""
+  from flaxckpt import _storage  # noqa: PLC0415  (_storage is lower in the import order)
+  return loads(_storage.read_bytes(path), path)

@@ -32,6 +32,10 @@ class StepNaming:
   prefix: str | None = None
   fixed_length: int | None = None
 
+  def __post_init__(self) -> None:
+    if self.prefix is not None:  # An empty prefix names steps as no prefix does.
+      _storage.check_entry_name(self.prefix or 'x', 'step_prefix')
+
   def name(self, step: int) -> str:
     digits = f'{step:0{self.fixed_length}d}' if self.fixed_length else str(step)
     return f'{self.prefix}_{digits}' if self.prefix else digits

@@ -79,6 +79,23 @@ def check_name(name: str, what: str) -> str:
   return name
 
 
+def check_entry_name(name: Any, argument: str) -> str:
+  """Returns ``name``, given by a caller as the name of one directory entry (an item, a step
+  prefix), after refusing any that is not exactly one entry of its directory: empty, '.', '..',
+  or holding '/', a backslash or a NUL.
+
+  Raises:
+    ValueError: naming ``argument`` and the name.
+  """
+  if (not isinstance(name, str) or name in ('', '.', '..')
+      or any(c in name for c in ('/', '\\', '\x00'))):
+    raise ValueError(
+        f'{argument} {name!r} is not a plain name: it must be one non-empty directory entry, '
+        "not '.' or '..', without '/', '\\' or NUL, so that it stays inside the checkpoint "
+        'directory.')
+  return name
+
+
 def join_inside(root: pathlib.Path, name: str, what: str) -> pathlib.Path:
   """``root / name`` for a name from untrusted input (see ``check_name``)."""
   return root / check_name(name, what)
@@ -92,10 +109,8 @@ def check_tree(directory: pathlib.Path, root: pathlib.Path | None = None) -> Non
   Links that stay inside are allowed and not descended into (their target is scanned anyway).
   """
   real_root = os.path.realpath(root if root is not None else directory)
-  if root is not None and not _is_within(os.path.realpath(directory), real_root):
-    raise _errors.UnsafeCheckpointError(
-        f'{directory}: this entry of {root} is a link to {os.path.realpath(directory)}, '
-        'outside it; refusing to read a checkpoint through it.')
+  if root is not None:
+    check_inside(directory, root)
   pending = [os.fspath(directory)]
   while pending:
     try:
@@ -115,6 +130,17 @@ def check_tree(directory: pathlib.Path, root: pathlib.Path | None = None) -> Non
         pending.append(entry.path)
       elif not entry.is_file(follow_symlinks=False):
         raise _not_regular(entry.path, entry.stat(follow_symlinks=False).st_mode)
+
+
+def check_inside(path: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
+  """Returns ``path``, an entry below ``root`` (a step of a manager, an item of a step), after
+  refusing it when links make it lead outside ``root``."""
+  target = os.path.realpath(path)
+  if not _is_within(target, os.path.realpath(root)):
+    raise _errors.UnsafeCheckpointError(
+        f'{path}: this entry of {root} leads to {target}, outside it (through a symbolic '
+        'link); refusing to read a checkpoint through it.')
+  return path
 
 
 def _is_within(path: str, root: str) -> bool:

@@ -12,11 +12,13 @@ import functools
 import itertools
 import json
 import math
+import os
+import resource
 from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from flaxckpt import _checksums
+from flaxckpt import _checksums, _errors, _safe_json
 
 ZARRAY = '.zarray'
 ZARR_JSON = 'zarr.json'
@@ -24,6 +26,45 @@ ZARR_JSON = 'zarr.json'
 # Orbax splits any chunk larger than the OCDBT target data file size (2 GiB locally) so that a
 # single value never exceeds one data file; we keep the same rule so chunk layouts match.
 MAX_CHUNK_BYTES = 2**31
+# The most chunks an array's metadata may declare. A reader lists every chunk key before it
+# reads, so a .zarray declaring 1e12 chunks of one element would take hours and terabytes to
+# list; Orbax writes one chunk per shard (split at MAX_CHUNK_BYTES), far fewer than this.
+MAX_CHUNKS = 1 << 20
+
+
+def memory_limit() -> int:
+  """The most bytes one array read may allocate: this machine's physical memory, or the
+  process's address-space limit when that is lower. A declared size above it cannot be
+  restored here, so it is refused before anything is allocated."""
+  limit = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+  return min(limit, soft) if soft != resource.RLIM_INFINITY else limit
+
+
+def check_allocation(shape: tuple[int, ...], dtype: np.dtype, what: str) -> None:
+  """Refuses to allocate an array of ``shape`` and ``dtype`` larger than ``memory_limit``."""
+  nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+  if nbytes > memory_limit():
+    raise _errors.LimitExceededError(
+        f'{what}: declares {nbytes} bytes ({np.dtype(dtype).name}, shape {tuple(shape)}), more '
+        f'than the {memory_limit()} bytes of memory this process may use; the checkpoint is '
+        'damaged or hostile, or too large to restore whole here (restore it sharded).')
+
+
+def check_grid(shape: tuple[int, ...], chunks: tuple[int, ...], what: str) -> None:
+  """Refuses a shape and chunk shape that are not lists of whole numbers of the same rank
+  (chunks positive), or whose grid has more than ``MAX_CHUNKS`` chunks."""
+  if (len(shape) != len(chunks) or
+      not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape) or
+      not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in chunks)):
+    raise ValueError(f'shape {list(shape)} and chunks {list(chunks)} must be whole numbers of '
+                     'the same rank, chunks positive')
+  count = math.prod(-(-s // c) for s, c in zip(shape, chunks))
+  if count > MAX_CHUNKS:
+    raise _errors.LimitExceededError(
+        f'{what}: declares {count} chunks (shape {list(shape)} in chunks of {list(chunks)}), '
+        f'more than the {MAX_CHUNKS} any checkpoint array has; the checkpoint is damaged or '
+        'hostile.')
 
 
 def zarr2_dtype(dtype: np.dtype) -> str:
@@ -61,7 +102,7 @@ def zarray_bytes(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtyp
 
 @functools.lru_cache(maxsize=4096)
 def parse_metadata_json(data: bytes) -> dict[str, Any]:
-  return json.loads(data)
+  return _safe_json.loads(data, 'zarr metadata')
 
 
 class Zarr2Layout(NamedTuple):
@@ -74,6 +115,7 @@ class Zarr2Layout(NamedTuple):
   key_suffixes: tuple[str, ...]  # '/<chunk key>' for each index of ``grid``.
   chunk_nbytes: int
   checksum: int  # Of the layout (``_checksums.of_layout``).
+  fill: Any  # What a missing chunk reads as (the .zarray's fill_value; 0 for null).
 
   @property
   def single_chunk(self) -> bool:
@@ -82,13 +124,38 @@ class Zarr2Layout(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)  # Trees repeat a few array layouts many times.
 def zarr2_layout(zarray: bytes) -> Zarr2Layout:
-  meta = json.loads(zarray)
+  """Raises ValueError & co. for a damaged ``.zarray``, LimitExceededError for one declaring
+  more chunks than ``MAX_CHUNKS``."""
+  meta = _safe_json.loads(zarray, ZARRAY)
   shape, chunks = tuple(meta['shape']), tuple(meta['chunks'])
+  check_grid(shape, chunks, ZARRAY)
   dtype = parse_dtype(meta['dtype'])
+  fill = _fill_value(meta.get('fill_value'), dtype)
   indices = tuple(grid(shape, chunks))
-  return Zarr2Layout(is_raw_zarr2(meta), shape, chunks, dtype, indices,
+  return Zarr2Layout(is_raw_zarr2(meta) and fill is not None, shape, chunks, dtype, indices,
                      tuple('/' + chunk_key(i) for i in indices), math.prod(chunks) * dtype.itemsize,
-                     _checksums.of_layout(dtype, shape, chunks, dtype.byteorder == '>'))
+                     _checksums.of_layout(dtype, shape, chunks, dtype.byteorder == '>'),
+                     fill)
+
+
+_FLOAT_NAMES = {'NaN': math.nan, 'Infinity': math.inf, '-Infinity': -math.inf}
+
+
+def _fill_value(value: Any, dtype: np.dtype) -> Any:
+  """A .zarray ``fill_value`` as a numpy scalar of ``dtype`` (null: zero), or None when it is
+  one this module does not decode (tensorstore's driver then reads the array)."""
+  if value is None:
+    return dtype.type(0) if dtype.kind != 'V' else np.zeros((), dtype)[()]
+  if isinstance(value, str):
+    value = _FLOAT_NAMES.get(value)
+  if isinstance(value, list) and len(value) == 2 and dtype.kind == 'c':
+    value = complex(*(_FLOAT_NAMES.get(v, v) for v in value))
+  if not isinstance(value, (bool, int, float, complex)):
+    return None
+  try:
+    return np.array(value).astype(dtype)[()]
+  except (TypeError, ValueError, OverflowError):
+    return None
 
 
 def is_raw_zarr2(meta: dict[str, Any]) -> bool:
@@ -217,6 +284,7 @@ def assemble(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype,
     if data is not None:
       return np.frombuffer(data, dtype=dtype, count=math.prod(shape)).reshape(shape)
   box = box or tuple((0, n) for n in shape)
+  check_allocation(tuple(stop - start for start, stop in box), dtype, 'an array')
   out = np.empty(tuple(stop - start for start, stop in box), dtype=dtype)
   for index, data in pieces.items():
     lows = [i * c for i, c in zip(index, chunks)]
