@@ -13,8 +13,9 @@ from flaxckpt._checkpointer import (AsyncCheckpointer, Checkpointer, PyTreeCheck
 from flaxckpt._composite_handler import CompositeCheckpointHandler
 from flaxckpt._errors import (AsyncSaveError, BarrierTimeoutError, CheckpointError,
                               CheckpointExistsError, ChecksumError,
-                              IncompleteCheckpointError, MissingKeysError, NameCollisionError,
-                              NotACheckpointError, StructureMismatchError, UnsupportedLeafError)
+                              IncompleteCheckpointError, LimitExceededError, MissingKeysError,
+                              NameCollisionError, NotACheckpointError, StructureMismatchError,
+                              UnsafeCheckpointError, UnsupportedLeafError)
 from flaxckpt._handler import AsyncCheckpointHandler, CheckpointHandler
 from flaxckpt._manager import CheckpointManager, CheckpointManagerOptions
 from flaxckpt._json_handler import JsonCheckpointHandler
@@ -30,9 +31,10 @@ __all__ = [
     'CheckpointError', 'CheckpointExistsError', 'CheckpointHandler', 'CheckpointManager',
     'CheckpointManagerOptions', 'Checkpointer', 'ChecksumError',
     'CompositeCheckpointHandler', 'IncompleteCheckpointError', 'JsonCheckpointHandler',
-    'MissingKeysError', 'NameCollisionError', 'NotACheckpointError', 'PyTreeCheckpointHandler',
+    'LimitExceededError', 'MissingKeysError', 'NameCollisionError', 'NotACheckpointError', 'PyTreeCheckpointHandler',
     'PyTreeCheckpointer', 'RestoreArgs', 'SaveArgs', 'StandardCheckpointHandler',
-    'StandardCheckpointer', 'StructureMismatchError', 'Transform', 'UnsupportedLeafError',
+    'StandardCheckpointer', 'StructureMismatchError', 'Transform', 'UnsafeCheckpointError',
+    'UnsupportedLeafError',
     'args', 'checkpoint_utils', 'multihost', 'test_utils', 'type_handlers', 'utils',
 ]
 
