@@ -185,7 +185,8 @@ def _print_description(description: dict[str, Any], out: TextIO, indent: str = '
       _print_description(item, out, indent + '  ')
     return
   if kind == 'json':
-    _say(f'{indent}{description["path"]}: JSON {json.dumps(description["value"])}', out)
+    shown = description.get('error') or json.dumps(description['value'])
+    _say(f'{indent}{description["path"]}: JSON {shown}', out)
     return
   details = [kind]
   if 'storage' in description:

@@ -63,7 +63,17 @@ def _describe(found: _formats.Found, best_metric: str | None, best_mode: str) ->
     return flax_dir(path)
   if kind is _formats.Kind.GDA:
     return gda(path)
-  return {'format': 'json', 'path': str(path), 'value': _json_file(path)}
+  return json_item(path)
+
+
+def json_item(path: pathlib.Path) -> Description:
+  """A JSON item (metrics, a JsonSave): its value, or what made it unreadable."""
+  try:
+    return {'format': 'json', 'path': str(path), 'value': _json_file(path)}
+  except ValueError as e:  # Shown as such, beside the other items of its checkpoint.
+    if isinstance(e, _errors.UnsafeCheckpointError):
+      raise
+    return {'format': 'json', 'path': str(path), 'value': None, 'error': _unreadable(e)}
 
 
 def _with_totals(description: Description) -> Description:
@@ -180,12 +190,27 @@ def _json_file(path: pathlib.Path) -> Any:
     raise _errors.NotACheckpointError(f'{path}: not valid JSON ({e}).') from None
 
 
+def _unreadable(error: Exception) -> str:
+  return f'unreadable ({type(error).__name__})'
+
+
+def _commit_time(directory: pathlib.Path) -> str:
+  """``_saved_at`` from the ``_CHECKPOINT_METADATA`` of ``directory``; 'unreadable (...)' when
+  that file is damaged, so that one bad step does not hide the others (verify says more)."""
+  try:
+    meta = _json_file(directory / _metadata.CHECKPOINT_METADATA_FILE)
+  except ValueError as e:  # Not JSON, or JSON nested too deep.
+    if isinstance(e, _errors.UnsafeCheckpointError):
+      raise
+    return _unreadable(e)
+  return _saved_at(directory, meta)
+
+
 def composite(directory: pathlib.Path) -> Description:
-  meta = _json_file(directory / _metadata.CHECKPOINT_METADATA_FILE)
   items = {}
   for name in _formats.item_names(directory):
     items[name] = _describe(_formats.detect(directory / name), None, 'max')
-  return {'format': 'composite', 'path': str(directory), 'saved': _saved_at(directory, meta),
+  return {'format': 'composite', 'path': str(directory), 'saved': _commit_time(directory),
           'items': items}
 
 
@@ -219,9 +244,13 @@ def _local_time(seconds: float) -> str:
 def manager(root: pathlib.Path, best_metric: str | None, best_mode: str) -> Description:
   steps = []
   for step, path in _formats.manager_steps(root):
-    meta = _json_file(path / _metadata.CHECKPOINT_METADATA_FILE)
-    metrics = _json_file(path / 'metrics' / 'metrics') or None
-    steps.append({'step': step, 'path': str(path), 'saved': _saved_at(path, meta),
+    try:
+      metrics = _json_file(path / 'metrics' / 'metrics') or None
+    except ValueError as e:  # Shown as such; the other steps are still listed and ranked.
+      if isinstance(e, _errors.UnsafeCheckpointError):
+        raise
+      metrics = _unreadable(e)
+    steps.append({'step': step, 'path': str(path), 'saved': _commit_time(path),
                   'items': _formats.item_names(path) or None, 'metrics': metrics})
   latest = steps[-1]['step'] if steps else None
   best, rule = _best(steps, best_metric, best_mode)
@@ -288,8 +317,8 @@ def flax_dir(root: pathlib.Path) -> Description:
   for step, path in _formats.flax_dir_steps(root):
     kind = 'flax-msgpack' if _storage.is_file(path) else 'orbax-pytree'
     steps.append({'step': step, 'path': str(path), 'format': kind,
-                  'saved': _saved_at(path, _json_file(path / _metadata.CHECKPOINT_METADATA_FILE)
-                                     if kind == 'orbax-pytree' else None)})
+                  'saved': _commit_time(path) if kind == 'orbax-pytree'
+                  else _saved_at(path, None)})
   description = {'format': 'flax-dir', 'path': str(root), 'steps': steps,
                  'latest_step': steps[-1]['step'] if steps else None}
   if steps:
