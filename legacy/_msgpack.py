@@ -184,6 +184,8 @@ def encode(state: Any) -> bytes:
 # twice, an ext type flax does not write, an array whose shape, dtype name or byte count do not
 # agree, a chunked array with missing or misnumbered pieces. Nothing else escapes ``decode``.
 
+MAX_NDIM = 64  # numpy's limit; also bounds the work of multiplying out a declared shape.
+_MAX_DIM = 1 << 62  # No axis of an array numpy can hold is longer.
 MAX_DEPTH = 400  # Deeper nesting is refused before it meets Python's recursion limit (1000
 # frames, one per level here); flax.serialization.to_bytes fails at about 330 levels itself.
 
@@ -200,6 +202,16 @@ _SIZED = {  # type byte -> (kind, struct format of the length, byte count of the
 }
 _FIXEXT_SIZES = {0xd4: 1, 0xd5: 2, 0xd6: 4, 0xd7: 8, 0xd8: 16}
 _BIN_WIDTHS = {0xc4: (1, '>B'), 0xc5: (2, '>H'), 0xc6: (4, '>I')}
+
+
+def _is_shape(shape: Any) -> bool:
+  return (isinstance(shape, list) and len(shape) <= MAX_NDIM
+          and all(type(n) is int and 0 <= n < _MAX_DIM for n in shape))
+
+
+def _short(value: Any) -> str:
+  text = repr(value)
+  return text if len(text) <= 200 else f'{text[:200]}... ({len(value)} entries)'
 
 
 @functools.lru_cache(maxsize=256)
@@ -339,10 +351,10 @@ class _Reader:
     if self._pos != end:
       raise MsgpackDecodeError(f'the array at byte {start} has {end - self._pos} bytes more '
                                'than its parts')
-    if (not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape)
-        or (scalar and shape)):
-      raise MsgpackDecodeError(f'the array at byte {start} has the shape {shape!r}, not a list '
-                               'of sizes' + (' (a scalar has shape [])' if scalar else ''))
+    if not _is_shape(shape) or (scalar and shape):
+      raise MsgpackDecodeError(f'the array at byte {start} has the shape {_short(shape)}, not a '
+                               f'list of at most {MAX_NDIM} sizes'
+                               + (' (a scalar has shape [])' if scalar else ''))
     dtype = _dtype(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
       raise MsgpackDecodeError(f'the array at byte {start} has the dtype name {dtype_name!r}, '
@@ -351,7 +363,11 @@ class _Reader:
     if count != expected:
       raise MsgpackDecodeError(f'the array at byte {start} holds {count} bytes, not the '
                                f'{expected} of {shape} x {dtype}')
-    return np.frombuffer(self._buffer, dtype, count // dtype.itemsize, data).reshape(shape)
+    try:
+      return np.frombuffer(self._buffer, dtype, count // dtype.itemsize, data).reshape(shape)
+    except ValueError as e:  # An empty array whose other axes numpy cannot hold.
+      raise MsgpackDecodeError(f'the array at byte {start} has the shape {_short(shape)}: '
+                               f'{e}') from None
 
   def read_all(self, depth_left: int = MAX_DEPTH) -> Any:
     value = self.read(MAX_DEPTH - depth_left)
@@ -388,8 +404,9 @@ def _unchunk(node: dict[str, Any]) -> np.ndarray:
                              f'{[CHUNKED_MARKER, "shape", "chunks"]!r}')
   shape = _numbered(node['shape'], 'the shape')
   chunks = _numbered(node['chunks'], 'the chunks')
-  if not all(type(n) is int and n >= 0 for n in shape):
-    raise MsgpackDecodeError(f'a chunked array has the shape {shape!r}, not a list of sizes')
+  if not _is_shape(shape):
+    raise MsgpackDecodeError(f'a chunked array has the shape {_short(shape)}, not a list of at '
+                             f'most {MAX_NDIM} sizes')
   if not chunks or not all(type(c) is np.ndarray and c.ndim == 1 and c.dtype == chunks[0].dtype
                            for c in chunks):
     raise MsgpackDecodeError('a chunked array has chunks that are not flat arrays of one dtype')
@@ -399,7 +416,10 @@ def _unchunk(node: dict[str, Any]) -> np.ndarray:
   if sum(sizes) != total or any(n != step for n in sizes[:-1]) or not 0 < sizes[-1] <= step:
     raise MsgpackDecodeError(f'a chunked array of shape {tuple(shape)} has chunks of '
                              f'{sizes} elements; expected {total} in pieces of {step}')
-  return np.concatenate(chunks).reshape(shape)
+  try:
+    return np.concatenate(chunks).reshape(shape)
+  except ValueError as e:
+    raise MsgpackDecodeError(f'a chunked array has the shape {_short(shape)}: {e}') from None
 
 
 def decode(buffer: np.ndarray | bytearray | bytes) -> Any:

@@ -7,7 +7,10 @@ the bytes ``flax.serialization.to_bytes`` gives, streamed to disk. ``restore_che
 either kind, and ``_gda`` multi-process arrays, whatever the flag says.
 
 Where we differ from flax: retention never deletes a save that is still in flight (``<prefix>tmp``
-or ``*.orbax-checkpoint-tmp*``), errors name the path they are about, a corrupt msgpack file
+or ``*.orbax-checkpoint-tmp*``), a msgpack save writes a temporary file of its own (never the
+shared ``<prefix>tmp``) and commits without clobbering, so that several writers on one directory
+never mix their files, a ``prefix`` or ``step`` that would name something outside ``ckpt_dir``
+is refused, errors name the path they are about, a corrupt msgpack file
 raises ``CorruptCheckpointError`` instead of a bare msgpack error, ``_gda`` arrays restore
 without a target (as numpy) instead of raising ``MPARestoreTargetRequiredError``, and each
 msgpack file we write gets a hidden sidecar ``.<name>.crc32c`` with its size and crc32c, checked
@@ -17,11 +20,18 @@ on restore (flax's format has no checksum; flax neither lists nor reads the side
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import errno
+import fcntl
 import logging
 import os
+import pathlib
 import re
-from collections.abc import Callable, Iterable
-from typing import Any
+import secrets
+import stat
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any, NamedTuple
 
 import flax
 import jax
@@ -48,6 +58,13 @@ ORBAX_CKPT_FILENAME = 'checkpoint'
 ORBAX_MANIFEST_OCDBT = 'manifest.ocdbt'
 ORBAX_METADATA_FILENAME = '_METADATA'
 _ORBAX_TMP_MARK = '.orbax-checkpoint-tmp'
+# Our msgpack saves write ``.<prefix><step>.flaxckpt-tmp-<pid>-<random>`` (and ``..._gda``): a
+# name of their own, so two writers never share one, and hidden, so that neither flax's listing
+# nor its retention (both take names matching ``<prefix>*``) sees it.
+_TMP_MARK = '.flaxckpt-tmp-'
+_STALE_TMP_SECONDS = 3600  # Where files cannot be locked: a temporary untouched this long is dead.
+_FRESH_SECONDS = 10.0  # A temporary is locked microseconds after it is created.
+_COMMIT_LOCK_SECONDS = 300.0  # A commit holds the directory's lock for a rename and a few files.
 
 
 class AsyncManager:
@@ -94,8 +111,31 @@ def safe_normpath(path: str) -> str:
   return (match['scheme'] or '') + os.path.normpath(match['path'])
 
 
+def _check_prefix(prefix: str) -> str:
+  """Refuses a ``prefix`` with which ``<prefix><step>`` is not a plain name inside ckpt_dir."""
+  if not isinstance(prefix, str):
+    raise TypeError(f'prefix={prefix!r} is a {type(prefix).__name__}; expected a string.')
+  problem = ("contains '/' (or is absolute)" if '/' in prefix or os.sep in prefix
+             else 'contains a backslash' if '\\' in prefix
+             else 'contains a NUL character' if '\x00' in prefix else None)
+  if problem is not None:
+    raise ValueError(f'prefix={prefix!r} {problem}: checkpoints are the entries '
+                     '<prefix><step> of ckpt_dir, so a prefix that names another directory '
+                     "could write or delete outside it. Use a plain name such as 'checkpoint_' "
+                     'and put the directory in ckpt_dir.')
+  return prefix
+
+
+def _checkpoint_name(step: int | float | str, prefix: str) -> str:
+  name = f'{_check_prefix(prefix)}{step}'
+  if '/' in name or '\\' in name or '\x00' in name or name in ('.', '..'):
+    raise ValueError(f'step={step!r} gives the checkpoint name {name!r}, which is not an entry '
+                     'of ckpt_dir; steps are numbers.')
+  return name
+
+
 def _checkpoint_path(ckpt_dir: str, step: int | float | str, prefix: str) -> str:
-  return os.path.join(ckpt_dir, f'{prefix}{step}')
+  return os.path.join(ckpt_dir, _checkpoint_name(step, prefix))
 
 
 def _step_of(path: str) -> float | None:
@@ -112,11 +152,12 @@ def _names(directory: str) -> list[str]:
 
 
 def _is_in_flight(name: str, prefix: str) -> bool:
-  return name == f'{prefix}tmp' or _ORBAX_TMP_MARK in name
+  return name == f'{prefix}tmp' or _ORBAX_TMP_MARK in name or _TMP_MARK in name
 
 
 def _all_checkpoints(ckpt_dir: str | os.PathLike, prefix: str = 'checkpoint_') -> list[str]:
   ckpt_dir = os.fspath(ckpt_dir)
+  _check_prefix(prefix)
   return natural_sort(
       os.path.join(ckpt_dir, name) for name in _names(ckpt_dir)
       if name.startswith(prefix) and not name.endswith(MP_ARRAY_POSTFIX)
@@ -152,19 +193,19 @@ def _is_orbax_checkpoint(path: str) -> bool:
 # --- saving ------------------------------------------------------------------------------------
 
 
-def _paths(ckpt_dir: str | os.PathLike, step: int | float, prefix: str) -> tuple[str, str, str]:
-  """(final path, temporary path, ``<dir>/<prefix>``) of a save."""
+def _paths(ckpt_dir: str | os.PathLike, step: int | float, prefix: str) -> tuple[str, str]:
+  """(final path, ``<dir>/<prefix>``) of a save."""
   if any(c in prefix for c in '*?['):
     raise ValueError(f'Checkpoint prefix {prefix!r} contains a glob character (* ? [); '
                      'checkpoints with it could not be listed back.')
   ckpt_dir = safe_normpath(os.fspath(ckpt_dir))
+  ckpt_path = _checkpoint_path(ckpt_dir, step, prefix)
   directory = _storage.as_path(ckpt_dir)
   if _storage.exists(directory) and not _storage.is_dir(directory):
     raise NotADirectoryError(f'Checkpoint directory {ckpt_dir} is a file; expected a directory '
                              'to hold checkpoints.')
   logger.info('Saving checkpoint at step: %s', step)
-  return (_checkpoint_path(ckpt_dir, step, prefix), _checkpoint_path(ckpt_dir, 'tmp', prefix),
-          os.path.join(ckpt_dir, prefix))
+  return ckpt_path, os.path.join(ckpt_dir, prefix)
 
 
 def _check_not_outdated(ckpt_path: str, base_path: str, step: int | float) -> None:
@@ -174,16 +215,57 @@ def _check_not_outdated(ckpt_path: str, base_path: str, step: int | float) -> No
     raise errors.InvalidCheckpointError(ckpt_path, step)
 
 
+@contextlib.contextmanager
+def _commit_lock(directory: str) -> Iterator[None]:
+  """Serializes the commits (and retention) of flaxckpt's writers in ``directory``.
+
+  The lock is ``flock`` on the directory itself: it adds no entry flax could list, and the
+  kernel drops it when its holder dies. Where the filesystem has no such locks, commits run
+  unserialized; a commit without overwrite still never replaces a file (it is a hard link).
+
+  Raises:
+    TimeoutError: another process held the lock for ``_COMMIT_LOCK_SECONDS``.
+  """
+  try:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+  except OSError as e:
+    logger.debug('Committing without a lock on %s: %s', directory, e)
+    fd = None
+  if fd is None:
+    yield
+    return
+  try:
+    deadline = time.monotonic() + _COMMIT_LOCK_SECONDS
+    while True:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if time.monotonic() > deadline:
+          raise TimeoutError(
+              f'{directory}: another process has held the commit lock of this checkpoint '
+              f'directory for {_COMMIT_LOCK_SECONDS:g} s; a save_checkpoint there is stuck. '
+              'Nothing was committed.') from None
+        time.sleep(0.005)
+      except OSError as e:  # No locks on this filesystem.
+        logger.debug('Committing without a lock on %s: %s', directory, e)
+        break
+    yield
+  finally:
+    os.close(fd)  # Releases the lock.
+
+
 def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overwrite: bool,
                                 keep_every_n_steps: int | None) -> None:
   """Applies flax's retention after a save: with ``overwrite``, everything newer than
   ``ckpt_path`` goes; then all but the newest ``keep`` (none for ``keep=0``, as in flax), sparing
   one every ``keep_every_n_steps`` steps. A checkpoint's ``_gda`` folder goes with it.
 
-  Unlike flax, in-flight entries (``<prefix>tmp``, Orbax temporary directories) neither count
-  nor are deleted: an async save may still be writing them, and until it commits the ``keep``
-  newest committed checkpoints are all there is. (Flax's result here depends on whether the
-  async save has created its directory yet.)
+  Unlike flax, in-flight entries (``<prefix>tmp``, Orbax temporary directories, our own
+  temporaries) neither count nor are deleted: an async save may still be writing them, and until
+  it commits the ``keep`` newest committed checkpoints are all there is. (Flax's result here
+  depends on whether the async save has created its directory yet.) Temporaries that a killed
+  writer of ours left are removed.
   """
   directory, prefix = os.path.split(base_path)
   _steps.recover_replaced(_storage.as_path(directory))  # A replace that was cut off.
@@ -205,21 +287,64 @@ def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overw
   for name in _names(directory):  # Deletions a crash cut short.
     if name.startswith(prefix) and name.endswith(_steps.DELETING_SUFFIX):
       _storage.remove(_storage.as_path(os.path.join(directory, name)))
+  _remove_abandoned_temporaries(_storage.as_path(directory))
   if _sidecar.fits_prefix(prefix):
     _sidecar.remove_orphans(directory, prefix)
 
 
 def _delete_checkpoint(path: str) -> None:
   """Deletes a checkpoint so that a crash part-way never leaves it listed but damaged: the
-  listed name goes first (an Orbax directory is moved aside, then removed)."""
+  listed name goes first (an Orbax directory is moved aside, then removed). A link standing at
+  a checkpoint's name is removed itself, never what it points to."""
   logger.info('Removing checkpoint at %s', path)
   checkpoint = _storage.as_path(path)
-  if _storage.is_dir(checkpoint):
+  if _storage.is_dir(checkpoint) and not checkpoint.is_symlink():
     _steps.delete(checkpoint)
   else:
     _storage.remove(checkpoint)
   _storage.remove(_storage.as_path(path + MP_ARRAY_POSTFIX))
   _sidecar.remove(path)
+
+
+def _is_abandoned(path: pathlib.Path) -> bool:
+  """Whether the temporary file at ``path`` belongs to no live save: its writer holds a lock on
+  it until the commit (where locks are not supported: untouched for ``_STALE_TMP_SECONDS``).
+  Anything at such a name that is not a regular file was not made by a save of ours. A file
+  younger than ``_FRESH_SECONDS`` counts as live: its writer may not have locked it yet."""
+  try:
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+      return True
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+  except FileNotFoundError:
+    return False
+  except OSError:
+    return True
+  try:
+    age = time.time() - os.fstat(fd).st_mtime
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return age > _FRESH_SECONDS
+  except BlockingIOError:
+    return False
+  except OSError:
+    return age > _STALE_TMP_SECONDS
+  finally:
+    os.close(fd)
+
+
+def _remove_abandoned_temporaries(directory: pathlib.Path) -> None:
+  """Removes the temporaries (file, then ``_gda`` folder) of our saves whose writer died."""
+  names = [name for name in _names(os.fspath(directory))
+           if name.startswith('.') and _TMP_MARK in name]
+  for name in sorted(names, key=lambda name: name.endswith(MP_ARRAY_POSTFIX)):
+    path = directory / name
+    if name.endswith(MP_ARRAY_POSTFIX):
+      partner = directory / name[:-len(MP_ARRAY_POSTFIX)]
+      if partner.exists() or partner.is_symlink():
+        continue  # Its save still runs (it creates the file first and removes it last).
+    elif not _is_abandoned(path):
+      continue
+    logger.info('Removing %s, left by a save that did not finish.', path)
+    _storage.remove_tree(path)
 
 
 def _orbax_save(ckpt_path: str, target: PyTree, overwrite: bool,
@@ -239,18 +364,45 @@ def _uses_orbax(orbax_checkpointer: Any) -> bool:
   return bool(flax.config.flax_use_orbax_checkpointing or orbax_checkpointer)
 
 
-def _write_msgpack(state: Any, tmp_path: str) -> _sidecar.Checksum:
-  """Writes ``state`` to ``tmp_path``; returns the file's size and crc32c, taken on the way."""
-  path = _storage.as_path(tmp_path)
-  _storage.make_dirs(path.parent)
+class _Temporary(NamedTuple):
+  """A msgpack file a save wrote under its own temporary name, not yet committed. ``file``
+  stays open until the commit ends: its lock tells other saves that this one still runs."""
+  path: pathlib.Path
+  file: IO[bytes]
+  checksum: _sidecar.Checksum
+  identity: _sidecar.Identity
+
+  @property
+  def gda_path(self) -> pathlib.Path:
+    return self.path.with_name(self.path.name + MP_ARRAY_POSTFIX)
+
+  def discard(self) -> None:
+    _storage.remove_tree(self.gda_path)
+    _storage.remove(self.path)
+    self.file.close()
+
+
+def _temporary_name(ckpt_path: str) -> str:
+  return f'.{os.path.basename(ckpt_path)}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(8)}'
+
+
+def _write_msgpack(state: Any, tmp_path: pathlib.Path) -> _Temporary:
+  """Writes ``state`` to a new file at ``tmp_path`` (refused if anything stands there),
+  keeping its size and crc32c, taken on the way, and its identity once written."""
+  _storage.make_dirs(tmp_path.parent)
+  file = _storage.open_for_write(tmp_path, exclusive=True)
   try:
-    with _storage.open_for_write(path) as file:
-      summed = _sidecar.ChecksummingFile(file)
-      _msgpack.write(summed, state)
+    with contextlib.suppress(OSError):  # Without locks, age tells abandoned files apart.
+      fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    summed = _sidecar.ChecksummingFile(file)
+    _msgpack.write(summed, state)
+    file.flush()
+    return _Temporary(tmp_path, file, summed.checksum,
+                      _sidecar.Identity.of(os.fstat(file.fileno())))
   except BaseException:
-    _storage.remove(path)
+    file.close()
+    _storage.remove(tmp_path)
     raise
-  return summed.checksum
 
 
 def _host_snapshot(state: Any) -> Any:
@@ -267,28 +419,54 @@ def _host_snapshot(state: Any) -> Any:
   return state
 
 
-def _commit(tmp_path: str, ckpt_path: str, base_path: str, keep: int, overwrite: bool,
-            keep_every_n_steps: int | None, has_gda: bool, checksum: _sidecar.Checksum) -> None:
-  _sidecar.remove(ckpt_path)  # Never beside a file it was not written for, even after a crash.
-  tmp, gda_tmp = _storage.as_path(tmp_path), _storage.as_path(tmp_path + MP_ARRAY_POSTFIX)
+def _link_new(source: pathlib.Path, target: pathlib.Path, step: int | float) -> None:
+  """Gives the file ``source`` the name ``target``, which must be free: a hard link, which
+  fails rather than replace anything (a rename where the filesystem has no hard links)."""
   try:
-    if has_gda:
-      gda_final = _storage.as_path(ckpt_path + MP_ARRAY_POSTFIX)
-      _storage.remove(gda_final)
-      _storage.rename(gda_tmp, gda_final)
-    _storage.rename(tmp, _storage.as_path(ckpt_path))
-  except BaseException:  # No half-committed save is left to look like one in flight.
-    _storage.remove(tmp)
-    _storage.remove(gda_tmp)
-    raise
-  if _sidecar.fits_prefix(os.path.basename(base_path)):
-    try:
-      _sidecar.write(ckpt_path, checksum)
-    except OSError as e:  # The checkpoint is complete; it only goes unchecked, like flax's.
-      _sidecar.remove(ckpt_path)
-      logger.warning('Saved %s without its checksum file: %s', ckpt_path, e)
-  logger.info('Saved checkpoint at %s', ckpt_path)
-  _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
+    os.link(source, target, follow_symlinks=False)
+  except FileExistsError as e:
+    raise errors.InvalidCheckpointError(os.fspath(target), step) from e
+  except OSError as e:
+    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+      raise
+    if target.exists() or target.is_symlink():
+      raise errors.InvalidCheckpointError(os.fspath(target), step) from None
+    _storage.rename(source, target)
+    return
+  _storage.remove(source)
+  _storage.rename(target, target)  # Makes the new name durable (fsyncs the directory).
+
+
+def _commit(written: _Temporary, ckpt_path: str, base_path: str, step: int | float, keep: int,
+            overwrite: bool, keep_every_n_steps: int | None, has_gda: bool) -> None:
+  """Puts a written save in place, then its sidecar, then applies retention, holding the
+  directory's commit lock. Without ``overwrite`` the step is checked again under the lock and
+  nothing existing is replaced: a concurrent writer that got there first makes this one raise
+  ``InvalidCheckpointError``."""
+  final = _storage.as_path(ckpt_path)
+  try:
+    with _commit_lock(os.path.dirname(os.fspath(final))):
+      if not overwrite:
+        _check_not_outdated(ckpt_path, base_path, step)
+      if has_gda:
+        gda_final = _storage.as_path(ckpt_path + MP_ARRAY_POSTFIX)
+        _storage.remove_tree(gda_final)  # The old step's, or a commit's that was cut off.
+        _storage.rename(written.gda_path, gda_final)
+      if overwrite:
+        # A sidecar from before identities were recorded must not outlive its file.
+        _sidecar.remove(ckpt_path)
+        _storage.rename(written.path, final)
+      else:
+        _link_new(written.path, final, step)
+      if _sidecar.fits_prefix(os.path.basename(base_path)):
+        try:
+          _sidecar.write(ckpt_path, written.checksum, written.identity)
+        except OSError as e:  # The checkpoint is complete; it only goes unchecked, like flax's.
+          logger.warning('Saved %s without its checksum file: %s', ckpt_path, e)
+      logger.info('Saved checkpoint at %s', ckpt_path)
+      _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
+  finally:  # No half-committed save is left to look like one in flight.
+    written.discard()
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, target: PyTree, step: int | float,
@@ -298,36 +476,42 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, target: PyTree, step: int | flo
                     orbax_checkpointer: Checkpointer | None = None) -> str:
   """Saves ``target`` as checkpoint ``step`` in ``ckpt_dir``, from a single process.
 
-  Writes ``<prefix><step>`` through ``<prefix>tmp`` (msgpack) or a temporary directory (Orbax)
-  and a rename, so an interrupted save never looks complete, then deletes checkpoints as
-  ``keep``, ``keep_every_n_steps`` and ``overwrite`` ask. With ``async_manager`` a msgpack save
-  is written on a background thread from a host copy of ``target``.
+  Writes ``<prefix><step>`` through a temporary name of this save's own (msgpack) or a
+  temporary directory (Orbax) and a rename, so an interrupted save never looks complete, then
+  deletes checkpoints as ``keep``, ``keep_every_n_steps`` and ``overwrite`` ask. With
+  ``async_manager`` a msgpack save is written on a background thread from a host copy of
+  ``target``. Several processes may save into one directory: each commit is checked again and
+  done under a lock, so one may fail, but none mixes its file with another's.
 
   Returns:
     The path of the new checkpoint.
 
   Raises:
     flax.errors.InvalidCheckpointError: without ``overwrite``, ``step`` exists already or is
-      not newer than every checkpoint in ``ckpt_dir``.
+      not newer than every checkpoint in ``ckpt_dir`` (also when another writer committed it
+      while this save was writing).
+    ValueError: ``prefix`` or ``step`` would name something outside ``ckpt_dir``.
   """
   if async_manager:
     async_manager.wait_previous_save()
-  ckpt_path, tmp_path, base_path = _paths(ckpt_dir, step, prefix)
+  ckpt_path, base_path = _paths(ckpt_dir, step, prefix)
   if _uses_orbax(orbax_checkpointer):
     if jax.process_count() > 1:
       logger.warning('save_checkpoint is called with several JAX processes: every process must '
                      'call it, or the devices hang; use save_checkpoint_multiprocess.')
     _orbax_save(ckpt_path, target, overwrite, orbax_checkpointer)
     if jax.process_index() == 0:
-      _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
+      with _commit_lock(os.path.dirname(ckpt_path) or '.'):
+        _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
     return ckpt_path
   if not overwrite:
     _check_not_outdated(ckpt_path, base_path, step)
   state = serialization.to_state_dict(target)
+  tmp_path = _storage.as_path(ckpt_path).with_name(_temporary_name(ckpt_path))
 
   def write_and_commit(state: Any) -> None:
-    checksum = _write_msgpack(state, tmp_path)
-    _commit(tmp_path, ckpt_path, base_path, keep, overwrite, keep_every_n_steps, False, checksum)
+    written = _write_msgpack(state, tmp_path)
+    _commit(written, ckpt_path, base_path, step, keep, overwrite, keep_every_n_steps, False)
 
   if async_manager:
     snapshot = _host_snapshot(state)
@@ -347,8 +531,9 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
 
   Every process must call it. Process 0 writes the msgpack file and applies retention; arrays
   that no single process holds whole go to ``<prefix><step>_gda/``, each process writing its
-  own shards. Unlike flax, no ``gda_manager`` is needed (one passed is ignored): flaxckpt
-  writes the arrays itself before this returns.
+  own shards into a temporary folder that process 0 names and creates. Unlike flax, no
+  ``gda_manager`` is needed (one passed is ignored): flaxckpt writes the arrays itself before
+  this returns.
 
   Returns:
     The path of the new checkpoint.
@@ -356,10 +541,11 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
   _multihost.barrier('flaxckpt.legacy:save:start')
   if async_manager:
     async_manager.wait_previous_save()
-  ckpt_path, tmp_path, base_path = _paths(ckpt_dir, step, prefix)
+  ckpt_path, base_path = _paths(ckpt_dir, step, prefix)
   if _uses_orbax(orbax_checkpointer):
     if jax.process_index() == 0:
-      _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
+      with _commit_lock(os.path.dirname(ckpt_path) or '.'):
+        _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
     _orbax_save(ckpt_path, target, overwrite, orbax_checkpointer)
     return ckpt_path
   state, gda_arrays = _gda.split(serialization.to_state_dict(target))
@@ -368,19 +554,28 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
     _check_not_outdated(ckpt_path, base_path, step)
     _multihost.barrier('flaxckpt.legacy:save:checked')
   is_writer = jax.process_index() == 0
-  if is_writer:
-    checksum = _write_msgpack(_host_snapshot(state) if async_manager else state, tmp_path)
-  if gda_arrays:
-    gda_tmp = _storage.as_path(tmp_path + MP_ARRAY_POSTFIX)
+  # Process 0's name for the temporaries; the others write the arrays into its _gda folder.
+  tmp_name = _multihost.agree(f'flaxckpt.legacy:tmp:{os.path.basename(ckpt_path)}',
+                              _temporary_name(ckpt_path))
+  _storage.check_name(tmp_name, 'the temporary name chosen by process 0')
+  tmp_path = _storage.as_path(ckpt_path).with_name(tmp_name)
+  written = None
+  try:
     if is_writer:
-      _storage.remove(gda_tmp)
-      _storage.make_dirs(gda_tmp)
-    _multihost.barrier('flaxckpt.legacy:save:gda_dir')
-    _gda.write(gda_tmp, gda_arrays)
-    _multihost.barrier('flaxckpt.legacy:save:gda_written')
+      written = _write_msgpack(_host_snapshot(state) if async_manager else state, tmp_path)
+    if gda_arrays:
+      if is_writer:
+        _storage.make_new_dir(written.gda_path)
+      _multihost.barrier('flaxckpt.legacy:save:gda_dir')
+      _gda.write(tmp_path.with_name(tmp_name + MP_ARRAY_POSTFIX), gda_arrays)
+      _multihost.barrier('flaxckpt.legacy:save:gda_written')
+  except BaseException:
+    if written is not None:
+      written.discard()
+    raise
   if is_writer:
-    commit = lambda: _commit(tmp_path, ckpt_path, base_path, keep, overwrite,
-                             keep_every_n_steps, bool(gda_arrays), checksum)
+    commit = lambda: _commit(written, ckpt_path, base_path, step, keep, overwrite,
+                             keep_every_n_steps, bool(gda_arrays))
     if async_manager:
       async_manager.save_async(commit)
     else:
@@ -389,6 +584,18 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
 
 
 # --- restoring ---------------------------------------------------------------------------------
+
+
+def _check_entry(ckpt_path: str, ckpt_dir: str) -> None:
+  """Refuses a checkpoint found in ``ckpt_dir`` that is a link leading outside it."""
+  path = _storage.as_path(ckpt_path)
+  if path.is_symlink():
+    target, root = os.path.realpath(path), os.path.realpath(ckpt_dir)
+    if not (target + '/').startswith(root.rstrip('/') + '/'):
+      raise _errors.UnsafeCheckpointError(
+          f'{ckpt_path}: a symbolic link to {target}, outside the checkpoint directory '
+          f'{ckpt_dir}; refusing to read a checkpoint through it. Pass the target itself as '
+          'ckpt_dir to restore it.')
 
 
 def _resolve(ckpt_dir: str, step: int | float | None, prefix: str) -> str | None:
@@ -400,6 +607,7 @@ def _resolve(ckpt_dir: str, step: int | float | None, prefix: str) -> str | None
         raise ValueError(f'Matching checkpoint not found: {ckpt_path}. {ckpt_dir} is a '
                          'checkpoint file; with step= pass the directory that holds it.')
       raise ValueError(f'Matching checkpoint not found: {ckpt_path}')
+    _check_entry(ckpt_path, ckpt_dir)
     return ckpt_path
   directory = _storage.as_path(ckpt_dir)
   if not _storage.exists(directory):
@@ -408,6 +616,8 @@ def _resolve(ckpt_dir: str, step: int | float | None, prefix: str) -> str | None
   if not _storage.is_dir(directory) or _is_orbax_checkpoint(ckpt_dir):
     return ckpt_dir
   latest = latest_checkpoint(ckpt_dir, prefix)
+  if latest is not None:
+    _check_entry(latest, ckpt_dir)
   if latest is None:
     logger.warning('No checkpoint with prefix %r in %s; returning the target unchanged.',
                    prefix, ckpt_dir)
@@ -447,7 +657,9 @@ def _read_msgpack(ckpt_path: str, verify_checksums: bool) -> Any:
         'manifest.ocdbt or checkpoint file), and a msgpack checkpoint is a file.')
   data = _storage.read_into_buffer(path)
   if verify_checksums:
-    _sidecar.verify(ckpt_path, data)
+    # Stat after reading: a file replaced in between is then not checked, rather than checked
+    # against the identity it no longer has.
+    _sidecar.verify(ckpt_path, data, os.stat(path))
   try:
     return _msgpack.decode(data)
   except _msgpack.MsgpackDecodeError as e:
@@ -485,6 +697,7 @@ def _restore_gda_arrays(state: Any, target: Any, ckpt_path: str, step: int | flo
           f'{ckpt_path}: the multi-process array placeholder at {"/".join(key)!r} names the '
           f'folder {subpath!r} of {ckpt_path + MP_ARRAY_POSTFIX}; flax names it after the key '
           'path.')
+    _storage.check_name(subpath, f'{ckpt_path}: the multi-process array at {"/".join(key)!r}')
     reference = flat_target.get(key)
     if not isinstance(reference, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)):
       if allow_partial:
@@ -501,6 +714,7 @@ def _restore_gda_arrays(state: Any, target: Any, ckpt_path: str, step: int | flo
   if not _storage.is_dir(gda_dir):
     raise _errors.IncompleteCheckpointError(
         f'{ckpt_path} refers to multi-process arrays in {gda_dir}, which does not exist.')
+  _storage.check_tree(gda_dir, root=gda_dir.parent)  # No FIFO to hang on, no link out.
   arrays = _gda.read(gda_dir, [subpath for _, subpath, _ in wanted],
                      [reference for _, _, reference in wanted])
   return _gda.replace(state, {key: array for (key, _, _), array in zip(wanted, arrays)})
@@ -535,8 +749,11 @@ def restore_checkpoint(ckpt_dir: str | os.PathLike, target: Any | None,
       ``CorruptCheckpointError`` and a ``flaxckpt.ChecksumError``).
     flaxckpt.StructureMismatchError: the checkpoint does not fit ``target``.
     flaxckpt.IncompleteCheckpointError: the checkpoint's ``_gda`` folder is missing.
+    flaxckpt.UnsafeCheckpointError: the checkpoint (or its ``_gda`` folder) holds a link leading
+      outside ``ckpt_dir``, or something other than regular files and directories.
   """
   del parallel, gda_manager  # flaxckpt reads the files itself.
+  _check_prefix(prefix)
   if isinstance(orbax_checkpointer, AsyncCheckpointer):
     orbax_checkpointer.wait_until_finished()
   ckpt_dir = safe_normpath(os.fspath(ckpt_dir))
