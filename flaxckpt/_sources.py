@@ -4,20 +4,41 @@ For OCDBT databases (the default layout) one ``tensorstore.ocdbt.dump`` of the B
 key with its small values inline and the (file, offset, length) of the others: thousands of small
 leaves then cost one call instead of thousands of reads, and large values are read straight into
 aligned buffers. Any database the index cannot describe falls back to ordinary kvstore reads.
+
+Every byte of the tree is untrusted. The walk visits each node once, requires each child to sit
+exactly one level below its parent (as tensorstore's own reader does), and stops after a bounded
+number of nodes and keys, so a crafted cycle or an exponentially shared subtree cannot make it
+run forever. Every file a node names is a relative path that must stay inside the checkpoint, and
+is opened only if it is a regular file; every (offset, length) must lie inside its file.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import urllib.parse
 from typing import Any
 
 import numpy as np
 
-from flaxckpt import _errors
+from flaxckpt import _errors, _storage
 
 Location = tuple[pathlib.Path, int, int]  # data file, offset, length
 _ALIGNMENT = 64
+_MANIFEST = 'manifest.ocdbt'
+
+# Bounds on one walk of a B+tree. tensorstore fills nodes up to ``max_decoded_node_bytes``
+# (100 MB in Orbax's and flaxckpt's config), so even a tree of millions of keys has a few thousand
+# nodes; a million nodes means a crafted tree of tiny ones. The index keeps every key in memory
+# (some 200 bytes each): past 2**25 keys it would cost gigabytes to save lookups. Past either
+# bound the walk stops and the reader falls back to tensorstore, which looks up only the keys a
+# restore needs, each through at most one node per level.
+MAX_TREE_NODES = 1 << 20
+MAX_TREE_KEYS = 1 << 25
+
+# tensorstore writes its errors into a dump that does not describe a database it can read; this
+# reader then leaves the database to tensorstore's own reads, which report the damage.
+_UNKNOWN_LAYOUT = (KeyError, ValueError, TypeError, IndexError, UnicodeDecodeError)
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -29,19 +50,41 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 
 def read_into(out: np.ndarray, where: Location) -> None:
-  """Fills ``out`` with the bytes at ``where``."""
+  """Fills ``out`` with the ``length`` bytes at ``where`` (as many as ``out`` holds); refuses a
+  file that is not a regular file (a FIFO would block) or that ends before them."""
   path, offset, length = where
   view = memoryview(out.reshape(-1).view(np.uint8))
-  with open(path, 'rb', buffering=0) as f:
+  if length != len(view):
+    raise _errors.NotACheckpointError(
+        f'{path}: the value of {length} bytes at offset {offset} was to fill an array of '
+        f'{len(view)} bytes; the checkpoint is damaged.')
+  with os.fdopen(_storage.open_regular(path), 'rb', buffering=0) as f:
+    _check_range(path, offset, length, os.fstat(f.fileno()).st_size)
     f.seek(offset)
     done = 0
     while done < length:
       n = f.readinto(view[done:])
       if not n:
-        raise _errors.NotACheckpointError(
-            f'{path}: expected {length} bytes at offset {offset}, but the file ends early; the '
-            'checkpoint is damaged.')
+        raise _ends_early(path, offset, length)
       done += n
+
+
+def _check_range(path: pathlib.Path, offset: int, length: int, size: int, key: str = '') -> None:
+  if offset < 0 or length < 0 or offset + length > size:
+    raise _ends_early(path, offset, length, key, size)
+
+
+def _ends_early(path: pathlib.Path, offset: int, length: int, key: str = '',
+                size: int | None = None) -> _errors.NotACheckpointError:
+  for_key = f' for key {key!r}' if key else ''
+  found = f' (it holds {size} bytes)' if size is not None else ''
+  return _errors.NotACheckpointError(
+      f'{path}: expected {length} bytes at offset {offset}{for_key}, but the file ends '
+      f'early{found}; the checkpoint is damaged.')
+
+
+def _inside(path: str, root: str) -> bool:
+  return path == root or path.startswith(root.rstrip('/') + '/')
 
 
 class KvSource:
@@ -67,7 +110,14 @@ class KvSource:
     if self._file_root is None:
       return None
     path = self._file_root / key
-    return (path, 0, path.stat().st_size) if path.is_file() else None
+    if not path.is_file():
+      return None
+    real, root = os.path.realpath(path), os.path.realpath(self._file_root)
+    if not _inside(real, root):
+      raise _errors.UnsafeCheckpointError(
+          f'{path}: a link to {real}, outside the checkpoint {self._file_root}; refusing to '
+          'read array data through it.')
+    return path, 0, path.stat().st_size
 
   def close(self) -> None:
     pass
@@ -78,35 +128,44 @@ class OcdbtIndexSource:
 
   speculative = False  # Every value is already known; guessing gains nothing.
 
-  def __init__(self, entries: dict[str, bytes | Location]):
+  def __init__(self, entries: dict[str, bytes | Location], files: _DataFiles):
     self._entries = entries
-    self._files: dict[pathlib.Path, int] = {}
+    self._files = files
 
   @classmethod
   def load(cls, ts: Any, directory: pathlib.Path, file_spec: dict[str, Any]
            ) -> OcdbtIndexSource | None:
-    """Walks the database at ``directory``; None if its layout is not one this reader knows."""
+    """Walks the database at ``directory``; None if its layout is not one this reader knows,
+    or its tree is larger than ``MAX_TREE_NODES`` / ``MAX_TREE_KEYS``.
+
+    Raises:
+      UnsafeCheckpointError: a node names a file outside ``directory``, or one that is not a
+        regular file.
+      NotACheckpointError: the tree reaches a node twice or a node at the wrong height.
+    """
+    files = _DataFiles(directory)
     try:
+      if os.path.lexists(directory / _MANIFEST):  # Else tensorstore finds no database.
+        files.check(directory / _MANIFEST, 'the OCDBT manifest')
       base = ts.KvStore.open(file_spec).result()
       versions = ts.ocdbt.dump(base).result()['versions']
-      root = versions[-1]['root'].get('location') if versions else None
-      entries: dict[str, bytes | Location] = {}
-      pending = [(root, b'')] if root else []
-      while pending:
-        location, prefix = pending.pop()
-        for entry in ts.ocdbt.dump(base, location).result()['entries']:
-          if 'location' in entry:
-            pending.append((entry['location'], prefix + entry.get('subtree_common_prefix', b'')))
-          elif 'inline_value' in entry:
-            entries[(prefix + entry['key']).decode()] = entry['inline_value']
-          else:
-            entries[(prefix + entry['key']).decode()] = _parse_reference(
-                directory, entry['indirect_value'])
-    except (KeyError, ValueError, TypeError, IndexError, UnicodeDecodeError):
+      if not versions:
+        return None
+      latest = versions[-1]
+      root = latest['root'].get('location')
+      entries = _walk(ts, base, files, root, latest['root_height']) if root else {}
+    except _errors.CheckpointError:
+      files.close()
+      raise
+    except _UNKNOWN_LAYOUT:
+      entries = None
+    if entries is None:
+      files.close()
+      # tensorstore refuses names that leave its base and checks each node's height, but reads
+      # through links and waits forever on a FIFO: refuse those before handing it the tree.
+      _storage.check_tree(directory)
       return None
-    if not versions:
-      return None
-    return cls(entries)
+    return cls(entries, files)
 
   def request(self, keys: list[str]) -> list[str]:
     return keys
@@ -119,37 +178,143 @@ class OcdbtIndexSource:
         out.append(entry)
         continue
       path, offset, length = entry
-      data = os.pread(self._fd(path), length, offset)
+      fd = self._files.open(path, offset, length, key)
+      data = os.pread(fd, length, offset)
       if len(data) != length:
-        raise _errors.NotACheckpointError(
-            f'{path}: expected {length} bytes at offset {offset} for key {key!r}, but the file '
-            'ends early; the checkpoint is damaged.')
+        raise _ends_early(path, offset, length, key)
       out.append(data)
     return out
 
   def location(self, key: str) -> Location | None:
     entry = self._entries.get(key)
-    return None if entry is None or isinstance(entry, bytes) else entry
-
-  def _fd(self, path: pathlib.Path) -> int:
-    fd = self._files.get(path)
-    if fd is None:
-      try:
-        fd = self._files[path] = os.open(path, os.O_RDONLY)
-      except FileNotFoundError as e:
-        raise _errors.NotACheckpointError(
-            f'{path}: an OCDBT data file of this checkpoint is missing (the checkpoint directory '
-            'was copied or pruned incompletely).') from e
-    return fd
+    if entry is None or isinstance(entry, bytes):
+      return None
+    self._files.open(*entry, key)
+    return entry
 
   def close(self) -> None:
-    for fd in self._files.values():
+    self._files.close()
+
+
+class _DataFiles:
+  """The files an OCDBT tree names, each resolved, checked and opened once."""
+
+  def __init__(self, directory: pathlib.Path):
+    self.directory = directory
+    self._root = os.path.realpath(directory)
+    self._paths: dict[str, pathlib.Path] = {}  # Encoded 'base:relative' -> checked path.
+    self._open: dict[pathlib.Path, tuple[int, int]] = {}  # Path -> (descriptor, size).
+    self._sizes: dict[pathlib.Path, int] = {}  # Checked node files.
+
+  def resolve(self, reference: str) -> tuple[str, pathlib.Path, int, int]:
+    """``kind:<base path>:<relative path>:<offset>:<length>`` as ``tensorstore.ocdbt.dump``
+    writes it (paths percent-encoded) -> (kind, path, offset, length), the path checked to be
+    a relative name below the checkpoint."""
+    kind, sep, rest = reference.partition(':')
+    names, _, length = rest.rpartition(':')
+    names, _, offset = names.rpartition(':')
+    path = self._paths.get(names)
+    if path is None:
+      base, _, relative = names.partition(':')
+      base, relative = (urllib.parse.unquote(part, errors='surrogateescape')
+                        for part in (base, relative))
+      what = f'{self.directory}: the OCDBT reference {reference!r}'
+      if base:
+        _storage.check_name(base, what)
+      # The file is ``base + relative`` (a string, not a path join), as tensorstore reads it.
+      path = self._paths[names] = _storage.join_inside(self.directory, base + relative, what)
+    if not (sep and offset.isdigit() and length.isdigit()):
+      raise _errors.NotACheckpointError(
+          f'{self.directory}: unreadable OCDBT reference {reference!r}; expected '
+          'kind:<base path>:<relative path>:<offset>:<length>.')
+    return kind, path, int(offset), int(length)
+
+  def check(self, path: pathlib.Path, what: str) -> int:
+    """The size of ``path``, after refusing a link that leads outside the checkpoint and a
+    file that is not a regular file."""
+    size = self._sizes.get(path)
+    if size is not None:
+      return size
+    real = os.path.realpath(path)
+    if not _inside(real, self._root):
+      raise _errors.UnsafeCheckpointError(
+          f'{path}: {what} of checkpoint {self.directory} is a link to {real}, outside it; '
+          'refusing to read through it.')
+    try:
+      fd = _storage.open_regular(real)
+    except FileNotFoundError as e:
+      raise _missing(path) from e
+    try:
+      size = self._sizes[path] = os.fstat(fd).st_size
+    finally:
       os.close(fd)
-    self._files.clear()
+    return size
+
+  def open(self, path: pathlib.Path, offset: int, length: int, key: str) -> int:
+    """A descriptor of the data file ``path``, once ``offset`` and ``length`` are known to lie
+    inside it."""
+    opened = self._open.get(path)
+    if opened is None:
+      real = os.path.realpath(path)
+      if not _inside(real, self._root):
+        raise _errors.UnsafeCheckpointError(
+            f'{path}: the OCDBT data file of key {key!r} is a link to {real}, outside the '
+            f'checkpoint {self.directory}; refusing to read through it.')
+      try:
+        fd = _storage.open_regular(real)
+      except FileNotFoundError as e:
+        raise _missing(path) from e
+      opened = self._open[path] = (fd, os.fstat(fd).st_size)
+    _check_range(path, offset, length, opened[1], key)
+    return opened[0]
+
+  def close(self) -> None:
+    for fd, _ in self._open.values():
+      os.close(fd)
+    self._open.clear()
 
 
-def _parse_reference(directory: pathlib.Path, ref: str) -> Location:
-  """``value:<base path>:<relative file>:<offset>:<length>`` -> (path, offset, length)."""
-  head, offset, length = ref.rsplit(':', 2)
-  _, base_path, relative = head.split(':', 2)
-  return directory / base_path / relative, int(offset), int(length)
+def _missing(path: pathlib.Path) -> _errors.NotACheckpointError:
+  return _errors.NotACheckpointError(
+      f'{path}: an OCDBT data file of this checkpoint is missing (the checkpoint directory '
+      'was copied or pruned incompletely).')
+
+
+def _walk(ts: Any, base: Any, files: _DataFiles, root: str, root_height: int
+          ) -> dict[str, bytes | Location] | None:
+  """Every key of the tree below ``root`` with its inline value or its location; None past
+  the bounds."""
+  directory = files.directory
+  entries: dict[str, bytes | Location] = {}
+  seen: set[tuple[pathlib.Path, int, int]] = set()
+  pending = [(root, root_height, b'')]
+  while pending:
+    location, height, prefix = pending.pop()
+    kind, path, offset, length = files.resolve(location)
+    if (path, offset, length) in seen:
+      raise _errors.NotACheckpointError(
+          f'{directory}: the OCDBT B+tree reaches node {location!r} a second time (a cycle or '
+          'a shared subtree); the checkpoint is damaged or crafted.')
+    seen.add((path, offset, length))
+    if len(seen) > MAX_TREE_NODES:
+      return None
+    _check_range(path, offset, length, files.check(path, f'the B+tree node {location!r}'))
+    node = ts.ocdbt.dump(base, location).result()
+    if node['height'] != height:
+      raise _errors.NotACheckpointError(
+          f'{directory}: the OCDBT B+tree node {location!r} has height {node["height"]}, but '
+          f'its parent expects {height} (each child sits one level below its parent); the '
+          'checkpoint is damaged or crafted.')
+    if height:
+      pending.extend((entry['location'], height - 1, prefix + entry['subtree_common_prefix'])
+                     for entry in node['entries'])
+      continue
+    for entry in node['entries']:
+      value = entry.get('inline_value')
+      if value is None:
+        _, value_path, value_offset, value_length = files.resolve(entry['indirect_value'])
+        value = (value_path, value_offset, value_length)
+      entries[(prefix + entry['key']).decode()] = value
+    if len(entries) > MAX_TREE_KEYS:
+      return None
+  return entries
