@@ -36,8 +36,9 @@ _MANIFEST = 'manifest.ocdbt'
 MAX_TREE_NODES = 1 << 20
 MAX_TREE_KEYS = 1 << 25
 
-# tensorstore writes its errors into a dump that does not describe a database it can read; this
-# reader then leaves the database to tensorstore's own reads, which report the damage.
+# A manifest tensorstore cannot dump, or a dump of a shape this reader does not know: the
+# database is left to tensorstore's own reads. (A node that the manifest names but that cannot be
+# read is damage, reported as such: tensorstore's reads would meet the same node.)
 _UNKNOWN_LAYOUT = (KeyError, ValueError, TypeError, IndexError, UnicodeDecodeError)
 
 
@@ -141,7 +142,8 @@ class OcdbtIndexSource:
     Raises:
       UnsafeCheckpointError: a node names a file outside ``directory``, or one that is not a
         regular file.
-      NotACheckpointError: the tree reaches a node twice or a node at the wrong height.
+      NotACheckpointError: a node is damaged, or the tree reaches a node twice or at the wrong
+        height, or a value's range lies outside its file.
     """
     files = _DataFiles(directory)
     try:
@@ -299,7 +301,12 @@ def _walk(ts: Any, base: Any, files: _DataFiles, root: str, root_height: int
     if len(seen) > MAX_TREE_NODES:
       return None
     _check_range(path, offset, length, files.check(path, f'the B+tree node {location!r}'))
-    node = ts.ocdbt.dump(base, location).result()
+    try:
+      node = ts.ocdbt.dump(base, location).result()
+    except ValueError as e:  # tensorstore could not read or decode it: no read will.
+      raise _errors.NotACheckpointError(
+          f'{directory}: the OCDBT B+tree node {location!r} is damaged ({e}); the checkpoint '
+          'cannot be restored as saved.') from e
     if node['height'] != height:
       raise _errors.NotACheckpointError(
           f'{directory}: the OCDBT B+tree node {location!r} has height {node["height"]}, but '

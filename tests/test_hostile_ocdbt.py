@@ -419,19 +419,28 @@ def test_ranges_outside_the_data_file_are_refused(tmp_path):
     assert_refused(results[name], 'NotACheckpointError', 'but the file ends early')
 
 
-def test_cycles_and_shared_subtrees_end_with_an_error(tmp_path):
+def test_cycles_shared_subtrees_and_damaged_nodes_end_with_an_error(tmp_path):
   sandbox = hostile.Sandbox(tmp_path)
   box = sandbox.box
   self_referencing_root(box / 'cycle')
   doubly_shared_chain(box / 'shared')
   root_claiming_height(box / 'skips-a-level', 2)
-  results = restore_each(sandbox, ['cycle', 'shared', 'skips-a-level'])
+  save(box / 'torn')
+  root = Database(box / 'torn').root_node()
+  root.entries[-1] = (b'x/0', b'\xff' * 120)  # Valid, then one byte of it flipped.
+  Database(box / 'torn').write_root(root)
+  with open(box / 'torn' / 'd' / 'crafted', 'r+b') as f:
+    f.seek(-10, os.SEEK_END)
+    f.write(b'\0')
+  results = restore_each(sandbox, ['cycle', 'shared', 'skips-a-level', 'torn'])
   assert_refused(results['cycle'], 'NotACheckpointError',
                  'box/cycle: the OCDBT B+tree reaches node', 'a second time')
   assert_refused(results['shared'], 'NotACheckpointError',
                  'box/shared: the OCDBT B+tree reaches node', 'a second time')
   assert_refused(results['skips-a-level'], 'NotACheckpointError',
                  'has height 0, but its parent expects 1')
+  assert_refused(results['torn'], 'NotACheckpointError', "box/torn: the OCDBT B+tree node 'btree",
+                 'is damaged', 'CRC-32C checksum verification failed')
 
 
 def test_the_cli_ends_on_hostile_trees(tmp_path):
