@@ -152,7 +152,7 @@ def _inspect(args: argparse.Namespace) -> int:
   from flaxckpt import _inspect as inspect
   description = inspect.describe(args.path, args.best_metric, args.best_mode)
   if args.json:
-    # ensure_ascii (the default) writes control characters as \\u escapes.
+    # ensure_ascii (the default) writes control characters as \u escapes.
     json.dump(description, sys.stdout, indent=1, default=str)
     print()
   else:
