@@ -285,14 +285,18 @@ def _missing(path: pathlib.Path) -> _errors.NotACheckpointError:
 def _walk(ts: Any, base: Any, files: _DataFiles, root: str, root_height: int
           ) -> dict[str, bytes | Location] | None:
   """Every key of the tree below ``root`` with its inline value or its location; None past
-  the bounds."""
+  the bounds. Each node is visited once, one level below its parent, and its keys must lie in
+  the range its parent gives it (from its own key up to the next child's), so that no key is
+  found twice and every key is the one tensorstore's lookups would find."""
   directory = files.directory
   entries: dict[str, bytes | Location] = {}
   seen: set[tuple[pathlib.Path, int, int]] = set()
-  pending = [(root, root_height, b'')]
+  # (node, its height, prefix of its keys, its keys' inclusive minimum and exclusive maximum)
+  pending: list[tuple[str, int, bytes, bytes, bytes | None]] = [
+      (root, root_height, b'', b'', None)]
   while pending:
-    location, height, prefix = pending.pop()
-    kind, path, offset, length = files.resolve(location)
+    location, height, prefix, low, high = pending.pop()
+    _, path, offset, length = files.resolve(location)
     if (path, offset, length) in seen:
       raise _errors.NotACheckpointError(
           f'{directory}: the OCDBT B+tree reaches node {location!r} a second time (a cycle or '
@@ -312,16 +316,24 @@ def _walk(ts: Any, base: Any, files: _DataFiles, root: str, root_height: int
           f'{directory}: the OCDBT B+tree node {location!r} has height {node["height"]}, but '
           f'its parent expects {height} (each child sits one level below its parent); the '
           'checkpoint is damaged or crafted.')
+    children = node['entries']
+    keys = [prefix + entry['key'] for entry in children]
+    if keys[0] < low or (high is not None and keys[-1] >= high):
+      raise _errors.NotACheckpointError(
+          f'{directory}: the OCDBT B+tree node {location!r} holds keys from {keys[0]!r} to '
+          f'{keys[-1]!r}, outside the range [{low!r}, {high!r}) its parent gives it; the '
+          'checkpoint is damaged or crafted.')
     if height:
-      pending.extend((entry['location'], height - 1, prefix + entry['subtree_common_prefix'])
-                     for entry in node['entries'])
+      pending.extend((entry['location'], height - 1, prefix + entry['subtree_common_prefix'],
+                      key, next_key)
+                     for entry, key, next_key in zip(children, keys, [*keys[1:], high]))
       continue
-    for entry in node['entries']:
+    for entry, key in zip(children, keys):
       value = entry.get('inline_value')
       if value is None:
         _, value_path, value_offset, value_length = files.resolve(entry['indirect_value'])
         value = (value_path, value_offset, value_length)
-      entries[(prefix + entry['key']).decode()] = value
+      entries[key.decode()] = value
     if len(entries) > MAX_TREE_KEYS:
       return None
   return entries

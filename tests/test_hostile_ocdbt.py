@@ -286,6 +286,18 @@ def doubly_shared_chain(path: pathlib.Path, levels: int = 40) -> None:
   db.set_root('d/chain', below.offset, below.length, levels)
 
 
+def overlapping_leaves(path: pathlib.Path) -> None:
+  """Two leaves under one root, both holding 'x/0': the first child's range ends at 'x', so
+  tensorstore's lookups find only the second leaf's value."""
+  db = save(path)
+  leaf = db._refs[-1]
+  second = encode_node(Node(0, [], [(b'x/0', bytes(120))]))
+  (path / 'd' / 'second').write_bytes(second)
+  db.write_root(Node(1, [('', ''.join(db._files[leaf.file])), ('', 'd/second')],
+                     [Child(b'', Ref(0, leaf.offset, leaf.length)),
+                      Child(b'x', Ref(1, 0, len(second)))]))
+
+
 def root_claiming_height(path: pathlib.Path, height: int) -> None:
   """An interior node of ``height`` whose child is the real leaf (height 0)."""
   db = save(path)
@@ -419,12 +431,13 @@ def test_ranges_outside_the_data_file_are_refused(tmp_path):
     assert_refused(results[name], 'NotACheckpointError', 'but the file ends early')
 
 
-def test_cycles_shared_subtrees_and_damaged_nodes_end_with_an_error(tmp_path):
+def test_cycles_shared_or_overlapping_subtrees_and_damaged_nodes_are_refused(tmp_path):
   sandbox = hostile.Sandbox(tmp_path)
   box = sandbox.box
   self_referencing_root(box / 'cycle')
   doubly_shared_chain(box / 'shared')
   root_claiming_height(box / 'skips-a-level', 2)
+  overlapping_leaves(box / 'overlapping')
   save(box / 'torn')
   root = Database(box / 'torn').root_node()
   root.entries[-1] = (b'x/0', b'\xff' * 120)  # Valid, then one byte of it flipped.
@@ -432,11 +445,14 @@ def test_cycles_shared_subtrees_and_damaged_nodes_end_with_an_error(tmp_path):
   with open(box / 'torn' / 'd' / 'crafted', 'r+b') as f:
     f.seek(-10, os.SEEK_END)
     f.write(b'\0')
-  results = restore_each(sandbox, ['cycle', 'shared', 'skips-a-level', 'torn'])
+  results = restore_each(sandbox, ['cycle', 'shared', 'skips-a-level', 'overlapping', 'torn'])
   assert_refused(results['cycle'], 'NotACheckpointError',
                  'box/cycle: the OCDBT B+tree reaches node', 'a second time')
-  assert_refused(results['shared'], 'NotACheckpointError',
-                 'box/shared: the OCDBT B+tree reaches node', 'a second time')
+  # Two paths to one node give it two disjoint key ranges: its keys cannot lie in both.
+  assert_refused(results['shared'], 'NotACheckpointError', 'box/shared: the OCDBT B+tree node',
+                 "outside the range [b'x', None) its parent gives it")
+  assert_refused(results['overlapping'], 'NotACheckpointError',
+                 "holds keys from b'big/.zarray' to b'x/0', outside the range [b'', b'x')")
   assert_refused(results['skips-a-level'], 'NotACheckpointError',
                  'has height 0, but its parent expects 1')
   assert_refused(results['torn'], 'NotACheckpointError', "box/torn: the OCDBT B+tree node 'btree",
