@@ -6,10 +6,12 @@ leaves then cost one call instead of thousands of reads, and large values are re
 aligned buffers. Any database the index cannot describe falls back to ordinary kvstore reads.
 
 Every byte of the tree is untrusted. The walk visits each node once, requires each child to sit
-exactly one level below its parent (as tensorstore's own reader does), and stops after a bounded
-number of nodes and keys, so a crafted cycle or an exponentially shared subtree cannot make it
-run forever. Every file a node names is a relative path that must stay inside the checkpoint, and
-is opened only if it is a regular file; every (offset, length) must lie inside its file.
+exactly one level below its parent and to hold keys only in the range its parent gives it (as
+tensorstore's own lookups do), and stops after a bounded number of nodes and keys, so a crafted
+cycle or shared subtree can neither make it run forever nor make it find other values than
+tensorstore would. Every file a node names is a relative path that must stay inside the
+checkpoint, and is opened only if it is a regular file; every (offset, length) must lie inside
+its file.
 """
 
 from __future__ import annotations
@@ -208,11 +210,11 @@ class _DataFiles:
     self._open: dict[pathlib.Path, tuple[int, int]] = {}  # Path -> (descriptor, size).
     self._sizes: dict[pathlib.Path, int] = {}  # Checked node files.
 
-  def resolve(self, reference: str) -> tuple[str, pathlib.Path, int, int]:
+  def resolve(self, reference: str) -> Location:
     """``kind:<base path>:<relative path>:<offset>:<length>`` as ``tensorstore.ocdbt.dump``
-    writes it (paths percent-encoded) -> (kind, path, offset, length), the path checked to be
-    a relative name below the checkpoint."""
-    kind, sep, rest = reference.partition(':')
+    writes it (paths percent-encoded) -> (path, offset, length), the path checked to be a
+    relative name below the checkpoint."""
+    _, sep, rest = reference.partition(':')
     names, _, length = rest.rpartition(':')
     names, _, offset = names.rpartition(':')
     path = self._paths.get(names)
@@ -229,27 +231,18 @@ class _DataFiles:
       raise _errors.NotACheckpointError(
           f'{self.directory}: unreadable OCDBT reference {reference!r}; expected '
           'kind:<base path>:<relative path>:<offset>:<length>.')
-    return kind, path, int(offset), int(length)
+    return path, int(offset), int(length)
 
   def check(self, path: pathlib.Path, what: str) -> int:
-    """The size of ``path``, after refusing a link that leads outside the checkpoint and a
-    file that is not a regular file."""
+    """The size of the file ``path`` (``what`` says which it is), once it is known to be a
+    regular file inside the checkpoint."""
     size = self._sizes.get(path)
-    if size is not None:
-      return size
-    real = os.path.realpath(path)
-    if not _inside(real, self._root):
-      raise _errors.UnsafeCheckpointError(
-          f'{path}: {what} of checkpoint {self.directory} is a link to {real}, outside it; '
-          'refusing to read through it.')
-    try:
-      fd = _storage.open_regular(real)
-    except FileNotFoundError as e:
-      raise _missing(path) from e
-    try:
-      size = self._sizes[path] = os.fstat(fd).st_size
-    finally:
-      os.close(fd)
+    if size is None:
+      fd = self._open_inside(path, what)
+      try:
+        size = self._sizes[path] = os.fstat(fd).st_size
+      finally:
+        os.close(fd)
     return size
 
   def open(self, path: pathlib.Path, offset: int, length: int, key: str) -> int:
@@ -257,29 +250,30 @@ class _DataFiles:
     inside it."""
     opened = self._open.get(path)
     if opened is None:
-      real = os.path.realpath(path)
-      if not _inside(real, self._root):
-        raise _errors.UnsafeCheckpointError(
-            f'{path}: the OCDBT data file of key {key!r} is a link to {real}, outside the '
-            f'checkpoint {self.directory}; refusing to read through it.')
-      try:
-        fd = _storage.open_regular(real)
-      except FileNotFoundError as e:
-        raise _missing(path) from e
+      fd = self._open_inside(path, f'the OCDBT data file of key {key!r}')
       opened = self._open[path] = (fd, os.fstat(fd).st_size)
     _check_range(path, offset, length, opened[1], key)
     return opened[0]
+
+  def _open_inside(self, path: pathlib.Path, what: str) -> int:
+    """Refuses a link leading outside the checkpoint, then opens the regular file it leads to
+    (a FIFO or device is refused without blocking)."""
+    real = os.path.realpath(path)
+    if not _inside(real, self._root):
+      raise _errors.UnsafeCheckpointError(
+          f'{path}: {what} of checkpoint {self.directory} is a link to {real}, outside it; '
+          'refusing to read through it.')
+    try:
+      return _storage.open_regular(real)
+    except FileNotFoundError as e:
+      raise _errors.NotACheckpointError(
+          f'{path}: {what} is missing (the checkpoint directory was copied or pruned '
+          'incompletely).') from e
 
   def close(self) -> None:
     for fd, _ in self._open.values():
       os.close(fd)
     self._open.clear()
-
-
-def _missing(path: pathlib.Path) -> _errors.NotACheckpointError:
-  return _errors.NotACheckpointError(
-      f'{path}: an OCDBT data file of this checkpoint is missing (the checkpoint directory '
-      'was copied or pruned incompletely).')
 
 
 def _walk(ts: Any, base: Any, files: _DataFiles, root: str, root_height: int
@@ -296,7 +290,7 @@ def _walk(ts: Any, base: Any, files: _DataFiles, root: str, root_height: int
       (root, root_height, b'', b'', None)]
   while pending:
     location, height, prefix, low, high = pending.pop()
-    _, path, offset, length = files.resolve(location)
+    path, offset, length = files.resolve(location)
     if (path, offset, length) in seen:
       raise _errors.NotACheckpointError(
           f'{directory}: the OCDBT B+tree reaches node {location!r} a second time (a cycle or '
@@ -331,8 +325,7 @@ def _walk(ts: Any, base: Any, files: _DataFiles, root: str, root_height: int
     for entry, key in zip(children, keys):
       value = entry.get('inline_value')
       if value is None:
-        _, value_path, value_offset, value_length = files.resolve(entry['indirect_value'])
-        value = (value_path, value_offset, value_length)
+        value = files.resolve(entry['indirect_value'])
       entries[key.decode()] = value
     if len(entries) > MAX_TREE_KEYS:
       return None

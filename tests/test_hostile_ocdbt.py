@@ -126,7 +126,7 @@ class Node:
 
 def decode_node(data: bytes) -> Node:
   reader = _unseal(data, _BTREE_MAGIC)
-  height, files, n = reader.byte(), _read_files(reader), None
+  height, files = reader.byte(), _read_files(reader)
   n = reader.varint()
   prefixes, suffixes = [0] + reader.column(n - 1), reader.column(n)
   common = reader.column(n) if height else None
@@ -193,15 +193,20 @@ class Database:
     self._heights = [reader.byte() for _ in range(n)]
     self._refs = list(map(Ref, reader.column(n), reader.column(n), reader.column(n)))
     self._stats = [reader.column(n) for _ in range(3)]
-    self._times = reader.take(8 * n)
+    self._times = reader.take(8 * n)  # Commit times, uint64le each.
     self._generations = generations
     self._tail = reader.data[reader.pos:]  # Older versions in version tree nodes: kept.
     assert self._tail == b'\0'
 
-  def root_node(self) -> Node:
+  @property
+  def root(self) -> tuple[str, Ref]:
+    """The newest version's root node: its file (relative to the database) and range."""
     ref = self._refs[-1]
-    base, relative = self._files[ref.file]
-    data = (self.path / (base + relative)).read_bytes()
+    return ''.join(self._files[ref.file]), ref
+
+  def root_node(self) -> Node:
+    file, ref = self.root
+    data = (self.path / file).read_bytes()
     return decode_node(data[ref.offset:ref.offset + ref.length])
 
   def set_root(self, file: str, offset: int, length: int, height: int) -> None:
@@ -274,8 +279,7 @@ def doubly_shared_chain(path: pathlib.Path, levels: int = 40) -> None:
   """``levels`` interior nodes, each with two children that are both the node below: no cycle,
   heights all correct, but 2**levels paths down to the one real leaf."""
   db = save(path)
-  leaf = db._refs[-1]
-  leaf_file = ''.join(db._files[leaf.file])
+  leaf_file, leaf = db.root
   data, below = b'', Ref(1, leaf.offset, leaf.length)
   for height in range(1, levels + 1):
     node = encode_node(Node(height, [('', 'd/chain'), ('', leaf_file)],
@@ -290,10 +294,10 @@ def overlapping_leaves(path: pathlib.Path) -> None:
   """Two leaves under one root, both holding 'x/0': the first child's range ends at 'x', so
   tensorstore's lookups find only the second leaf's value."""
   db = save(path)
-  leaf = db._refs[-1]
+  leaf_file, leaf = db.root
   second = encode_node(Node(0, [], [(b'x/0', bytes(120))]))
   (path / 'd' / 'second').write_bytes(second)
-  db.write_root(Node(1, [('', ''.join(db._files[leaf.file])), ('', 'd/second')],
+  db.write_root(Node(1, [('', leaf_file), ('', 'd/second')],
                      [Child(b'', Ref(0, leaf.offset, leaf.length)),
                       Child(b'x', Ref(1, 0, len(second)))]))
 
@@ -301,8 +305,8 @@ def overlapping_leaves(path: pathlib.Path) -> None:
 def root_claiming_height(path: pathlib.Path, height: int) -> None:
   """An interior node of ``height`` whose child is the real leaf (height 0)."""
   db = save(path)
-  leaf = db._refs[-1]
-  node = Node(height, [('', ''.join(db._files[leaf.file]))],
+  leaf_file, leaf = db.root
+  node = Node(height, [('', leaf_file)],
               [Child(b'', Ref(0, leaf.offset, leaf.length))])
   db.write_root(node)
 
@@ -470,10 +474,11 @@ def test_the_cli_ends_on_hostile_trees(tmp_path):
   os.mkfifo(box / 'pipe' / DATA_DIR / 'pipe')
   point_value(box / 'pipe', b'big/0', 'ocdbt.process_0/', 'd/pipe', 0, 4 * BIG)
   for name in ('dotdot', 'cycle', 'pipe'):
-    result = hostile.run_cli(['verify', f'box/{name}'], sandbox.root)
-    assert result is not None, f'verify box/{name} did not end'
-    assert result.returncode != 0, result.stdout
-    assert hostile.SECRET.decode()[:30] not in result.stdout + result.stderr
+    for command in ('verify', 'inspect'):
+      result = hostile.run_cli([command, f'box/{name}'], sandbox.root)
+      assert result is not None, f'{command} box/{name} did not end'
+      assert result.returncode != 0, result.stdout
+      assert hostile.SECRET.decode()[:30] not in result.stdout + result.stderr
   sandbox.assert_canary_untouched()
 
 
@@ -498,10 +503,12 @@ def test_a_fallback_still_refuses_fifos(tmp_path):
   save(sandbox.box / 'ck')
   os.mkfifo(sandbox.box / 'ck' / 'd' / 'pipe')
   outcome = sandbox.run('''
-      import flaxckpt as ocp
+      import pathlib, tensorstore
       from flaxckpt import _sources
       _sources.MAX_TREE_NODES = 0
-      result = ocp.StandardCheckpointer().restore('box/ck')
+      path = pathlib.Path('box/ck').absolute()
+      result = _sources.OcdbtIndexSource.load(tensorstore, path, {'driver': 'file',
+                                                                  'path': f'{path}/'})
   ''')
   assert outcome.raised('UnsafeCheckpointError') and 'found a FIFO' in outcome.message, (
       outcome.describe())
