@@ -47,9 +47,13 @@ def sharded_tree():
 
 
 def flip_byte(path: pathlib.Path, offset: int) -> None:
+  """Damages one byte in place, keeping the file's mtime (as a failing disk would)."""
+  info = path.stat()
   data = bytearray(path.read_bytes())
   data[offset] ^= 0x5A
-  path.write_bytes(bytes(data))
+  with open(path, 'r+b') as f:
+    f.write(bytes(data))
+  os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
 
 
 def test_inspect_flaxckpt_checkpoint(tmp_path):

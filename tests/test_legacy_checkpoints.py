@@ -1029,7 +1029,7 @@ root = sys.argv[1]
 checkpoints.save_checkpoint(root, {'x': np.arange(4)}, 3, keep=5)
 rename = os.rename
 def rename_then_die(source, target, *args, **kwargs):
-  if str(source).endswith('.orbax-checkpoint-tmp') and str(target).endswith('checkpoint_3'):
+  if '.orbax-checkpoint-tmp-' in str(source) and str(target).endswith('checkpoint_3'):
     os.kill(os.getpid(), signal.SIGKILL)  # The old step is aside; the new one not yet in place.
   return rename(source, target, *args, **kwargs)
 os.rename = rename_then_die

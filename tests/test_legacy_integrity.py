@@ -21,6 +21,16 @@ from flaxckpt.legacy import checkpoints
 from trees import assert_trees_equal
 
 
+
+def _damage(path, data) -> None:
+  """Changes a file's bytes as a failing disk or a stray write through the same file does: the
+  inode and mtime stay (a rewrite with a new mtime is another file, see _sidecar)."""
+  info = path.stat()
+  with open(path, 'r+b') as f:
+    f.write(bytes(data))
+    f.truncate(len(data))
+  os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+
 def _tree():
   return {'params': {'w': np.arange(24, dtype=np.float32).reshape(4, 6),
                      'b': np.ones(3, np.int8), 'scale': np.float32(0.5)},
@@ -67,7 +77,7 @@ def test_truncated_file_restores_to_an_error_naming_it_with_or_without_sidecar(m
   _, path = msgpack_ckpt
   data = path.read_bytes()
   for end in sorted({0, 1, len(data) // 3, len(data) - 1}):
-    path.write_bytes(data[:end])
+    _damage(path, data[:end])
     message = _restore_raises_naming(path, verify_checksums=False)
     assert 'is not a complete flax msgpack checkpoint' in message
     # With the sidecar, the size is checked first.
@@ -188,7 +198,9 @@ def test_sidecar_records_size_and_crc32c_and_flax_ignores_it(msgpack_ckpt):
   data = path.read_bytes()
   assert data == serialization.to_bytes(_tree())  # The checkpoint itself is flax's bytes.
   recorded = json.loads(_sidecar_of(path).read_text())
-  assert recorded == {'algorithm': 'crc32c', 'size': len(data), 'crc32c': crc32c.crc32c(data)}
+  info = path.stat()
+  assert recorded == {'algorithm': 'crc32c', 'size': len(data), 'crc32c': crc32c.crc32c(data),
+                      'inode': info.st_ino, 'mtime_ns': info.st_mtime_ns}
   assert sorted(os.listdir(ckpt_dir)) == ['.checkpoint_7.crc32c', 'checkpoint_7']
   assert flax_checkpoints.latest_checkpoint(ckpt_dir) == str(path)
   assert flax_checkpoints.available_steps(ckpt_dir) == [7]
@@ -203,7 +215,7 @@ def test_flipped_array_byte_raises_checksum_error_with_both_values(msgpack_ckpt)
   data = bytearray(path.read_bytes())
   w_bytes = np.arange(24, dtype=np.float32).tobytes()
   data[data.index(w_bytes) + 5] ^= 0x10
-  path.write_bytes(data)
+  _damage(path, data)
   for target in (ckpt_dir, path):
     with pytest.raises(checkpoints.ChecksumMismatchError) as info:
       checkpoints.restore_checkpoint(target, None)
@@ -312,7 +324,7 @@ def test_verify_command_checks_the_sidecar(msgpack_ckpt):
   assert verify(path) == []
   data = bytearray(path.read_bytes())
   data[-3] ^= 1  # Inside the last array's bytes: decodes, wrong value.
-  path.write_bytes(data)
+  _damage(path, data)
   problems = verify(path)
   assert len(problems) == 1 and 'crc32c' in problems[0].message
 
@@ -327,5 +339,5 @@ def test_converted_msgpack_gets_a_sidecar_too(tmp_path):
   assert json.loads(_sidecar_of(back).read_text())['size'] == back.stat().st_size
   data = bytearray(back.read_bytes())
   data[-2] ^= 4
-  back.write_bytes(data)
+  _damage(back, data)
   _restore_raises_naming(back, checkpoints.ChecksumMismatchError)
