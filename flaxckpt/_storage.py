@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
+import errno
+import fcntl
+import functools
 import os
 import pathlib
 import shutil
 import stat
+import struct
 import threading
+import time
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -179,6 +186,40 @@ def open_regular(path: PathLike, max_bytes: int | None = None) -> int:
   return fd
 
 
+def birth_time_ns(path: PathLike | int) -> int | None:
+  """When the file at ``path`` (or open as descriptor ``path``) was created, in ns, from Linux's
+  ``statx``; None where the system or file system does not say. Unlike the mtime, it tells a
+  file rewritten in place (same birth) from a new file renamed over it, even one that reuses the
+  old file's inode number. Python's ``os.stat`` gives it on other systems only."""
+  statx = _statx()
+  if statx is None:
+    return None
+  buffer = ctypes.create_string_buffer(_STATX_SIZE)
+  if isinstance(path, int):
+    found = statx(path, b'', _AT_EMPTY_PATH, _STATX_BTIME, buffer)
+  else:
+    found = statx(_AT_FDCWD, os.fsencode(path), 0, _STATX_BTIME, buffer)
+  if found != 0 or not struct.unpack_from('I', buffer, 0)[0] & _STATX_BTIME:
+    return None
+  seconds, nanoseconds = struct.unpack_from('qI', buffer, _STATX_BTIME_OFFSET)
+  return seconds * 1_000_000_000 + nanoseconds
+
+
+_AT_FDCWD, _AT_EMPTY_PATH, _STATX_BTIME = -100, 0x1000, 0x800
+_STATX_SIZE, _STATX_BTIME_OFFSET = 256, 80  # struct statx (linux/stat.h): stx_btime at 80.
+
+
+@functools.lru_cache(maxsize=1)
+def _statx() -> Any:
+  try:
+    function = ctypes.CDLL(None, use_errno=True).statx
+  except (OSError, AttributeError):
+    return None
+  function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
+                       ctypes.c_char_p]
+  return function
+
+
 def exists(path: pathlib.Path) -> bool:
   return path.exists()
 
@@ -244,6 +285,92 @@ def rename(source: pathlib.Path, target: pathlib.Path) -> None:
   """Atomically renames ``source`` to ``target`` and makes the rename durable."""
   os.rename(source, target)
   _sync_path(target.parent)
+
+
+def link_new(source: pathlib.Path, target: pathlib.Path) -> None:
+  """Moves the file ``source`` to the name ``target``, which must be free: a hard link, which
+  fails rather than replace anything (a rename where the file system has no hard links), then
+  ``source`` is removed and the new name made durable.
+
+  Raises:
+    FileExistsError: something stands at ``target``.
+  """
+  try:
+    os.link(source, target, follow_symlinks=False)
+  except FileExistsError:
+    raise
+  except OSError as e:
+    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+      raise
+    if target.exists() or target.is_symlink():
+      raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(target)) from None
+    rename(source, target)
+    return
+  with contextlib.suppress(FileNotFoundError):
+    os.unlink(source)
+  _sync_path(target.parent)
+
+
+def try_lock(fd: int) -> bool | None:
+  """Takes an exclusive ``flock`` on an open file or directory without waiting: True when taken
+  (the kernel drops it when the holder dies or closes ``fd``), False when another holds it, None
+  where the file system has no such locks."""
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return True
+  except BlockingIOError:
+    return False
+  except OSError:
+    return None
+
+
+def is_abandoned(path: pathlib.Path, fresh_secs: float, stale_secs: float) -> bool:
+  """Whether the file at ``path``, which its writer keeps locked (``try_lock``) while it works,
+  belongs to no live writer: unlocked and older than ``fresh_secs`` (a writer may not have
+  locked it yet), or, without locks, untouched for ``stale_secs``. Anything there that is not
+  a regular file was not made by such a writer."""
+  try:
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+      return True
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+  except FileNotFoundError:
+    return False
+  except OSError:
+    return True
+  try:
+    age = time.time() - os.fstat(fd).st_mtime
+    locked = try_lock(fd)
+    if locked is None:
+      return age > stale_secs
+    return locked and age > fresh_secs
+  finally:
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def directory_lock(directory: PathLike, timeout_secs: float) -> Iterator[None]:
+  """Holds an exclusive lock on ``directory`` itself (no entry is added to it; the kernel drops
+  the lock when its holder dies). Where there are no such locks, runs unlocked.
+
+  Raises:
+    TimeoutError: another process held the lock for ``timeout_secs``.
+  """
+  try:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+  except OSError:
+    yield
+    return
+  try:
+    deadline = time.monotonic() + timeout_secs
+    while try_lock(fd) is False:
+      if time.monotonic() > deadline:
+        raise TimeoutError(
+            f'{directory}: another process has held the lock of this directory for '
+            f'{timeout_secs:g} s; nothing was changed.')
+      time.sleep(0.005)
+    yield
+  finally:
+    os.close(fd)  # Releases the lock.
 
 
 def read_bytes(path: pathlib.Path, max_bytes: int | None = MAX_METADATA_FILE_BYTES) -> bytes:

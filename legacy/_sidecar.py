@@ -2,16 +2,19 @@
 
 flax's msgpack format has no checksum, so a flipped byte inside array data restores as a wrong
 value. Beside each msgpack file flaxckpt writes, it keeps ``.<name>.crc32c``: JSON
-``{"algorithm": "crc32c", "size": N, "crc32c": X, "inode": I, "mtime_ns": T}`` of the whole
-file. The leading dot keeps it out of flax's listing (names matching ``<prefix>*``); where that
-pattern would still match it (prefix ``''``) none is written.
+``{"algorithm": "crc32c", "size": N, "crc32c": X, ...}`` of the whole file. The leading dot
+keeps it out of flax's listing (names matching ``<prefix>*``); where that pattern would still
+match it (prefix ``''``) none is written.
 
-``inode`` and ``mtime_ns`` say which file the checksum describes: those of the file as its
-writer closed it, which a rename or hard link into place keeps. A sidecar whose file has another
-inode or mtime now describes a file that is gone (flax's own ``save_checkpoint`` replaced it, or
-a crash fell between a commit and its sidecar) and is skipped; damage to the file itself (bytes
-changed or cut off with the mtime kept) still raises. Sidecars written before these two fields
-existed are checked as before. A sidecar is written through a temporary name of its writer's
+``inode``, ``mtime_ns`` and (where Linux gives it) ``birth_ns`` say which file the checksum
+describes: those of the file as its writer closed it, which a rename or hard link into place
+keeps; ``sidecar_inode`` and ``sidecar_birth_ns`` are the sidecar's own. While the sidecar is
+the one its writer made, a file with another identity is a new file (flax's own
+``save_checkpoint`` writes a new file and renames it over ours): the sidecar describes a file
+that is gone and is skipped. Damage to the file itself, in place, is still caught: with birth
+times whatever it does to the mtime, without them when it keeps the mtime. In a copied folder
+(new inodes throughout) every file is checked. Sidecars without these fields are checked as
+before. A sidecar is written through a temporary name of its writer's
 own (created exclusively, fsynced) and a rename.
 """
 
@@ -47,13 +50,31 @@ class Checksum(NamedTuple):
 
 
 class Identity(NamedTuple):
-  """Which file a checksum describes: kept by renames and hard links, changed by a rewrite."""
+  """Which file a checksum describes: kept by renames and hard links, changed by a rewrite.
+
+  With a birth time (Linux ``statx``), the file is the same while its inode and birth time are:
+  damage written into it in place, whatever it does to the mtime, is still checked. Without one,
+  inode and mtime stand for it, and a rewrite in place reads as another file."""
   inode: int
   mtime_ns: int
+  birth_ns: int | None = None
 
   @classmethod
-  def of(cls, info: os.stat_result) -> Identity:
-    return cls(info.st_ino, info.st_mtime_ns)
+  def of(cls, info: os.stat_result, birth_ns: int | None = None) -> Identity:
+    return cls(info.st_ino, info.st_mtime_ns, birth_ns)
+
+  @classmethod
+  def of_fd(cls, fd: int) -> Identity:
+    return cls.of(os.fstat(fd), _storage.birth_time_ns(fd))
+
+  @classmethod
+  def of_path(cls, path: str) -> Identity:
+    return cls.of(os.stat(path), _storage.birth_time_ns(path))
+
+  def same_file(self, other: Identity) -> bool:
+    if self.birth_ns is not None and other.birth_ns is not None:
+      return (self.inode, self.birth_ns) == (other.inode, other.birth_ns)
+    return (self.inode, self.mtime_ns) == (other.inode, other.mtime_ns)
 
 
 class ChecksummingFile:
@@ -90,18 +111,30 @@ def write(ckpt_path: str, checksum: Checksum, identity: Identity | None = None) 
   from, as its writer closed it; by default that of the file now at ``ckpt_path``, for a
   caller that is sure no other writer replaced it."""
   if identity is None:
-    identity = Identity.of(os.stat(ckpt_path))
+    identity = Identity.of_path(ckpt_path)
   path = _path(ckpt_path)
   tmp = path.with_name(f'{path.name}.tmp-{secrets.token_hex(6)}')
-  text = json.dumps({'algorithm': _checksums.ALGORITHM, 'size': checksum.size,
-                     'crc32c': checksum.crc32c, 'inode': identity.inode,
-                     'mtime_ns': identity.mtime_ns})
   try:
-    _storage.write_bytes(tmp, text.encode('utf-8'), sync=True, exclusive=True)
+    with _storage.open_for_write(tmp, exclusive=True) as file:
+      own = Identity.of_fd(file.fileno())  # A rename keeps it; a copy of the folder does not.
+      file.write(json.dumps({
+          'algorithm': _checksums.ALGORITHM, 'size': checksum.size, 'crc32c': checksum.crc32c,
+          **_identity_fields(identity, ''), **_identity_fields(own, 'sidecar_')}).encode())
+      file.flush()
+      os.fsync(file.fileno())
     _storage.rename(tmp, path)
   except BaseException:
     _storage.remove(tmp)
     raise
+
+
+def _identity_fields(identity: Identity, prefix: str) -> dict[str, int]:
+  fields = {f'{prefix}inode': identity.inode}
+  if not prefix:
+    fields['mtime_ns'] = identity.mtime_ns
+  if identity.birth_ns is not None:
+    fields[f'{prefix}birth_ns'] = identity.birth_ns
+  return fields
 
 
 def remove(ckpt_path: str) -> None:
@@ -166,6 +199,19 @@ def _read(path: pathlib.Path, ckpt_path: str) -> dict[str, Any] | None:
     ) from e
 
 
+_IDENTITY_KEYS = ('inode', 'mtime_ns', 'birth_ns', 'sidecar_inode', 'sidecar_birth_ns')
+
+
+def _stayed(path: pathlib.Path, identities: dict[str, int | None]) -> bool:
+  """Whether the sidecar at ``path`` is the file its writer made, not a copy: only then do the
+  inodes it records describe files of this folder. A checkpoint folder copied elsewhere (cp,
+  rsync, a download) has new inodes throughout; its files are then always checked."""
+  inode, birth = identities['sidecar_inode'], identities['sidecar_birth_ns']
+  if inode is None:
+    return False
+  return Identity(inode, 0, birth).same_file(Identity.of_path(os.fspath(path))._replace(mtime_ns=0))
+
+
 def verify(ckpt_path: str, data: np.ndarray, info: os.stat_result | None = None) -> None:
   """Checks ``data`` (the whole file at ``ckpt_path``) against its sidecar, if it has one.
 
@@ -182,20 +228,22 @@ def verify(ckpt_path: str, data: np.ndarray, info: os.stat_result | None = None)
   if recorded is None or recorded.get('algorithm') != _checksums.ALGORITHM:
     return  # None, or another algorithm from a later release: nothing this one can check.
   size, crc = recorded.get('size'), recorded.get('crc32c')
-  inode, mtime_ns = recorded.get('inode'), recorded.get('mtime_ns')
+  identities = {key: recorded.get(key) for key in _IDENTITY_KEYS}
   if (type(size) is not int or type(crc) is not int
-      or any(value is not None and type(value) is not int for value in (inode, mtime_ns))):
+      or any(value is not None and type(value) is not int for value in identities.values())):
     raise ChecksumMismatchError(
-        f'{path}: the checksum file of {ckpt_path} is damaged (size {size!r}, crc32c {crc!r}, '
-        f'inode {inode!r} and mtime_ns {mtime_ns!r} are not all integers). Delete it, or '
-        'restore with verify_checksums=False, to read the checkpoint unchecked.')
-  if inode is not None or mtime_ns is not None:
-    current = Identity.of(info if info is not None else os.stat(ckpt_path))
-    if current != (inode, mtime_ns):
-      logger.debug('Not checking %s against %s: the checksum was taken of the file with inode '
-                   '%s and mtime_ns %s, and the file there now has inode %s and mtime_ns %s '
-                   '(another program, such as flax, rewrote it).', ckpt_path, path, inode,
-                   mtime_ns, current.inode, current.mtime_ns)
+        f'{path}: the checksum file of {ckpt_path} is damaged (size {size!r}, crc32c {crc!r} '
+        f'and the file identities {identities} must be integers). Delete it, or restore with '
+        'verify_checksums=False, to read the checkpoint unchecked.')
+  inode, mtime_ns = identities['inode'], identities['mtime_ns']
+  if inode is not None and mtime_ns is not None and _stayed(path, identities):
+    written = Identity(inode, mtime_ns, identities['birth_ns'])
+    current = Identity.of(info if info is not None else os.stat(ckpt_path),
+                          _storage.birth_time_ns(ckpt_path))
+    if not written.same_file(current):
+      logger.debug('Not checking %s against %s: the checksum was taken of another file (%s; '
+                   'the file there now is %s): another program, such as flax, replaced it.',
+                   ckpt_path, path, written, current)
       return
   advice = ('The checkpoint is damaged. (If another program, such as flax\'s own '
             f'save_checkpoint, rewrote it after flaxckpt saved it, delete {path}.)')

@@ -20,17 +20,12 @@ on restore (flax's format has no checksum; flax neither lists nor reads the side
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import errno
-import fcntl
 import logging
 import os
 import pathlib
 import re
 import secrets
-import stat
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import IO, Any, NamedTuple
 
 import flax
@@ -215,44 +210,16 @@ def _check_not_outdated(ckpt_path: str, base_path: str, step: int | float) -> No
     raise errors.InvalidCheckpointError(ckpt_path, step)
 
 
-@contextlib.contextmanager
-def _commit_lock(directory: str) -> Iterator[None]:
-  """Serializes the commits (and retention) of flaxckpt's writers in ``directory``.
-
-  The lock is ``flock`` on the directory itself: it adds no entry flax could list, and the
-  kernel drops it when its holder dies. Where the filesystem has no such locks, commits run
-  unserialized; a commit without overwrite still never replaces a file (it is a hard link).
+def _commit_lock(directory: str):
+  """Serializes the commits (and retention) of flaxckpt's writers in ``directory``: a lock on
+  the directory itself adds no entry flax could list, and dies with its holder. Where the file
+  system has no such locks, commits run unserialized; a commit without overwrite still never
+  replaces a file (``_storage.link_new``).
 
   Raises:
     TimeoutError: another process held the lock for ``_COMMIT_LOCK_SECONDS``.
   """
-  try:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-  except OSError as e:
-    logger.debug('Committing without a lock on %s: %s', directory, e)
-    fd = None
-  if fd is None:
-    yield
-    return
-  try:
-    deadline = time.monotonic() + _COMMIT_LOCK_SECONDS
-    while True:
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        break
-      except BlockingIOError:
-        if time.monotonic() > deadline:
-          raise TimeoutError(
-              f'{directory}: another process has held the commit lock of this checkpoint '
-              f'directory for {_COMMIT_LOCK_SECONDS:g} s; a save_checkpoint there is stuck. '
-              'Nothing was committed.') from None
-        time.sleep(0.005)
-      except OSError as e:  # No locks on this filesystem.
-        logger.debug('Committing without a lock on %s: %s', directory, e)
-        break
-    yield
-  finally:
-    os.close(fd)  # Releases the lock.
+  return _storage.directory_lock(directory, _COMMIT_LOCK_SECONDS)
 
 
 def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overwrite: bool,
@@ -308,27 +275,8 @@ def _delete_checkpoint(path: str) -> None:
 
 def _is_abandoned(path: pathlib.Path) -> bool:
   """Whether the temporary file at ``path`` belongs to no live save: its writer holds a lock on
-  it until the commit (where locks are not supported: untouched for ``_STALE_TMP_SECONDS``).
-  Anything at such a name that is not a regular file was not made by a save of ours. A file
-  younger than ``_FRESH_SECONDS`` counts as live: its writer may not have locked it yet."""
-  try:
-    if not stat.S_ISREG(os.lstat(path).st_mode):
-      return True
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-  except FileNotFoundError:
-    return False
-  except OSError:
-    return True
-  try:
-    age = time.time() - os.fstat(fd).st_mtime
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return age > _FRESH_SECONDS
-  except BlockingIOError:
-    return False
-  except OSError:
-    return age > _STALE_TMP_SECONDS
-  finally:
-    os.close(fd)
+  it until the commit (see ``_storage.is_abandoned``)."""
+  return _storage.is_abandoned(path, _FRESH_SECONDS, _STALE_TMP_SECONDS)
 
 
 def _remove_abandoned_temporaries(directory: pathlib.Path) -> None:
@@ -392,13 +340,12 @@ def _write_msgpack(state: Any, tmp_path: pathlib.Path) -> _Temporary:
   _storage.make_dirs(tmp_path.parent)
   file = _storage.open_for_write(tmp_path, exclusive=True)
   try:
-    with contextlib.suppress(OSError):  # Without locks, age tells abandoned files apart.
-      fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _storage.try_lock(file.fileno())  # Held until the commit ends (see _is_abandoned).
     summed = _sidecar.ChecksummingFile(file)
     _msgpack.write(summed, state)
     file.flush()
     return _Temporary(tmp_path, file, summed.checksum,
-                      _sidecar.Identity.of(os.fstat(file.fileno())))
+                      _sidecar.Identity.of_fd(file.fileno()))
   except BaseException:
     file.close()
     _storage.remove(tmp_path)
@@ -420,21 +367,11 @@ def _host_snapshot(state: Any) -> Any:
 
 
 def _link_new(source: pathlib.Path, target: pathlib.Path, step: int | float) -> None:
-  """Gives the file ``source`` the name ``target``, which must be free: a hard link, which
-  fails rather than replace anything (a rename where the filesystem has no hard links)."""
+  """Gives the file ``source`` the name ``target``, which must be free (flax's error if not)."""
   try:
-    os.link(source, target, follow_symlinks=False)
+    _storage.link_new(source, target)
   except FileExistsError as e:
     raise errors.InvalidCheckpointError(os.fspath(target), step) from e
-  except OSError as e:
-    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
-      raise
-    if target.exists() or target.is_symlink():
-      raise errors.InvalidCheckpointError(os.fspath(target), step) from None
-    _storage.rename(source, target)
-    return
-  _storage.remove(source)
-  _storage.rename(target, target)  # Makes the new name durable (fsyncs the directory).
 
 
 def _commit(written: _Temporary, ckpt_path: str, base_path: str, step: int | float, keep: int,

@@ -122,7 +122,7 @@ def test_file_size_limit_fails_the_save_and_loses_nothing(tmp_path, kind):
 
 
 class _Injected:
-  """Makes the first call of ``_storage.<name>`` whose path (for ``rename``, the target)
+  """Makes the first call of ``_storage.<name>`` whose path (for ``rename`` and ``link_new``, the target)
   matches raise ``error``; all other calls run unchanged."""
 
   def __init__(self, monkeypatch, name: str, error: OSError, match=lambda path: True):
@@ -131,7 +131,7 @@ class _Injected:
 
     @functools.wraps(original)
     def failing(*args, **kwargs):
-      if not self.fired and match(str(args[-1] if name == 'rename' else args[0])):
+      if not self.fired and match(str(args[-1] if name in ('rename', 'link_new') else args[0])):
         self.fired = True
         raise error
       return original(*args, **kwargs)
@@ -250,7 +250,7 @@ def test_failed_overwrite_keeps_the_checkpoint_it_would_replace(tmp_path, monkey
 
 _MSGPACK_FAULTS = {
     'open file': ('open_for_write', lambda p: True, _ENOSPC),
-    'commit rename': ('rename', lambda p: p.endswith('checkpoint_2'), _EACCES),
+    'commit rename': ('link_new', lambda p: p.endswith('checkpoint_2'), _EACCES),
 }
 
 
@@ -286,7 +286,7 @@ def test_msgpack_save_whose_sidecar_fails_is_complete_and_says_so(tmp_path, monk
   still complete: the save succeeds with a warning, and the file restores unchecked, like one
   flax wrote."""
   set_flag(False)
-  injected = _Injected(monkeypatch, 'write_text', _ENOSPC, lambda p: 'crc32c' in p)
+  injected = _Injected(monkeypatch, 'open_for_write', _ENOSPC, lambda p: 'crc32c' in p)
   with caplog.at_level('WARNING'):
     checkpoints.save_checkpoint(tmp_path, _state(2), 2)
   assert injected.fired

@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import random
+import shutil
 
 import crc32c
 import msgpack
@@ -16,6 +17,7 @@ from flax import serialization
 from flax.training import checkpoints as flax_checkpoints
 
 import flaxckpt as ocp
+from flaxckpt import _storage
 from flaxckpt.legacy import _msgpack, _sidecar
 from flaxckpt.legacy import checkpoints
 from trees import assert_trees_equal
@@ -199,14 +201,49 @@ def test_sidecar_records_size_and_crc32c_and_flax_ignores_it(msgpack_ckpt):
   assert data == serialization.to_bytes(_tree())  # The checkpoint itself is flax's bytes.
   recorded = json.loads(_sidecar_of(path).read_text())
   info = path.stat()
+  birth = _storage.birth_time_ns(path)
+  sidecar = _sidecar_of(path)
+  sidecar_birth = _storage.birth_time_ns(sidecar)
   assert recorded == {'algorithm': 'crc32c', 'size': len(data), 'crc32c': crc32c.crc32c(data),
-                      'inode': info.st_ino, 'mtime_ns': info.st_mtime_ns}
+                      'inode': info.st_ino, 'mtime_ns': info.st_mtime_ns,
+                      'sidecar_inode': sidecar.stat().st_ino,
+                      **({'birth_ns': birth} if birth is not None else {}),
+                      **({'sidecar_birth_ns': sidecar_birth} if sidecar_birth else {})}
   assert sorted(os.listdir(ckpt_dir)) == ['.checkpoint_7.crc32c', 'checkpoint_7']
   assert flax_checkpoints.latest_checkpoint(ckpt_dir) == str(path)
   assert flax_checkpoints.available_steps(ckpt_dir) == [7]
   assert_trees_equal(flax_checkpoints.restore_checkpoint(ckpt_dir, None),
                      serialization.msgpack_restore(data))
   assert checkpoints.available_steps(ckpt_dir) == [7]
+
+
+@pytest.mark.skipif(_storage.birth_time_ns(__file__) is None,
+                    reason='no file birth times here: a rewrite in place reads as a new file')
+def test_damage_written_in_place_with_a_new_mtime_still_raises(msgpack_ckpt):
+  """A program writing into the file (new mtime, same file) is damage, not flax replacing it:
+  the file's birth time tells the two apart even when flax's new file reuses the inode."""
+  _, path = msgpack_ckpt
+  data = bytearray(path.read_bytes())
+  data[-3] ^= 1
+  with open(path, 'r+b') as f:
+    f.write(bytes(data))
+  os.utime(path, ns=(0, path.stat().st_mtime_ns + 10**9))
+  _restore_raises_naming(path, checkpoints.ChecksumMismatchError)
+
+
+def test_a_copied_folder_is_checked_whatever_the_copy_did_to_inodes_and_mtimes(msgpack_ckpt,
+                                                                              tmp_path):
+  """cp -r / rsync / a download give every file a new inode; damage after the copy (here with
+  a new mtime too) still raises, and an undamaged copy restores."""
+  ckpt_dir, path = msgpack_ckpt
+  for preserve in (True, False):
+    copy = tmp_path / f'copy-{preserve}'
+    shutil.copytree(ckpt_dir, copy, copy_function=shutil.copy2 if preserve else shutil.copy)
+    checkpoints.restore_checkpoint(copy, None)
+    data = bytearray((copy / path.name).read_bytes())
+    data[-3] ^= 1
+    (copy / path.name).write_bytes(bytes(data))
+    _restore_raises_naming(copy / path.name, checkpoints.ChecksumMismatchError)
 
 
 def test_flipped_array_byte_raises_checksum_error_with_both_values(msgpack_ckpt):
