@@ -29,9 +29,19 @@ def _exists_error(final) -> _errors.CheckpointExistsError:
       f'{final} already exists; pass force=True to replace it, or save to a new path.')
 
 
+# The lock each running save holds on its temporary directory, by directory: it tells other
+# writers and cleanups that the directory is in use (the kernel drops it if the process dies).
+_tmp_locks: dict[Any, int | None] = {}
+
+
+def _release(tmp) -> None:
+  _storage.release(_tmp_locks.pop(tmp, None))
+
+
 def _discard(tmp) -> None:
   """Removes a failed save's directory; only the primary process deletes anything."""
   if _multihost.is_primary():
+    _release(tmp)
     _storage.remove_tree(tmp)
 
 
@@ -182,7 +192,7 @@ class Checkpointer:
       if in_place:
         _storage.make_dirs(tmp)
       else:
-        _storage.make_new_dir(tmp)
+        _tmp_locks[tmp] = _storage.make_new_locked_dir(tmp)
       self._write_checkpoint_metadata(tmp, init_ns, None, None)
     try:
       _multihost.barrier(f'save-begin:{final}')  # The others write into tmp from here on.
@@ -230,6 +240,8 @@ class Checkpointer:
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
           raise _exists_error(final) from e  # Another writer committed it since the check.
         raise
+    _release(tmp)
+    _steps.remove_abandoned_saves(final)  # Left by earlier saves to this path that died.
 
   def _write_checkpoint_metadata(self, directory, init_ns: int, commit_ns: int | None,
                                  custom_metadata: dict[str, Any] | None) -> None:

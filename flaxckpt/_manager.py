@@ -23,7 +23,7 @@ from flaxckpt._checkpointer import AsyncCheckpointer, Checkpointer
 from flaxckpt._composite_handler import CompositeCheckpointHandler, item_names
 from flaxckpt._handler import CheckpointArgs, CheckpointHandler, args_type_for
 from flaxckpt._json_handler import JsonCheckpointHandler
-from flaxckpt._steps import StepNaming, is_locked, tmp_step_dirs, validate_step
+from flaxckpt._steps import StepNaming, is_locked, validate_step
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +160,7 @@ class CheckpointManager:
       if _multihost.is_primary():
         _steps.recover_replaced(self._root)
         if self._options.cleanup_tmp_directories:
-          for tmp in tmp_step_dirs(self._root):
-            _storage.remove_tree(tmp)
+          _steps.remove_tmp_step_dirs(self._root)
       if metadata is not None and _multihost.is_primary():
         self._write_root_metadata(metadata)
     self._steps: list[_StepInfo] = self._scan()

@@ -7,7 +7,6 @@ one batch; convert, placing all jax arrays with one ``device_put`` per sharding.
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 from typing import Any, Callable, NamedTuple

@@ -80,10 +80,37 @@ class StepNaming:
 
 
 def tmp_step_dirs(root: pathlib.Path) -> list[pathlib.Path]:
-  """Directories of saves that never committed."""
+  """Directories of saves that never committed, and of deletions and replacements cut short."""
   if not _storage.is_dir(root):
     return []
   return [root / name for name in _storage.list_names(root) if _TMP_STEP.fullmatch(name)]
+
+
+def remove_tmp_step_dirs(root: pathlib.Path) -> None:
+  """Removes what ``tmp_step_dirs`` lists, except the directories of saves still running
+  (their writers hold a lock on them)."""
+  for path in tmp_step_dirs(root):
+    if is_save_in_flight(path.name):
+      _storage.remove_if_abandoned(path)
+    else:
+      _storage.remove_tree(path)
+
+
+def is_save_in_flight(name: str) -> bool:
+  """Whether ``name`` is that of a save's temporary directory (flaxckpt's and Orbax's
+  ``<name>.orbax-checkpoint-tmp-<timestamp>``, older releases' ``<name>.orbax-checkpoint-tmp``)."""
+  mark = name.rfind(_metadata.TMP_SUFFIX)
+  return mark > 0 and (name[mark + len(_metadata.TMP_SUFFIX):] == '' or
+                       name[mark + len(_metadata.TMP_SUFFIX):][:1] == '-' and
+                       name[mark + len(_metadata.TMP_SUFFIX) + 1:].isdigit())
+
+
+def remove_abandoned_saves(final: pathlib.Path) -> None:
+  """Removes the temporary directories of earlier saves to ``final`` whose writer is gone."""
+  prefix = final.name + _metadata.TMP_SUFFIX
+  for name in _storage.list_names(final.parent):
+    if name.startswith(prefix) and is_save_in_flight(name):
+      _storage.remove_if_abandoned(final.parent / name)
 
 
 def delete(path: pathlib.Path) -> None:

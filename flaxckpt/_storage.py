@@ -324,53 +324,117 @@ def try_lock(fd: int) -> bool | None:
     return None
 
 
-def is_abandoned(path: pathlib.Path, fresh_secs: float, stale_secs: float) -> bool:
-  """Whether the file at ``path``, which its writer keeps locked (``try_lock``) while it works,
-  belongs to no live writer: unlocked and older than ``fresh_secs`` (a writer may not have
-  locked it yet), or, without locks, untouched for ``stale_secs``. Anything there that is not
-  a regular file was not made by such a writer."""
-  try:
-    if not stat.S_ISREG(os.lstat(path).st_mode):
-      return True
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-  except FileNotFoundError:
-    return False
-  except OSError:
-    return True
-  try:
-    age = time.time() - os.fstat(fd).st_mtime
-    locked = try_lock(fd)
-    if locked is None:
-      return age > stale_secs
-    return locked and age > fresh_secs
-  finally:
+# Where nothing can be locked, a temporary untouched this long is taken for abandoned.
+STALE_SECS = 3600.0
+# How long to wait for another process's lock on a directory (held for a few file operations).
+DIRECTORY_LOCK_SECS = 300.0
+
+
+def make_new_locked_dir(path: pathlib.Path) -> int | None:
+  """``make_new_dir``, then a lock on the new directory that says its writer is alive (see
+  ``remove_if_abandoned``); returns the descriptor for ``release``. Both happen under the
+  parent's lock, so no cleanup ever sees the directory unlocked while its writer lives."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with directory_lock(path.parent):
+    make_new_dir(path)
+    return _hold_lock(path)
+
+
+def open_new_locked(path: pathlib.Path) -> BinaryIO:
+  """``open_for_write(path, exclusive=True)``, locked the same way (closing the file releases
+  the lock)."""
+  with directory_lock(path.parent):
+    file = open_for_write(path, exclusive=True)
+    try_lock(file.fileno())
+    return file
+
+
+def _hold_lock(path: pathlib.Path) -> int | None:
+  fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+  if try_lock(fd) is not True:
+    os.close(fd)
+    return None
+  return fd
+
+
+def release(fd: int | None) -> None:
+  if fd is not None:
     os.close(fd)
 
 
+def remove_if_abandoned(path: pathlib.Path, stale_secs: float = STALE_SECS) -> bool:
+  """Removes the temporary file or directory at ``path`` if it belongs to no live writer: one
+  made by ``make_new_locked_dir``/``open_new_locked`` whose lock went with its writer (where
+  nothing can be locked: untouched for ``stale_secs``), or anything there such a writer would
+  not have made (a link, a special file), itself. Returns whether it did."""
+  with directory_lock(path.parent):
+    try:
+      mode = os.lstat(path).st_mode
+      fd = (os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else None)
+    except FileNotFoundError:
+      return False
+    if fd is not None:
+      try:
+        locked = try_lock(fd)
+        if locked is False or (locked is None and
+                               time.time() - os.fstat(fd).st_mtime < stale_secs):
+          return False
+      finally:
+        os.close(fd)
+    remove_tree(path)
+    return True
+
+
+_held_directories: dict[str, list] = {}  # realpath -> [thread lock, fd or None, depth]
+_held_directories_lock = threading.Lock()
+
+
 @contextlib.contextmanager
-def directory_lock(directory: PathLike, timeout_secs: float) -> Iterator[None]:
-  """Holds an exclusive lock on ``directory`` itself (no entry is added to it; the kernel drops
-  the lock when its holder dies). Where there are no such locks, runs unlocked.
+def directory_lock(directory: PathLike, timeout_secs: float = DIRECTORY_LOCK_SECS
+                   ) -> Iterator[None]:
+  """Holds an exclusive lock on ``directory`` itself against other processes and threads
+  (reentrant within a thread; no entry is added to the directory; the kernel drops it when its
+  holder dies). Where there are no such locks, only threads of this process are kept apart.
 
   Raises:
-    TimeoutError: another process held the lock for ``timeout_secs``.
+    TimeoutError: another holder kept the lock for ``timeout_secs``.
   """
+  key = os.path.realpath(directory)
+  with _held_directories_lock:
+    held = _held_directories.setdefault(key, [threading.RLock(), None, 0])
+  if not held[0].acquire(timeout=timeout_secs):
+    raise TimeoutError(f'{directory}: another thread has held the lock of this directory for '
+                       f'{timeout_secs:g} s; nothing was changed.')
+  try:
+    if held[2] == 0:
+      held[1] = _lock_directory(directory, timeout_secs)
+    held[2] += 1
+    try:
+      yield
+    finally:
+      held[2] -= 1
+      if held[2] == 0:
+        release(held[1])
+        held[1] = None
+  finally:
+    held[0].release()
+
+
+def _lock_directory(directory: PathLike, timeout_secs: float) -> int | None:
   try:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
   except OSError:
-    yield
-    return
-  try:
-    deadline = time.monotonic() + timeout_secs
-    while try_lock(fd) is False:
-      if time.monotonic() > deadline:
-        raise TimeoutError(
-            f'{directory}: another process has held the lock of this directory for '
-            f'{timeout_secs:g} s; nothing was changed.')
-      time.sleep(0.005)
-    yield
-  finally:
-    os.close(fd)  # Releases the lock.
+    return None
+  deadline = time.monotonic() + timeout_secs
+  while try_lock(fd) is False:
+    if time.monotonic() > deadline:
+      os.close(fd)
+      raise TimeoutError(
+          f'{directory}: another process has held the lock of this directory for '
+          f'{timeout_secs:g} s; nothing was changed.')
+    time.sleep(0.005)
+  return fd
 
 
 def read_bytes(path: pathlib.Path, max_bytes: int | None = MAX_METADATA_FILE_BYTES) -> bytes:

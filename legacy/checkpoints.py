@@ -57,8 +57,6 @@ _ORBAX_TMP_MARK = '.orbax-checkpoint-tmp'
 # name of their own, so two writers never share one, and hidden, so that neither flax's listing
 # nor its retention (both take names matching ``<prefix>*``) sees it.
 _TMP_MARK = '.flaxckpt-tmp-'
-_STALE_TMP_SECONDS = 3600  # Where files cannot be locked: a temporary untouched this long is dead.
-_FRESH_SECONDS = 10.0  # A temporary is locked microseconds after it is created.
 _COMMIT_LOCK_SECONDS = 300.0  # A commit holds the directory's lock for a rename and a few files.
 
 
@@ -254,7 +252,8 @@ def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overw
   for name in _names(directory):  # Deletions a crash cut short.
     if name.startswith(prefix) and name.endswith(_steps.DELETING_SUFFIX):
       _storage.remove(_storage.as_path(os.path.join(directory, name)))
-  _remove_abandoned_temporaries(_storage.as_path(directory))
+  _remove_abandoned_temporaries(_storage.as_path(directory), prefix,
+                                _step_of(os.path.basename(ckpt_path)) or 0)
   if _sidecar.fits_prefix(prefix):
     _sidecar.remove_orphans(directory, prefix)
 
@@ -273,26 +272,31 @@ def _delete_checkpoint(path: str) -> None:
   _sidecar.remove(path)
 
 
-def _is_abandoned(path: pathlib.Path) -> bool:
-  """Whether the temporary file at ``path`` belongs to no live save: its writer holds a lock on
-  it until the commit (see ``_storage.is_abandoned``)."""
-  return _storage.is_abandoned(path, _FRESH_SECONDS, _STALE_TMP_SECONDS)
-
-
-def _remove_abandoned_temporaries(directory: pathlib.Path) -> None:
-  """Removes the temporaries (file, then ``_gda`` folder) of our saves whose writer died."""
+def _remove_abandoned_temporaries(directory: pathlib.Path, prefix: str, step: int | float
+                                  ) -> None:
+  """Removes the temporaries of our saves whose writer died: msgpack files (then their
+  ``_gda`` folders), and the Orbax-format temporary directories of steps up to ``step``, the
+  one just saved (later ones may be another program's saves in flight, which hold no lock)."""
   names = [name for name in _names(os.fspath(directory))
-           if name.startswith('.') and _TMP_MARK in name]
+           if name.startswith('.') and _TMP_MARK in name
+           or _is_superseded_save(name, prefix, step)]
   for name in sorted(names, key=lambda name: name.endswith(MP_ARRAY_POSTFIX)):
     path = directory / name
     if name.endswith(MP_ARRAY_POSTFIX):
       partner = directory / name[:-len(MP_ARRAY_POSTFIX)]
       if partner.exists() or partner.is_symlink():
         continue  # Its save still runs (it creates the file first and removes it last).
-    elif not _is_abandoned(path):
-      continue
-    logger.info('Removing %s, left by a save that did not finish.', path)
-    _storage.remove_tree(path)
+      logger.info('Removing %s, left by a save that did not finish.', path)
+      _storage.remove_tree(path)
+    elif _storage.remove_if_abandoned(path):
+      logger.info('Removed %s, left by a save that did not finish.', path)
+
+
+def _is_superseded_save(name: str, prefix: str, step: int | float) -> bool:
+  if not _steps.is_save_in_flight(name) or not name.startswith(prefix):
+    return False
+  saved = _step_of(name[len(prefix):name.rfind(_ORBAX_TMP_MARK)])
+  return saved is not None and saved <= step
 
 
 def _orbax_save(ckpt_path: str, target: PyTree, overwrite: bool,
@@ -338,9 +342,8 @@ def _write_msgpack(state: Any, tmp_path: pathlib.Path) -> _Temporary:
   """Writes ``state`` to a new file at ``tmp_path`` (refused if anything stands there),
   keeping its size and crc32c, taken on the way, and its identity once written."""
   _storage.make_dirs(tmp_path.parent)
-  file = _storage.open_for_write(tmp_path, exclusive=True)
+  file = _storage.open_new_locked(tmp_path)
   try:
-    _storage.try_lock(file.fileno())  # Held until the commit ends (see _is_abandoned).
     summed = _sidecar.ChecksummingFile(file)
     _msgpack.write(summed, state)
     file.flush()

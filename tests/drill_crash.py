@@ -48,7 +48,7 @@ KEEP = 3
 # Seconds: a writer must reach its kill point, a check must finish, within these.
 WRITER_TIMEOUT = 60.0
 CHECK_TIMEOUT = 120.0
-_TMP_MARKS = ('.orbax-checkpoint-tmp', 'checkpoint_tmp')
+_TMP_MARKS = ('.orbax-checkpoint-tmp', 'checkpoint_tmp', '.flaxckpt-tmp-')  # Orbax's, flax's, ours.
 _REPLY = '@@drill '  # Prefix of the checker's answers (libraries may print to stdout too).
 _ENV = {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3', 'PYTHONUNBUFFERED': '1'}
 

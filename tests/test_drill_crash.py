@@ -93,7 +93,7 @@ def test_checker_catches_a_lost_step(saved):
 
 
 def test_checker_catches_a_tmp_directory_left_behind(saved, monkeypatch):
-  monkeypatch.setattr('flaxckpt._manager.tmp_step_dirs', lambda root: [])
+  monkeypatch.setattr('flaxckpt._steps.remove_tmp_step_dirs', lambda root: None)
   (saved / '3.orbax-checkpoint-tmp').mkdir()
   result = _check(saved)
   assert result['outcome'] == 'tmp-not-cleaned', result['problems']

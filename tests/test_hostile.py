@@ -415,3 +415,47 @@ def test_two_managers_writing_one_directory_never_leave_a_mixed_step(tmp_path):
     assert writer in (1, 2)
     np.testing.assert_array_equal(restored['b'], np.full(7, writer, np.int8))
     np.testing.assert_array_equal(restored['w'], np.full(20000, writer * 1000 + step))
+
+
+def test_cleanup_and_later_saves_leave_a_running_save_alone(tmp_path):
+  """A save holds a lock on its temporary directory while it runs: a manager's cleanup and a
+  later save to the same path remove only directories whose writer is gone."""
+  import threading
+  from flaxckpt import _checkpointer
+  gate, started = threading.Event(), threading.Event()
+
+  class Slow(ocp.PyTreeCheckpointHandler):
+    def save(self, directory, args):
+      started.set()
+      gate.wait(60)
+      super().save(directory, args)
+
+  errors = []
+
+  def save_slowly():
+    try:
+      ocp.Checkpointer(Slow()).save(tmp_path / 'run' / '1',
+                                    args=ocp.args.PyTreeSave({'w': np.arange(3)}))
+    except ocp.CheckpointExistsError as e:
+      errors.append(e)
+
+  thread = threading.Thread(target=save_slowly)
+  thread.start()
+  assert started.wait(60)
+  (running,) = (tmp_path / 'run').glob('1.orbax-checkpoint-tmp-*')
+  dead = tmp_path / 'run' / '1.orbax-checkpoint-tmp-1'  # A writer that died long ago.
+  dead.mkdir()
+  os.utime(dead, (1, 1))
+  ocp.CheckpointManager(tmp_path / 'run', options=ocp.CheckpointManagerOptions(
+      cleanup_tmp_directories=True))
+  assert running.is_dir() and not dead.exists()
+  dead.mkdir()
+  os.utime(dead, (1, 1))
+  ocp.StandardCheckpointer().save(tmp_path / 'run' / '1', {'w': np.arange(4)})
+  assert running.is_dir() and not dead.exists()
+  gate.set()
+  thread.join(60)
+  assert not _checkpointer._tmp_locks and len(errors) == 1  # The second save got there first.
+  assert sorted(p.name for p in (tmp_path / 'run').iterdir()) == ['1']
+  np.testing.assert_array_equal(ocp.StandardCheckpointer().restore(tmp_path / 'run' / '1')['w'],
+                                np.arange(4))
