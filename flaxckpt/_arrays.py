@@ -346,7 +346,7 @@ def read_array_infos(directory: pathlib.Path, names: list[str], *, use_ocdbt: bo
 def _array_info(raw: bytes, use_zarr3: bool) -> tuple[tuple[int, ...], np.dtype]:
   meta = _zarr.parse_metadata_json(raw)
   dtype = meta['data_type'] if use_zarr3 else meta['dtype']
-  return tuple(int(n) for n in meta['shape']), _zarr.parse_dtype(dtype)
+  return _zarr.check_shape(tuple(meta['shape'])), _zarr.parse_dtype(dtype)
 
 
 # What a damaged zarr metadata file can raise when parsed (JSON and UTF-8 errors are

@@ -89,8 +89,10 @@ def _msgpack_leaves(path: pathlib.Path) -> dict[KeyPath, Any]:
   from flaxckpt.legacy import _gda
   state = read_msgpack(path)
   leaves = dict(flatten_state(state))
+  gda_dir = pathlib.Path(str(path) + _gda.SUFFIX)
+  if _gda.placeholders(state):
+    _storage.check_tree(gda_dir)
   for key, subpath in _gda.placeholders(state):
-    gda_dir = pathlib.Path(str(path) + _gda.SUFFIX)
     leaves[key] = _arrays.read_arrays(gda_dir, [subpath], use_ocdbt=False, use_zarr3=False,
                                       missing_chunks_are_errors=True)[0]
   return leaves

@@ -526,6 +526,10 @@ def sync_tree(path: pathlib.Path) -> None:
   commits. Plain threads, not an executor: a save that finishes at interpreter exit must still
   be able to start them.
   """
+  if not os.path.isdir(path):  # One file: it, then the directory entry that names it.
+    _sync_path(path)
+    _sync_path(os.path.dirname(os.path.abspath(path)))
+    return
   paths = []
   for root, _, files in os.walk(path):
     paths.extend(os.path.join(root, name) for name in files)

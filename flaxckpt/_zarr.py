@@ -51,6 +51,13 @@ def check_allocation(shape: tuple[int, ...], dtype: np.dtype, what: str) -> None
         'damaged or hostile, or too large to restore whole here (restore it sharded).')
 
 
+def check_shape(shape: tuple[Any, ...]) -> tuple[int, ...]:
+  """Returns ``shape`` after refusing (ValueError) one that is not whole numbers >= 0."""
+  if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+    raise ValueError(f'shape {list(shape)} must be whole numbers, none negative')
+  return shape
+
+
 def check_grid(shape: tuple[int, ...], chunks: tuple[int, ...], what: str) -> None:
   """Refuses a shape and chunk shape that are not lists of whole numbers of the same rank
   (chunks positive), or whose grid has more than ``MAX_CHUNKS`` chunks."""

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from flaxckpt import _arrays, _restore
+from flaxckpt import _arrays, _restore, _storage
 
 SUFFIX = '_gda'
 PLACEHOLDER = '//GDAPlaceholder:'
@@ -62,14 +62,20 @@ def write(directory: pathlib.Path, arrays: list[tuple[jax.Array, str]]) -> None:
 
 
 def placeholders(state: Any) -> list[tuple[tuple[str, ...], str]]:
-  """(key path, subpath) of every placeholder in a restored state dict."""
+  """(key path, subpath) of every placeholder in a restored state dict; a subpath that would
+  lead outside the ``_gda`` folder is refused (UnsafeCheckpointError)."""
   if isinstance(state, str) and state.startswith(PLACEHOLDER):
-    return [((), state[len(PLACEHOLDER):])]
+    return [((), _subpath(state))]
   if not isinstance(state, dict):
     return []
   flat = traverse_util.flatten_dict(state, keep_empty_nodes=True)
-  return [(key, value[len(PLACEHOLDER):]) for key, value in flat.items()
+  return [(key, _subpath(value)) for key, value in flat.items()
           if isinstance(value, str) and value.startswith(PLACEHOLDER)]
+
+
+def _subpath(placeholder: str) -> str:
+  return _storage.check_name(placeholder[len(PLACEHOLDER):], f'the {SUFFIX} placeholder '
+                             f'{placeholder!r}')
 
 
 def read(directory: pathlib.Path, subpaths: list[str], references: list[Any]
