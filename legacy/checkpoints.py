@@ -631,13 +631,11 @@ def _restore_gda_arrays(state: Any, target: Any, ckpt_path: str, step: int | flo
     flat_target = {}
   wanted = []
   for key, subpath in found:
-    if subpath != '/'.join(key) or subpath.startswith('/') or any(
-        part in ('.', '..') for part in subpath.split('/')):
+    if subpath != '/'.join(key) or any(part == '.' for part in subpath.split('/')):
       raise CorruptCheckpointError(
           f'{ckpt_path}: the multi-process array placeholder at {"/".join(key)!r} names the '
           f'folder {subpath!r} of {ckpt_path + MP_ARRAY_POSTFIX}; flax names it after the key '
           'path.')
-    _storage.check_name(subpath, f'{ckpt_path}: the multi-process array at {"/".join(key)!r}')
     reference = flat_target.get(key)
     if not isinstance(reference, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)):
       if allow_partial:
