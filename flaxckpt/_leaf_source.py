@@ -90,9 +90,10 @@ def _msgpack_leaves(path: pathlib.Path) -> dict[KeyPath, Any]:
   state = read_msgpack(path)
   leaves = dict(flatten_state(state))
   gda_dir = pathlib.Path(str(path) + _gda.SUFFIX)
-  if _gda.placeholders(state):
+  found = _gda.placeholders(state, path)
+  if found:
     _storage.check_tree(gda_dir)
-  for key, subpath in _gda.placeholders(state):
+  for key, subpath in found:
     leaves[key] = _arrays.read_arrays(gda_dir, [subpath], use_ocdbt=False, use_zarr3=False,
                                       missing_chunks_are_errors=True)[0]
   return leaves

@@ -215,7 +215,7 @@ class _Checker:
                                                allow_partial_mpa_restoration=True)
       finally:
         legacy_log.setLevel(level)
-      subpaths = [subpath for _, subpath in _gda.placeholders(state)]
+      subpaths = [subpath for _, subpath in _gda.placeholders(state, path)]
       if subpaths:
         self.check_gda_arrays(pathlib.Path(str(path) + _gda.SUFFIX), subpaths)
 

@@ -61,21 +61,22 @@ def write(directory: pathlib.Path, arrays: list[tuple[jax.Array, str]]) -> None:
   _arrays.start_write(directory, writes, options).wait()
 
 
-def placeholders(state: Any) -> list[tuple[tuple[str, ...], str]]:
+def placeholders(state: Any, where: Any) -> list[tuple[tuple[str, ...], str]]:
   """(key path, subpath) of every placeholder in a restored state dict; a subpath that would
-  lead outside the ``_gda`` folder is refused (UnsafeCheckpointError)."""
+  lead outside the ``_gda`` folder is refused (UnsafeCheckpointError naming ``where``, the
+  msgpack file)."""
   if isinstance(state, str) and state.startswith(PLACEHOLDER):
-    return [((), _subpath(state))]
+    return [((), _subpath(state, where))]
   if not isinstance(state, dict):
     return []
   flat = traverse_util.flatten_dict(state, keep_empty_nodes=True)
-  return [(key, _subpath(value)) for key, value in flat.items()
+  return [(key, _subpath(value, where)) for key, value in flat.items()
           if isinstance(value, str) and value.startswith(PLACEHOLDER)]
 
 
-def _subpath(placeholder: str) -> str:
-  return _storage.check_name(placeholder[len(PLACEHOLDER):], f'the {SUFFIX} placeholder '
-                             f'{placeholder!r}')
+def _subpath(placeholder: str, where: Any) -> str:
+  return _storage.check_name(placeholder[len(PLACEHOLDER):],
+                             f'{where}: the {SUFFIX} placeholder {placeholder!r}')
 
 
 def read(directory: pathlib.Path, subpaths: list[str], references: list[Any]

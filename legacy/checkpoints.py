@@ -619,7 +619,7 @@ def _restore_gda_arrays(state: Any, target: Any, ckpt_path: str, step: int | flo
   the array as numpy, exactly as stored, unless ``allow_partial`` asks to leave the placeholder
   string there, as flax does.
   """
-  found = _gda.placeholders(state)
+  found = _gda.placeholders(state, ckpt_path)
   if not found:
     return state
   if found[0][0] == ():
