@@ -77,7 +77,7 @@ def _single_tree(found: _formats.Found) -> _formats.Found:
 def read_msgpack(path: pathlib.Path) -> Any:
   """The state dict of a flax msgpack file, its arrays views into a read-only map of it."""
   from flaxckpt.legacy import _msgpack  # Only flax files need the legacy package.
-  mapped = np.memmap(path, dtype=np.uint8, mode='r') if path.stat().st_size else b''
+  mapped = _storage.map_readonly(path)
   try:
     return _msgpack.decode(mapped)
   except _msgpack.MsgpackDecodeError as e:

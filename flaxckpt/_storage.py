@@ -444,6 +444,14 @@ def read_bytes(path: pathlib.Path, max_bytes: int | None = MAX_METADATA_FILE_BYT
     return f.read()
 
 
+def map_readonly(path: pathlib.Path) -> np.ndarray | bytes:
+  """A regular file's bytes as a read-only memory map (b'' for an empty file): pages are read
+  when used. Refused like ``open_regular`` refuses."""
+  with os.fdopen(open_regular(path), 'rb') as file:  # The map outlives the descriptor.
+    return np.memmap(file, dtype=np.uint8, mode='r') if os.fstat(file.fileno()).st_size else b''
+
+
+
 def read_head(path: pathlib.Path, size: int) -> bytes:
   """The first ``size`` bytes of a regular file (fewer if it is shorter)."""
   with os.fdopen(open_regular(path), 'rb') as f:
