@@ -3,6 +3,12 @@
 Handlers and checkpointers call these functions instead of ``os``/``shutil``, so that a new
 backend (``gs://`` and ``s3://`` through tensorstore kvstores) only has to be added here. Today
 only local paths are supported.
+
+Everything a checkpoint holds is untrusted (docs/security.md), so this module is also where
+that is enforced: names read from files become paths only through ``check_name``; reads open
+regular files only, of bounded size (``open_regular``); ``check_tree`` refuses what tensorstore
+must never be handed; writes never follow a link, and temporaries are created exclusively and
+locked while their writer lives (``make_new_locked_dir``, ``remove_if_abandoned``).
 """
 
 from __future__ import annotations
