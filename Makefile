@@ -1,5 +1,5 @@
-# Developer entry points: `make demo`, `make test`, `make bench`, `make drill`, `make notebooks`,
-# `make docs`, `make clean`.
+# Developer entry points: `make demo`, `make test`, `make bench`, `make drill`, `make peers`,
+# `make notebooks`, `make docs`, `make clean`.
 # Every target runs inside .venv, which is created on first use and re-synced
 # (pip install -e '.[test]') whenever setup.cfg or pyproject.toml changes.
 
@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 
-.PHONY: demo test bench drill notebooks docs clean $(VENV)
+.PHONY: demo test bench drill peers notebooks docs clean $(VENV)
 
 demo: $(VENV)
 	$(PY) -m flaxckpt.demo
@@ -27,6 +27,10 @@ bench: $(VENV)
 drill: $(VENV)
 	$(PY) tests/drill_crash.py --trials 100
 	$(PY) tests/drill_corruption.py --trials 200
+
+# Orbax and flax beside flaxckpt on the hostile inputs of docs/security.md; prints the table.
+peers: $(VENV)
+	$(PY) tests/hostile_peers.py
 
 # Executed copies land in build/notebooks/ (make test executes them too, in tests/).
 notebooks: $(VENV)
