@@ -60,16 +60,6 @@ def _edit_json(path: pathlib.Path, edit) -> None:
   path.write_text(json.dumps(edit(json.loads(path.read_text()))))
 
 
-def _rename_leaf(directory: pathlib.Path, old: str, new_keys: list[str]) -> None:
-  def edit(meta):
-    entries = meta['tree_metadata']
-    entry = entries.pop(next(k for k in entries if old in k))
-    entry['key_metadata'] = [{'key': k, 'key_type': 2} for k in new_keys]
-    entries[str(tuple(new_keys))] = entry
-    return meta
-  _edit_json(directory / '_METADATA', edit)
-
-
 def _declare(path: pathlib.Path, leaf: str, **fields) -> None:
   _edit_json(path / leaf / '.zarray', lambda meta: {**meta, **fields})
 
@@ -136,12 +126,12 @@ def build_strings_link_outside(sb: hostile.Sandbox) -> None:
 def build_string_leaf_dotdot(sb: hostile.Sandbox) -> None:
   """canary/ holds a ``_strings.json``: a string leaf named '../../canary' would find it."""
   path = _save(sb.box / 'ckpt', {'text': 'hello', 'w': _np().arange(3)}, use_ocdbt=False)
-  _rename_leaf(path, "'text'", ['../../canary'])
+  hostile.rename_leaf(path, "'text'", ['../../canary'])
 
 
 def build_array_leaf_dotdot(sb: hostile.Sandbox) -> None:
   path = _save(sb.box / 'ckpt', {'w': _np().arange(3)}, use_ocdbt=False)
-  _rename_leaf(path, "'w'", ['../../canary/empty'])
+  hostile.rename_leaf(path, "'w'", ['../../canary/empty'])
 
 
 def build_zarray_trillion(sb: hostile.Sandbox) -> None:
