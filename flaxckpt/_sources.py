@@ -86,10 +86,6 @@ def _ends_early(path: pathlib.Path, offset: int, length: int, key: str = '',
       f'early{found}; the checkpoint is damaged.')
 
 
-def _inside(path: str, root: str) -> bool:
-  return path == root or path.startswith(root.rstrip('/') + '/')
-
-
 class KvSource:
   """Values read through a tensorstore kvstore, all requests in flight at once."""
 
@@ -115,11 +111,7 @@ class KvSource:
     path = self._file_root / key
     if not path.is_file():
       return None
-    real, root = os.path.realpath(path), os.path.realpath(self._file_root)
-    if not _inside(real, root):
-      raise _errors.UnsafeCheckpointError(
-          f'{path}: a link to {real}, outside the checkpoint {self._file_root}; refusing to '
-          'read array data through it.')
+    _storage.check_inside(path, self._file_root, 'array data')
     return path, 0, path.stat().st_size
 
   def close(self) -> None:
@@ -205,7 +197,6 @@ class _DataFiles:
 
   def __init__(self, directory: pathlib.Path):
     self.directory = directory
-    self._root = os.path.realpath(directory)
     self._paths: dict[str, pathlib.Path] = {}  # Encoded 'base:relative' -> checked path.
     self._open: dict[pathlib.Path, tuple[int, int]] = {}  # Path -> (descriptor, size).
     self._sizes: dict[pathlib.Path, int] = {}  # Checked node files.
@@ -258,11 +249,7 @@ class _DataFiles:
   def _open_inside(self, path: pathlib.Path, what: str) -> int:
     """Refuses a link leading outside the checkpoint, then opens the regular file it leads to
     (a FIFO or device is refused without blocking)."""
-    real = os.path.realpath(path)
-    if not _inside(real, self._root):
-      raise _errors.UnsafeCheckpointError(
-          f'{path}: {what} of checkpoint {self.directory} is a link to {real}, outside it; '
-          'refusing to read through it.')
+    real = os.path.realpath(_storage.check_inside(path, self.directory, what))
     try:
       return _storage.open_regular(real)
     except FileNotFoundError as e:

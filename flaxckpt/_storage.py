@@ -145,14 +145,16 @@ def check_tree(directory: pathlib.Path, root: pathlib.Path | None = None) -> Non
         raise _not_regular(entry.path, entry.stat(follow_symlinks=False).st_mode)
 
 
-def check_inside(path: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
-  """Returns ``path``, an entry below ``root`` (a step of a manager, an item of a step), after
-  refusing it when links make it lead outside ``root``."""
+def check_inside(path: pathlib.Path, root: pathlib.Path, what: str = 'this entry'
+                 ) -> pathlib.Path:
+  """Returns ``path``, an entry below ``root`` (a step of a manager, an item of a step, a file
+  a checkpoint names), after refusing it when links make it lead outside ``root``; ``what``
+  says which entry it is."""
   target = os.path.realpath(path)
   if not _is_within(target, os.path.realpath(root)):
     raise _errors.UnsafeCheckpointError(
-        f'{path}: this entry of {root} leads to {target}, outside it (through a symbolic '
-        'link); refusing to read a checkpoint through it.')
+        f'{path}: {what} of {root} is a link to {target}, outside it; refusing to read a '
+        'checkpoint through it.')
   return path
 
 
@@ -271,11 +273,7 @@ def _describe(path: pathlib.Path) -> str:
 def remove_tree(path: pathlib.Path) -> None:
   """Deletes a directory tree; missing paths are fine. A symbolic link (or a file) at ``path``
   is itself removed, never what it points to."""
-  if path.is_symlink() or (path.exists() and not path.is_dir()):
-    with contextlib.suppress(FileNotFoundError):
-      path.unlink()
-    return
-  shutil.rmtree(path, ignore_errors=True)
+  remove(path)
 
 
 def remove(path: pathlib.Path) -> None:

@@ -528,14 +528,12 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
 
 def _check_entry(ckpt_path: str, ckpt_dir: str) -> None:
   """Refuses a checkpoint found in ``ckpt_dir`` that is a link leading outside it."""
-  path = _storage.as_path(ckpt_path)
-  if path.is_symlink():
-    target, root = os.path.realpath(path), os.path.realpath(ckpt_dir)
-    if not (target + '/').startswith(root.rstrip('/') + '/'):
-      raise _errors.UnsafeCheckpointError(
-          f'{ckpt_path}: a symbolic link to {target}, outside the checkpoint directory '
-          f'{ckpt_dir}; refusing to read a checkpoint through it. Pass the target itself as '
-          'ckpt_dir to restore it.')
+  try:
+    _storage.check_inside(_storage.as_path(ckpt_path), _storage.as_path(ckpt_dir),
+                          'the checkpoint')
+  except _errors.UnsafeCheckpointError as e:
+    raise _errors.UnsafeCheckpointError(
+        f'{e} Pass the target itself as ckpt_dir to restore it.') from None
 
 
 def _resolve(ckpt_dir: str, step: int | float | None, prefix: str) -> str | None:
