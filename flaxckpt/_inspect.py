@@ -214,11 +214,6 @@ def composite(directory: pathlib.Path) -> Description:
           'items': items}
 
 
-# Recorded times outside these years are shown as invalid: datetime covers years 1 to 9999, and
-# no checkpoint was written before 1970 (nor will be after 9999).
-_LATEST_SECONDS = 253402214400  # 9999-12-31T00:00:00Z
-
-
 def _saved_at(directory: pathlib.Path, meta: Any) -> str:
   """When a checkpoint committed: its recorded commit time, else the directory's mtime;
   'invalid (...)' when the recorded time is not a time (a string, 1e300, 10**400)."""
@@ -227,7 +222,7 @@ def _saved_at(directory: pathlib.Path, meta: Any) -> str:
   if not nanos:
     return _local_time(directory.stat().st_mtime)
   if isinstance(nanos, bool) or not isinstance(nanos, (int, float)) or not (
-      0 <= nanos <= _LATEST_SECONDS * 10**9):  # Also false for nan.
+      0 <= nanos <= _metadata.LATEST_TIMESTAMP_NSECS):  # Also false for nan.
     shown = repr(nanos) if len(repr(nanos)) <= 24 else repr(nanos)[:21] + '...'
     return f'invalid ({shown})'
   return _local_time(nanos / 1e9)
@@ -292,8 +287,7 @@ def msgpack_file(path: pathlib.Path) -> Description:
       leaves.append(_leaf(name, value.shape, value.dtype,
                           value=value.item() if value.ndim == 0 else None))
     elif isinstance(value, str) and value.startswith(_gda.PLACEHOLDER):
-      subpath = _storage.check_name(value[len(_gda.PLACEHOLDER):],
-                                    f'{path}: the multi-process array of leaf {name!r}')
+      subpath = _gda.placeholder_subpath(value, f'{path}: leaf {name!r}')
       gda_dir = pathlib.Path(str(path) + _gda.SUFFIX)
       shape, dtype = _arrays.read_array_infos(gda_dir, [subpath], use_ocdbt=False,
                                               use_zarr3=False)[0]

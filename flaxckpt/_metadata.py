@@ -143,6 +143,11 @@ def _check_keys(path: _tree.Path, key_types: tuple[int, ...]) -> None:
                        '(sequence index) for a non-negative integer')
 
 
+# The latest save time a checkpoint can record, in ns since 1970: 9999-12-31, the end of the
+# years datetime covers. Anything later (1e300, 10**400) is damage, not a time.
+LATEST_TIMESTAMP_NSECS = 253402214400 * 10**9
+
+
 def checkpoint_metadata_json(item_handlers: str | dict[str, str] | None, init_ns: int,
                              commit_ns: int | None, custom_metadata: dict | None = None) -> str:
   return json.dumps({

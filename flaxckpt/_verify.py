@@ -255,7 +255,6 @@ def _check_json_object(path: pathlib.Path,
 
 
 _TIMESTAMPS = ('init_timestamp_nsecs', 'commit_timestamp_nsecs')
-_LATEST_NSECS = 253402214400 * 10**9  # 9999-12-31: no checkpoint is dated later.
 
 
 def _check_checkpoint_metadata(path: pathlib.Path,
@@ -265,10 +264,10 @@ def _check_checkpoint_metadata(path: pathlib.Path,
   for key in _TIMESTAMPS:
     nanos = value.get(key)
     if nanos is not None and (isinstance(nanos, bool) or not isinstance(nanos, int)
-                              or not 0 <= nanos <= _LATEST_NSECS):
+                              or not 0 <= nanos <= _metadata.LATEST_TIMESTAMP_NSECS):
       shown = repr(nanos) if len(repr(nanos)) <= 40 else repr(nanos)[:37] + '...'
       raise ValueError(f'{key} is {shown}, not a time in nanoseconds since 1970 (an integer '
-                       f'from 0 to {_LATEST_NSECS})')
+                       f'from 0 to {_metadata.LATEST_TIMESTAMP_NSECS})')
 
 
 def _check_shardings(path: pathlib.Path, recorded: _checksums.Recorded | None) -> None:

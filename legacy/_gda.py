@@ -66,15 +66,17 @@ def placeholders(state: Any, where: Any) -> list[tuple[tuple[str, ...], str]]:
   lead outside the ``_gda`` folder is refused (UnsafeCheckpointError naming ``where``, the
   msgpack file)."""
   if isinstance(state, str) and state.startswith(PLACEHOLDER):
-    return [((), _subpath(state, where))]
+    return [((), placeholder_subpath(state, where))]
   if not isinstance(state, dict):
     return []
   flat = traverse_util.flatten_dict(state, keep_empty_nodes=True)
-  return [(key, _subpath(value, where)) for key, value in flat.items()
+  return [(key, placeholder_subpath(value, where)) for key, value in flat.items()
           if isinstance(value, str) and value.startswith(PLACEHOLDER)]
 
 
-def _subpath(placeholder: str, where: Any) -> str:
+def placeholder_subpath(placeholder: str, where: Any) -> str:
+  """The folder below ``_gda`` that ``placeholder`` names, refused (UnsafeCheckpointError naming
+  ``where``) if it would lead outside."""
   return _storage.check_name(placeholder[len(PLACEHOLDER):],
                              f'{where}: the {SUFFIX} placeholder {placeholder!r}')
 
