@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from flaxckpt import _errors, _metadata, _multihost, _safe_json, _steps, _storage
+from flaxckpt import _errors, _multihost, _safe_json, _steps, _storage
 from flaxckpt._args import Composite, JsonSave
 from flaxckpt._checkpointer import AsyncCheckpointer, Checkpointer
 from flaxckpt._composite_handler import CompositeCheckpointHandler, item_names
@@ -345,9 +345,7 @@ class CheckpointManager:
     step = self._started_step
     if step is None:
       return None
-    in_flight = self._naming.name(step) + _metadata.TMP_SUFFIX + '-'
-    return step if any(name.startswith(in_flight) and name[len(in_flight):].isdigit()
-                       for name in _storage.list_names(self._root)) else None
+    return step if _steps.saves_in_flight(self._root / self._naming.name(step)) else None
 
   def reached_preemption(self, step: int) -> bool:
     """True at a preemption sync point of JAX's distributed runtime; False without one."""

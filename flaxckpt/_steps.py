@@ -105,12 +105,17 @@ def is_save_in_flight(name: str) -> bool:
                        name[mark + len(_metadata.TMP_SUFFIX) + 1:].isdigit())
 
 
+def saves_in_flight(final: pathlib.Path) -> list[pathlib.Path]:
+  """The temporary directories of saves to ``final`` that never committed (running or dead)."""
+  prefix = final.name + _metadata.TMP_SUFFIX
+  return [final.parent / name for name in _storage.list_names(final.parent)
+          if name.startswith(prefix) and is_save_in_flight(name)]
+
+
 def remove_abandoned_saves(final: pathlib.Path) -> None:
   """Removes the temporary directories of earlier saves to ``final`` whose writer is gone."""
-  prefix = final.name + _metadata.TMP_SUFFIX
-  for name in _storage.list_names(final.parent):
-    if name.startswith(prefix) and is_save_in_flight(name):
-      _storage.remove_if_abandoned(final.parent / name)
+  for path in saves_in_flight(final):
+    _storage.remove_if_abandoned(path)
 
 
 def delete(path: pathlib.Path) -> None:
