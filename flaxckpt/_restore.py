@@ -129,6 +129,7 @@ def read_tree_metadata(directory: pathlib.Path, recorded: _checksums.Recorded | 
   """Reads ``_METADATA`` after checking that ``directory`` is a committed checkpoint (and the
   file against its checksum, with ``recorded``)."""
   check_committed(directory)
+  _storage.check_tree(directory)  # No FIFO, device or link out of it is ever opened.
   path = directory / _metadata.METADATA_FILE
   if not _storage.is_file(path):
     if _storage.is_file(directory / _aggregate.FILE):  # Written by Orbax before 0.5.
@@ -184,8 +185,7 @@ def parse_side_file(path: pathlib.Path, parse: Callable[[], Any], what: str = 't
 
 
 def check_committed(directory: pathlib.Path) -> None:
-  """Raises unless ``directory`` exists, is not a temporary (uncommitted) checkpoint, and holds
-  nothing a reader must not open (see ``_storage.check_tree``)."""
+  """Raises unless ``directory`` exists and is not a temporary (uncommitted) checkpoint."""
   if not _storage.exists(directory):
     raise FileNotFoundError(f'No checkpoint at {directory}: the path does not exist.')
   if not _storage.is_dir(directory):
@@ -200,7 +200,6 @@ def check_committed(directory: pathlib.Path) -> None:
     raise _errors.IncompleteCheckpointError(
         f'{directory}: no {_metadata.COMMIT_SUCCESS_FILE}; on this storage a checkpoint is '
         'committed only once that file exists, so this save never finished.')
-  _storage.check_tree(directory)  # No FIFO, device or link out of it is ever opened.
 
 
 class _Want(NamedTuple):
