@@ -1,10 +1,10 @@
 """Checkpointers: one checkpoint at one path, saved atomically, optionally in the background.
 
-Commit protocol (Orbax's, for local file systems): write everything into a new directory
-``<path>.orbax-checkpoint-tmp-<timestamp>`` of this save's own, write ``_CHECKPOINT_METADATA`` with the commit time and
-``commit_success.txt``, make it durable, then rename it to ``<path>``. A failed save deletes its
-temporary directory; an existing checkpoint is only replaced (with ``force=True``) after the new
-one is complete.
+Commit protocol (Orbax's, for local file systems): write everything into a new directory of
+this save's own, ``<path>.orbax-checkpoint-tmp-<timestamp>``, write ``_CHECKPOINT_METADATA``
+with the commit time and ``commit_success.txt``, make it durable, then rename it to ``<path>``.
+A failed save deletes its temporary directory; an existing checkpoint is only replaced (with
+``force=True``) after the new one is complete.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from flaxckpt import _errors
+from flaxckpt import _errors, _storage
 
 # The deepest nesting accepted. Orbax's JSON files nest a few levels (a tree's own depth at most,
 # in _strings.json and custom metadata); 200 leaves room for deep user trees and stays far below
@@ -60,5 +60,4 @@ def loads(data: bytes | str, where: str | os.PathLike) -> Any:
 def read(path: os.PathLike) -> Any:
   """The JSON value in the file at ``path`` (a regular file of metadata size; see
   ``_storage.read_bytes``), parsed by ``loads``."""
-  from flaxckpt import _storage  # noqa: PLC0415  (_storage is lower in the import order)
   return loads(_storage.read_bytes(path), path)
