@@ -39,11 +39,32 @@ __all__ = [
     'args', 'checkpoint_utils', 'multihost', 'test_utils', 'type_handlers', 'utils',
 ]
 
-_LAZY_SUBMODULES = ('test_utils', 'legacy')
+_LAZY_SUBMODULES = ('test_utils', 'legacy', 'aggregate_handlers', 'checkpoint_manager',
+                    'checkpoint_managers', 'checkpointers', 'future', 'handlers', 'logging',
+                    'metadata', 'options', 'path', 'step', 'transform_utils', 'tree')
+
+# Top-level names defined in submodules, imported on first use: {name: module}.
+_LAZY_NAMES = {
+    'AbstractCheckpointer': 'flaxckpt._handler',
+    'ArrayCheckpointHandler': 'flaxckpt.handlers',
+    'BasePyTreeCheckpointHandler': 'flaxckpt.handlers',
+    'CheckpointHandlerRegistry': 'flaxckpt.handlers',
+    'DefaultCheckpointHandlerRegistry': 'flaxckpt.handlers',
+    'AsyncOptions': 'flaxckpt.options',
+    'MultiprocessingOptions': 'flaxckpt.options',
+    'FileOptions': 'flaxckpt.options',
+    'Future': 'flaxckpt.future',
+    'PLACEHOLDER': 'flaxckpt.transform_utils',
+    'apply_transformations': 'flaxckpt.transform_utils',
+    'merge_trees': 'flaxckpt.transform_utils',
+    'RestoreTransform': 'flaxckpt.transform_utils',
+}
 
 
 def __getattr__(name: str) -> _Any:
-  """Imports ``test_utils`` (and ``legacy``) only when first used."""
+  """Imports the less used submodules (and the names they define) only when first used."""
   if name in _LAZY_SUBMODULES:
     return _importlib.import_module(f'flaxckpt.{name}')
+  if name in _LAZY_NAMES:
+    return getattr(_importlib.import_module(_LAZY_NAMES[name]), name)
   raise AttributeError(f'module "flaxckpt" has no attribute {name!r}')
