@@ -26,11 +26,35 @@ REPLACED_SUFFIX = _metadata.TMP_SUFFIX + '-replaced'
 DELETING_SUFFIX = _metadata.TMP_SUFFIX + '-deleting'
 
 
+def is_finalized(path: pathlib.Path, commit_file: bool = False) -> bool:
+  """Whether ``path`` is a committed checkpoint directory: a directory whose name carries no
+  temporary suffix (saves committed by rename), or, with ``commit_file`` and wherever renames
+  are not atomic, one holding ``commit_success.txt`` (saves written in place)."""
+  if not _storage.is_dir(path):
+    return False
+  if commit_file or not _storage.renames_atomically(path):
+    return _storage.exists(path / _metadata.COMMIT_SUCCESS_FILE)
+  return _metadata.TMP_SUFFIX not in path.name
+
+
+def is_temporary(path: pathlib.Path, commit_file: bool = False) -> bool:
+  """Whether ``path`` is an uncommitted checkpoint directory (the converse rule of
+  ``is_finalized``; a symbolic link never is one)."""
+  if path.is_symlink() or not _storage.is_dir(path):
+    return False
+  if commit_file or not _storage.renames_atomically(path):
+    return not _storage.exists(path / _metadata.COMMIT_SUCCESS_FILE)
+  return _metadata.TMP_SUFFIX in path.name
+
+
 @dataclasses.dataclass(frozen=True)
 class StepNaming:
-  """How step numbers map to directory names."""
+  """How step numbers map to directory names, and which step directories count as committed
+  (``commit_file``: only those holding ``commit_success.txt``, as saves through
+  ``CommitFileTemporaryPath`` leave them)."""
   prefix: str | None = None
   fixed_length: int | None = None
+  commit_file: bool = False
 
   def __post_init__(self) -> None:
     if self.prefix is not None:  # An empty prefix names steps as no prefix does.
@@ -58,14 +82,18 @@ class StepNaming:
     """Committed steps under ``root``, ascending. Temporary directories never match."""
     if not _storage.is_dir(root):
       return []
-    steps = []
-    needs_marker = not _storage.renames_atomically(root)  # Object stores: see _storage.
+    return sorted(step for step, _ in self.list_step_dirs(root))
+
+  def list_step_dirs(self, root: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
+    """(step, directory) of each committed step under ``root``, in listing order."""
+    if not _storage.is_dir(root):
+      return []
+    found = []
     for name in _storage.list_names(root):
       step = self.parse(name)
-      if step is not None and _storage.is_dir(root / name) and (
-          not needs_marker or _storage.exists(root / name / _metadata.COMMIT_SUCCESS_FILE)):
-        steps.append(step)
-    return sorted(steps)
+      if step is not None and is_finalized(root / name, self.commit_file):
+        found.append((step, root / name))
+    return found
 
   def path(self, root: pathlib.Path, step: int) -> pathlib.Path:
     """The directory of ``step``: the conventional name, else any name that parses to it
