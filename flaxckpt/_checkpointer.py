@@ -10,39 +10,19 @@ A failed save deletes its temporary directory; an existing checkpoint is only re
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import json
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flaxckpt import _errors, _metadata, _multihost, _restore, _steps, _storage
-from flaxckpt._handler import (AsyncCheckpointHandler, CheckpointArgs, CheckpointHandler,
-                               args_type_for)
+from flaxckpt import _errors, _metadata, _multihost, _restore, _storage
+from flaxckpt._handler import (AbstractCheckpointer, AsyncCheckpointHandler, CheckpointArgs,
+                               CheckpointHandler, args_type_for)
+from flaxckpt._handler import typestr as handler_typestr
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpointHandler
-
-
-
-def _exists_error(final) -> _errors.CheckpointExistsError:
-  return _errors.CheckpointExistsError(
-      f'{final} already exists; pass force=True to replace it, or save to a new path.')
-
-
-# The lock each running save holds on its temporary directory, by directory: it tells other
-# writers and cleanups that the directory is in use (the kernel drops it if the process dies).
-_tmp_locks: dict[Any, int | None] = {}
-
-
-def _release(tmp) -> None:
-  _storage.release(_tmp_locks.pop(tmp, None))
-
-
-def _discard(tmp) -> None:
-  """Removes a failed save's directory; only the primary process deletes anything."""
-  if _multihost.is_primary():
-    _release(tmp)
-    _storage.remove_tree(tmp)
+from flaxckpt.options import AsyncOptions, FileOptions, MultiprocessingOptions
+from flaxckpt.path import atomicity
 
 
 @contextlib.contextmanager
@@ -62,8 +42,19 @@ def _gc_paused() -> Iterator[None]:
       gc.enable()
 
 
-class Checkpointer:
+class Checkpointer(AbstractCheckpointer):
   """Saves and restores one item at a path through a handler, atomically.
+
+  Args:
+    handler: the handler of the item. One without registered args classes is called with the
+      arguments given to ``save``/``restore`` as they are (Orbax's legacy form).
+    multiprocessing_options: the primary process and the barrier key prefix (every process
+      takes part in every save).
+    file_options: ``path_permission_mode`` for every directory a save creates.
+    temporary_path_class: the commit protocol (``flaxckpt.path.atomicity``); by default atomic
+      renames where the storage has them, else a commit file.
+    checkpoint_metadata_store: accepted for Orbax call sites; ``_CHECKPOINT_METADATA`` is always
+      written before a save returns.
 
   Example:
     >>> ckptr = flaxckpt.Checkpointer(flaxckpt.StandardCheckpointHandler())
@@ -71,10 +62,30 @@ class Checkpointer:
     >>> ckptr.restore('/tmp/ckpt/1', args=flaxckpt.args.StandardRestore(abstract_state))
   """
 
-  def __init__(self, handler: CheckpointHandler):
+  def __init__(self, handler: CheckpointHandler, *,
+               multiprocessing_options: MultiprocessingOptions | None = None,
+               file_options: FileOptions | None = None,
+               temporary_path_class: type[atomicity.TemporaryPath] | None = None,
+               checkpoint_metadata_store: Any = None):
+    del checkpoint_metadata_store
     if not isinstance(handler, CheckpointHandler):
       raise TypeError(f'Checkpointer needs a CheckpointHandler, got {type(handler).__name__}.')
+    if (args_type_for(handler, for_save=True) is None
+        and args_type_for(handler, for_save=False) is None):
+      handler = _LegacyHandler(handler)
     self._handler = handler
+    options = multiprocessing_options or MultiprocessingOptions()
+    self._primary = _multihost.check_processes(options.primary_host, options.active_processes)
+    self._prefix = options.barrier_sync_key_prefix
+    self._file_options = file_options or FileOptions()
+    if temporary_path_class is not None and not (
+        isinstance(temporary_path_class, type)
+        and issubclass(temporary_path_class, atomicity.TemporaryPath)):
+      raise TypeError('temporary_path_class must be a flaxckpt.path.atomicity.TemporaryPath '
+                      f'subclass, got {temporary_path_class!r}.')
+    self._temporary_path_class = temporary_path_class
+    # Replaces JAX's barrier at the commit (AsyncOptions.barrier_sync_fn).
+    self._barrier_sync_fn: Callable[..., Any] | None = None
 
   @property
   def handler(self) -> CheckpointHandler:
@@ -96,13 +107,13 @@ class Checkpointer:
             on_commit: Callable[[], None] | None = None) -> None:
     """The save itself; ``on_commit`` runs once the checkpoint is committed (managers apply
     their retention there)."""
-    final, tmp, init_ns = self._begin(directory, force, custom_metadata)
+    temp, init_ns = self._begin(directory, force, custom_metadata)
     try:
       with _gc_paused():
-        self._handler.save(tmp, args)
-      self._commit(final, tmp, init_ns, custom_metadata, force)
+        self._handler.save(temp.get(), args)
+      self._commit(temp, init_ns, custom_metadata, force)
     except BaseException:
-      _discard(tmp)
+      self._discard(temp)
       raise
     if on_commit is not None:
       on_commit()
@@ -118,6 +129,7 @@ class Checkpointer:
     args = self._adapt(legacy_item, args, legacy_kwargs, for_save=False)
     path = _storage.as_path(directory)
     _restore.check_committed(path)
+    atomicity.check_finalized(path)
     with _gc_paused():
       return self._handler.restore(path, args)
 
@@ -146,6 +158,10 @@ class Checkpointer:
              for_save: bool) -> CheckpointArgs | None:
     """Turns the older ``(item, save_args=..., restore_args=..., transforms=...)`` forms into
     the args object of this checkpointer's handler."""
+    if isinstance(self._handler, _LegacyHandler):
+      if args is not None:
+        legacy_item, kwargs = (args, *legacy_item), kwargs
+      return _LegacyArgs(legacy_item, kwargs)
     if len(legacy_item) > 1:
       raise TypeError(f'Expected at most one positional item, got {len(legacy_item)}.')
     item = legacy_item[0] if legacy_item else kwargs.pop('item', None)
@@ -157,96 +173,74 @@ class Checkpointer:
       return args
     args_type = args_type_for(self._handler, for_save)
     if args_type is None:
-      raise TypeError(f'{type(self._handler).__name__} has no registered args type; '
-                      'pass args=... explicitly.')
-    if 'target' in kwargs:
+      raise TypeError(f'{type(self._handler).__name__} has no registered '
+                      f'{"save" if for_save else "restore"} args type; pass args=... '
+                      'explicitly.')
+    if 'target' in kwargs and 'target' not in getattr(args_type, '__dataclass_fields__', {}):
       item = kwargs.pop('target')
     if for_save and item is None:
       raise TypeError('save() needs an item: save(path, args=...) or save(path, item).')
     fields = {k: v for k, v in kwargs.items() if v is not None}
-    if item is None and not fields:
-      return None
     try:
       return args_type(item, **fields) if item is not None else args_type(**fields)
     except TypeError as e:
+      if item is None and not fields:  # Its args need an item; the handler gets None.
+        return None
       raise TypeError(f'{args_type.__name__} does not accept {sorted(fields)}: {e}') from e
 
+  def _is_primary(self) -> bool:
+    return _multihost.is_primary(self._primary)
+
+  def _barrier(self, name: str, sync_fn: Callable[..., Any] | None = None) -> None:
+    _multihost.barrier(name, prefix=self._prefix, sync_fn=sync_fn)
+
   def _begin(self, directory: _storage.PathLike, force: bool,
-             custom_metadata: dict[str, Any] | None):
+             custom_metadata: dict[str, Any] | None) -> tuple[atomicity.TemporaryPath, int]:
     final = _storage.as_path(directory)
     try:
       json.dumps(custom_metadata)
     except (TypeError, ValueError) as e:
       raise TypeError(f'custom_metadata for {final} must be JSON-serializable: {e}') from e
     if _storage.exists(final) and not force:
-      raise _exists_error(final)
-    # Without atomic renames (object stores) the checkpoint is written in place and committed by
-    # its commit_success.txt alone.
-    in_place = not _storage.renames_atomically(final)
+      raise atomicity.exists_error(final)
+    cls = self._temporary_path_class or atomicity.default_temporary_path_class(final)
+    temp = cls.from_final(final, file_options=self._file_options)
+    if temp.get() != final:  # Every process writes into the directory the primary names.
+      name = _multihost.agree(f'tmp:{final}', temp.get().name, self._primary, self._prefix)
+      if name != temp.get().name:
+        temp = cls.from_temporary(final.with_name(name), file_options=self._file_options)
     init_ns = _metadata.now_ns()
-    # Each save writes into a directory of its own, created here and nowhere else, so that two
-    # writers of one path never share files and nothing planted at the name is written through.
-    tmp = final if in_place else final.with_name(
-        _multihost.agree(f'tmp:{final}', f'{final.name}{_metadata.TMP_SUFFIX}-{init_ns}'))
-    if _multihost.is_primary():
-      if in_place:
-        _storage.make_dirs(tmp)
-      else:
-        _tmp_locks[tmp] = _storage.make_new_locked_dir(tmp)
-      self._write_checkpoint_metadata(tmp, init_ns, None, None)
+    if self._is_primary():
+      temp.create_sync()
+      self._write_checkpoint_metadata(temp.get(), init_ns, None, None)
     try:
-      _multihost.barrier(f'save-begin:{final}')  # The others write into tmp from here on.
+      self._barrier(f'save-begin:{final}')  # The others write into it from here on.
     except _errors.BarrierTimeoutError:
-      _discard(tmp)
+      self._discard(temp)
       raise
-    return final, tmp, init_ns
+    return temp, init_ns
 
-  def _commit(self, final, tmp, init_ns: int, custom_metadata: dict[str, Any] | None,
-              force: bool) -> None:
+  def _discard(self, temp: atomicity.TemporaryPath) -> None:
+    """Removes a failed save's directory; only the primary process deletes anything."""
+    if self._is_primary():
+      temp.discard()
+
+  def _commit(self, temp: atomicity.TemporaryPath, init_ns: int,
+              custom_metadata: dict[str, Any] | None, force: bool) -> None:
     """The primary finalizes and commits once every process has written its part; the others
     return when the commit is done, so a save ends at the same point everywhere."""
-    _multihost.barrier(f'save-written:{final}')
-    if _multihost.is_primary():
-      self._commit_as_primary(final, tmp, init_ns, custom_metadata, force)
-    _multihost.barrier(f'save-committed:{final}')
-
-  def _commit_as_primary(self, final, tmp, init_ns: int,
-                         custom_metadata: dict[str, Any] | None, force: bool) -> None:
-    self._handler.finalize(tmp)
-    self._write_checkpoint_metadata(tmp, init_ns, _metadata.now_ns(), custom_metadata)
-    if tmp == final:  # Written in place: the commit marker, written last, is the commit.
-      _storage.sync_tree(tmp)
-      _storage.write_text(tmp / _metadata.COMMIT_SUCCESS_FILE, _metadata.commit_message(final),
-                          sync=True)
-      return
-    _storage.write_text(tmp / _metadata.COMMIT_SUCCESS_FILE, _metadata.commit_message(final))
-    _storage.sync_tree(tmp)
-    if _storage.exists(final):
-      if not force:  # Another writer committed this path while this save was writing.
-        raise _exists_error(final)
-      replaced = final.with_name(final.name + _steps.REPLACED_SUFFIX)
-      _storage.remove_tree(replaced)
-      _storage.rename(final, replaced)
-      try:
-        _storage.rename(tmp, final)
-      except BaseException:
-        _storage.rename(replaced, final)  # The old checkpoint stays until a new one replaces it.
-        raise
-      _storage.remove_tree(replaced)
-    else:
-      try:
-        _storage.rename(tmp, final)
-      except OSError as e:
-        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-          raise _exists_error(final) from e  # Another writer committed it since the check.
-        raise
-    _release(tmp)
-    _steps.remove_abandoned_saves(final)  # Left by earlier saves to this path that died.
+    final = temp.get_final()
+    self._barrier(f'save-written:{final}', self._barrier_sync_fn)
+    if self._is_primary():
+      self._handler.finalize(temp.get())
+      self._write_checkpoint_metadata(temp.get(), init_ns, _metadata.now_ns(), custom_metadata)
+      temp.finalize_sync(replace=force)
+    self._barrier(f'save-committed:{final}', self._barrier_sync_fn)
 
   def _write_checkpoint_metadata(self, directory, init_ns: int, commit_ns: int | None,
                                  custom_metadata: dict[str, Any] | None) -> None:
     typestrs = getattr(self._handler, 'typestrs', None)
-    item_handlers = typestrs() if callable(typestrs) else (self._handler.typestr or None)
+    item_handlers = typestrs() if callable(typestrs) else handler_typestr(self._handler)
     _storage.write_text(directory / _metadata.CHECKPOINT_METADATA_FILE,
                         _metadata.checkpoint_metadata_json(item_handlers, init_ns, commit_ns,
                                                            custom_metadata))
@@ -261,12 +255,29 @@ class AsyncCheckpointer(Checkpointer):
 
   Args:
     handler: preferably an ``AsyncCheckpointHandler``; others write on the caller's thread.
-    timeout_secs: how long ``wait_until_finished`` waits for a save before raising.
+    timeout_secs: how long ``wait_until_finished`` waits for a save before raising
+      ``TimeoutError``; overrides ``async_options.timeout_secs``.
+    async_options: the timeout, ``post_finalization_callback`` (run on the background thread
+      after each commit) and ``barrier_sync_fn`` (the barrier of the commit).
+    multiprocessing_options, file_options, temporary_path_class, checkpoint_metadata_store:
+      as for ``Checkpointer``.
   """
 
-  def __init__(self, handler: CheckpointHandler, timeout_secs: float = 600):
-    super().__init__(handler)
-    self._timeout = timeout_secs
+  def __init__(self, handler: CheckpointHandler, timeout_secs: float | None = None, *,
+               async_options: AsyncOptions | None = None,
+               multiprocessing_options: MultiprocessingOptions | None = None,
+               file_options: FileOptions | None = None,
+               temporary_path_class: type[atomicity.TemporaryPath] | None = None,
+               checkpoint_metadata_store: Any = None):
+    super().__init__(handler, multiprocessing_options=multiprocessing_options,
+                     file_options=file_options, temporary_path_class=temporary_path_class,
+                     checkpoint_metadata_store=checkpoint_metadata_store)
+    async_options = async_options or AsyncOptions()
+    self._timeout = timeout_secs or async_options.timeout_secs
+    if self._timeout <= 0:
+      raise ValueError(f'timeout_secs must be positive, got {self._timeout}.')
+    self._post_finalization_callback = async_options.post_finalization_callback
+    self._barrier_sync_fn = async_options.barrier_sync_fn
     self._thread: threading.Thread | None = None
     self._error: BaseException | None = None
     self._pending_path = None
@@ -283,34 +294,35 @@ class AsyncCheckpointer(Checkpointer):
             custom_metadata: dict[str, Any] | None,
             on_commit: Callable[[], None] | None = None) -> None:
     self.wait_until_finished()
-    final, tmp, init_ns = self._begin(directory, force, custom_metadata)
+    temp, init_ns = self._begin(directory, force, custom_metadata)
     try:
       with _gc_paused():
         if isinstance(self._handler, AsyncCheckpointHandler):
-          writer = self._handler.async_save(tmp, args)
+          writer = self._handler.async_save(temp.get(), args)
         else:
-          self._handler.save(tmp, args)
+          self._handler.save(temp.get(), args)
           writer = None
     except BaseException:
-      _discard(tmp)
+      self._discard(temp)
       raise
+    callbacks = [c for c in (on_commit, self._post_finalization_callback) if c is not None]
 
     def run() -> None:
       try:
         if writer is not None:
           writer()
-        self._commit(final, tmp, init_ns, custom_metadata, force)
+        self._commit(temp, init_ns, custom_metadata, force)
       except BaseException as e:  # Surfaced to the caller by the next check.
-        _discard(tmp)
+        self._discard(temp)
         self._error = e
         return
-      if on_commit is not None:
-        try:
-          on_commit()
-        except BaseException as e:
-          self._error = e
+      try:
+        for callback in callbacks:
+          callback()
+      except BaseException as e:
+        self._error = e
 
-    self._pending_path = final
+    self._pending_path = temp.get_final()
     # Not a daemon: a normal interpreter exit waits for the save to commit.
     self._thread = threading.Thread(target=run, name='flaxckpt-save', daemon=False)
     self._thread.start()
@@ -322,7 +334,13 @@ class AsyncCheckpointer(Checkpointer):
     return super().restore(directory, *legacy_item, args=args, **legacy_kwargs)
 
   def wait_until_finished(self) -> None:
-    """Blocks until the pending save has committed; raises if it failed."""
+    """Blocks until the pending save has committed; raises if it failed.
+
+    Raises:
+      TimeoutError: the save did not finish within ``timeout_secs`` (it goes on; a later call
+        waits for it again).
+      AsyncSaveError: the background save failed.
+    """
     thread = self._thread
     if thread is not None:
       thread.join(self._timeout)
@@ -348,12 +366,54 @@ class AsyncCheckpointer(Checkpointer):
 class StandardCheckpointer(Checkpointer):
   """``Checkpointer(StandardCheckpointHandler())``."""
 
-  def __init__(self, **handler_options: Any):
-    super().__init__(StandardCheckpointHandler(**handler_options))
+  def __init__(self, *, multiprocessing_options: MultiprocessingOptions | None = None,
+               file_options: FileOptions | None = None,
+               temporary_path_class: type[atomicity.TemporaryPath] | None = None,
+               **handler_options: Any):
+    super().__init__(StandardCheckpointHandler(**handler_options),
+                     multiprocessing_options=multiprocessing_options,
+                     file_options=file_options, temporary_path_class=temporary_path_class)
 
 
 class PyTreeCheckpointer(Checkpointer):
   """``Checkpointer(PyTreeCheckpointHandler())``."""
 
-  def __init__(self, **handler_options: Any):
-    super().__init__(PyTreeCheckpointHandler(**handler_options))
+  def __init__(self, *, multiprocessing_options: MultiprocessingOptions | None = None,
+               file_options: FileOptions | None = None,
+               temporary_path_class: type[atomicity.TemporaryPath] | None = None,
+               **handler_options: Any):
+    super().__init__(PyTreeCheckpointHandler(**handler_options),
+                     multiprocessing_options=multiprocessing_options,
+                     file_options=file_options, temporary_path_class=temporary_path_class)
+
+
+class _LegacyArgs(CheckpointArgs):
+  """The positional and keyword arguments of a call, for a handler without args classes."""
+
+  def __init__(self, args: tuple, kwargs: dict[str, Any]):
+    self.args, self.kwargs = args, kwargs
+
+
+class _LegacyHandler(CheckpointHandler):
+  """Calls a handler that has no registered args classes with the caller's arguments as given
+  (Orbax's form for such handlers: ``save(directory, *args, **kwargs)``)."""
+
+  def __init__(self, handler: CheckpointHandler):
+    self.wrapped = handler
+    self.typestr = handler_typestr(handler)
+
+  def save(self, directory, args: _LegacyArgs) -> None:  # type: ignore[override]
+    self.wrapped.save(directory, *args.args, **args.kwargs)  # type: ignore[call-arg]
+
+  def restore(self, directory, args: _LegacyArgs | None = None) -> Any:  # type: ignore[override]
+    args = args or _LegacyArgs((), {})
+    return self.wrapped.restore(directory, *args.args, **args.kwargs)  # type: ignore[call-arg]
+
+  def metadata(self, directory) -> Any:
+    return self.wrapped.metadata(directory)
+
+  def finalize(self, directory) -> None:
+    self.wrapped.finalize(directory)
+
+  def close(self) -> None:
+    self.wrapped.close()

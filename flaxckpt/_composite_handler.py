@@ -5,18 +5,22 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-from flaxckpt import _errors, _formats, _metadata, _safe_json, _storage
+from flaxckpt import _errors, _formats, _metadata, _registry, _safe_json, _storage
 from flaxckpt._args import Composite, JsonRestore, PyTreeRestore, StandardRestore
+from flaxckpt._array_handler import ArrayCheckpointHandler
+from flaxckpt._base_pytree_handler import BasePyTreeCheckpointHandler
 from flaxckpt._handler import (AsyncCheckpointHandler, CheckpointHandler, Writer, args_type_for,
-                               handler_for, register_with_handler)
+                               handler_for, register_with_handler, typestr)
 from flaxckpt._json_handler import JsonCheckpointHandler
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpointHandler
+from flaxckpt._registry import CheckpointHandlerRegistry, DefaultCheckpointHandlerRegistry
 from flaxckpt._steps import LOCK_DIR, SNAPSHOTS_DIR
 
 _HANDLERS_BY_TYPESTR = {cls.typestr: cls for cls in (
-    PyTreeCheckpointHandler, StandardCheckpointHandler, JsonCheckpointHandler)}
+    PyTreeCheckpointHandler, StandardCheckpointHandler, JsonCheckpointHandler,
+    ArrayCheckpointHandler, BasePyTreeCheckpointHandler)}
 _NOT_ITEMS = (LOCK_DIR, SNAPSHOTS_DIR)
-_DEFAULT_RESTORE_ARGS = {PyTreeCheckpointHandler: PyTreeRestore,
+_DEFAULT_RESTORE_ARGS: dict[type, Any] = {PyTreeCheckpointHandler: PyTreeRestore,
                          StandardCheckpointHandler: StandardRestore,
                          JsonCheckpointHandler: JsonRestore}
 
@@ -24,17 +28,36 @@ _DEFAULT_RESTORE_ARGS = {PyTreeCheckpointHandler: PyTreeRestore,
 class CompositeCheckpointHandler(AsyncCheckpointHandler):
   """Delegates each named item to its own handler.
 
-  Handlers are given up front (``CompositeCheckpointHandler(state=handler)``) or inferred from
-  the args type the first time an item is saved or restored; names alone
-  (``CompositeCheckpointHandler('state', 'metadata')``) are enough.
+  Handlers are given up front (``CompositeCheckpointHandler(state=handler)``), found in a
+  ``handler_registry`` (by item name and args type, then by args type for any item), or inferred
+  from the args type (``args.register_with_handler``) the first time an item is saved or
+  restored; names alone (``CompositeCheckpointHandler('state', 'metadata')``) are enough.
+
+  Raises:
+    ValueError: a ``handler_registry`` is given together with item names or handlers.
   """
 
-  def __init__(self, *item_names: str, **item_handlers: CheckpointHandler):
+  def __init__(self, *item_names: str, handler_registry: CheckpointHandlerRegistry | None = None,
+               composite_options: Any = None, **item_handlers: CheckpointHandler):
+    del composite_options  # Orbax's; the checkpointer holds the options here.
+    if handler_registry is not None and (item_names or item_handlers):
+      raise ValueError('Both `handler_registry` and item names or handlers were provided. '
+                       'Please specify only one of the two.')
+    # A copy: registering more items later never changes the caller's registry.
+    self._registry = (None if handler_registry is None
+                      else DefaultCheckpointHandlerRegistry(handler_registry))
     self._handlers: dict[str, CheckpointHandler | None] = {n: None for n in item_names}
     self._handlers.update(item_handlers)
+    if self._registry is not None:
+      self._handlers.update(_registry.item_handlers(self._registry))
     for name in self._handlers:
       _storage.check_entry_name(name, 'Item name')
-    self._names_fixed = bool(self._handlers)  # Without names, any item may be added.
+    # Without names (or with a registry), any item may be added.
+    self._names_fixed = bool(self._handlers) and self._registry is None
+
+  @property
+  def handler_registry(self) -> CheckpointHandlerRegistry | None:
+    return self._registry
 
   def accept_any_items(self) -> None:
     """Lets items other than those given be saved and restored (their handlers inferred)."""
@@ -45,9 +68,14 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     return dict(self._handlers)
 
   def typestrs(self) -> dict[str, str]:
-    return {n: h.typestr for n, h in self._handlers.items() if h is not None}
+    return {n: typestr(h) for n, h in self._handlers.items() if h is not None}
 
   def _handler(self, name: str, args: Any) -> CheckpointHandler:
+    if self._registry is not None:
+      found = _registry.lookup(self._registry, name, args)
+      if found is not None:
+        self._handlers[name] = found
+        return found
     if self._names_fixed and name not in self._handlers:
       raise KeyError(f'Item {name!r} is not one of this handler\'s items '
                      f'{sorted(self._handlers)}.')

@@ -1,9 +1,10 @@
 """Coordination between the processes of a multi-host job.
 
-One process (the primary, process 0) creates, finalizes and commits checkpoint directories; every
-process writes its own shards. Processes meet at barriers of JAX's distributed runtime. Every
-barrier has a timeout, and a timed-out barrier names the processes that never arrived, so a
-save called on some processes only fails with an error instead of hanging.
+One process (the primary, process 0 unless ``MultiprocessingOptions.primary_host`` names another)
+creates, finalizes and commits checkpoint directories; every process writes its own shards.
+Processes meet at barriers of JAX's distributed runtime. Every barrier has a timeout, and a
+timed-out barrier names the processes that never arrived, so a save called on some processes
+only fails with an error instead of hanging.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import collections
 import os
 import threading
+from collections.abc import Callable, Set
+from typing import Any
 
 import jax
 
@@ -39,8 +42,32 @@ def process_count() -> int:
   return jax.process_count()
 
 
-def is_primary() -> bool:
-  return jax.process_index() == 0
+def is_primary(primary: int = 0) -> bool:
+  return jax.process_index() == primary
+
+
+def check_processes(primary_host: int | None, active_processes: Set[int] | None) -> int:
+  """Validates ``MultiprocessingOptions``' process selection; returns the primary process.
+
+  Raises:
+    NotImplementedError: ``primary_host=None`` (every process its own primary) or a strict
+      subset of processes as ``active_processes``: every process takes part in every save.
+    ValueError: ``primary_host`` is not a process of this job.
+  """
+  count = jax.process_count()
+  if primary_host is None:
+    raise NotImplementedError(
+        'MultiprocessingOptions(primary_host=None) (every process saving its own checkpoint to '
+        'local storage) is not supported; name one primary process, e.g. primary_host=0.')
+  if not 0 <= primary_host < count:
+    raise ValueError(f'MultiprocessingOptions.primary_host={primary_host} is not a process of '
+                     f'this job (processes 0..{count - 1}).')
+  if active_processes is not None and set(active_processes) != set(range(count)):
+    raise NotImplementedError(
+        f'MultiprocessingOptions(active_processes={sorted(active_processes)}): saving from a '
+        f'subset of the {count} processes is not supported; every process takes part in a save '
+        '(pass active_processes=None).')
+  return primary_host
 
 
 def _client():
@@ -48,21 +75,33 @@ def _client():
   return distributed.global_state.client
 
 
-def barrier(name: str) -> None:
+def _key(prefix: str | None, name: str) -> str:
+  return f'{prefix}_{name}' if prefix else name
+
+
+def barrier(name: str, prefix: str | None = None,
+            sync_fn: Callable[..., Any] | None = None) -> None:
   """Blocks until every process has reached the barrier ``name``.
 
   Names must be reached in the same order on every process; a name may be reused (each use
-  is numbered). Nothing happens in a single process.
+  is numbered). ``prefix`` (``MultiprocessingOptions.barrier_sync_key_prefix``) keeps the
+  barriers of concurrent checkpointers apart; ``sync_fn`` (``AsyncOptions.barrier_sync_fn``),
+  called as ``sync_fn(key=..., timeout_ms=...)``, replaces JAX's barrier. Nothing happens in a
+  single process.
 
   Raises:
     BarrierTimeoutError: some process did not arrive within the timeout.
   """
   if jax.process_count() == 1:
     return
-  client = _client()
+  name = _key(prefix, name)
   with _counts_lock:
     _counts[name] += 1
     barrier_id = f'flaxckpt/{name}#{_counts[name]}'
+  if sync_fn is not None:
+    sync_fn(key=barrier_id, timeout_ms=int(_timeout_secs * 1000))
+    return
+  client = _client()
   client.key_value_set(f'{barrier_id}/arrived/{jax.process_index()}', '1')
   timeout = _timeout_secs
   try:
@@ -79,10 +118,10 @@ def barrier(name: str) -> None:
         f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
 
 
-def agree(name: str, value: str) -> str:
-  """The primary's ``value`` on every process (each other process's own ``value`` is ignored);
-  just ``value`` in a single process. Called in the same order on every process, like
-  ``barrier``.
+def agree(name: str, value: str, primary: int = 0, prefix: str | None = None) -> str:
+  """The ``primary`` process's ``value`` on every process (each other process's own ``value``
+  is ignored); just ``value`` in a single process. Called in the same order on every process,
+  like ``barrier``.
 
   Raises:
     BarrierTimeoutError: the primary did not publish its value within the timeout.
@@ -90,15 +129,16 @@ def agree(name: str, value: str) -> str:
   if jax.process_count() == 1:
     return value
   client = _client()
+  name = _key(prefix, name)
   with _counts_lock:
     _counts[f'agree:{name}'] += 1
     key = f'flaxckpt/agree/{name}#{_counts[f"agree:{name}"]}'
-  if is_primary():
+  if is_primary(primary):
     client.key_value_set(key, value)
     return value
   try:
     return client.blocking_key_value_get(key, int(_timeout_secs * 1000))
   except Exception as e:  # jax raises its runtime error type; its text names the cause.
     raise _errors.BarrierTimeoutError(
-        f'Process {jax.process_index()} waited {_timeout_secs:g} s for process 0 to choose '
+        f'Process {jax.process_index()} waited {_timeout_secs:g} s for process {primary} to choose '
         f'{name!r}; it never did (a save called on some processes only ends here).') from e
