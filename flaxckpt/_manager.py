@@ -1,29 +1,41 @@
-"""CheckpointManager: numbered steps under one root, retention, best-metric tracking, async saves.
+"""CheckpointManager: numbered steps under one root, save and preservation policies, async saves.
 
 Each step is one composite checkpoint, ``<root>/<step name>/<item>/``, saved and committed by a
 Checkpointer (or AsyncCheckpointer) exactly as a single checkpoint is. A single unnamed item
-lives in ``default/``. With ``best_fn``, the metrics of a step are a JSON item ``metrics`` (file
+lives in ``default/``. Metrics passed with ``best_fn`` are a JSON item ``metrics`` (file
 ``metrics``), where Orbax keeps them, so rankings survive restarts and both libraries agree.
+
+Which steps are saved and which are kept is decided by one ``SaveDecisionPolicy`` and one
+``PreservationPolicy`` (``flaxckpt.checkpoint_managers``); the older options
+(``save_interval_steps``, ``max_to_keep``, ``best_fn``, ...) are translated into them.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import datetime
 import json
 import logging
 import threading
-from collections.abc import Callable, Container, Mapping, Sequence
+import time
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
-from flaxckpt import _errors, _multihost, _safe_json, _steps, _storage
+from flaxckpt import _policies, _registry, _safe_json, _steps, _storage
+from flaxckpt import logging as logging_lib
 from flaxckpt._args import Composite, JsonSave
 from flaxckpt._checkpointer import AsyncCheckpointer, Checkpointer
 from flaxckpt._composite_handler import CompositeCheckpointHandler, item_names
 from flaxckpt._handler import CheckpointArgs, CheckpointHandler, args_type_for
 from flaxckpt._json_handler import JsonCheckpointHandler
-from flaxckpt._steps import StepNaming, is_locked, validate_step
+from flaxckpt._policies import CheckpointInfo
+from flaxckpt._steps import is_locked, validate_step
+from flaxckpt.options import AsyncOptions, FileOptions, MultiprocessingOptions
+from flaxckpt.path import step as step_lib
 
 logger = logging.getLogger(__name__)
 
@@ -32,33 +44,71 @@ METRICS_ITEM = 'metrics'
 _ROOT_METADATA_DIR = 'metadata'
 _ROOT_METADATA_FILE = '_ROOT_METADATA'
 _LEGACY_ROOT_METADATA_FILE = 'metadata'
+# The time of a step whose metadata was not read (lightweight_initialize), as Orbax.
+_UNREAD_TIME = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+
+
+class StepAlreadyExistsError(ValueError):
+  """``save(step, force=True)`` of a step that already exists (or is being saved): a manager
+  never overwrites a step (Orbax's ``checkpoint_manager.StepAlreadyExistsError``)."""
 
 
 @dataclasses.dataclass
 class CheckpointManagerOptions:
-  """How a CheckpointManager names, keeps and writes steps (Orbax's options of the same names).
+  """How a CheckpointManager names, saves, keeps and writes steps (Orbax's options).
+
+  Which steps are saved: ``save_decision_policy``, else a policy built from
+  ``save_interval_steps``/``save_on_steps`` (or ``should_save_fn``), the first save and
+  preemption. Which are kept: ``preservation_policy``, else a policy built from
+  ``max_to_keep``, ``keep_period``, ``keep_time_interval``, ``best_fn``, ``keep_latest``.
 
   Attributes:
-    save_interval_steps: ``should_save`` is True for multiples of this (and the first save).
-    save_on_steps: steps that are saved whatever the interval.
+    save_interval_steps: save steps that are multiples of this (and the first save).
     max_to_keep: how many steps to keep (the newest, or with ``best_fn`` the best); None keeps
       every step.
+    keep_time_interval: also keep a step each time this much time has passed since the last
+      step kept this way (a ``datetime.timedelta``).
     keep_period: steps divisible by this are never deleted.
-    best_fn: maps a step's metrics to a number to rank steps by.
+    best_fn: maps a step's metrics to a number to rank steps by; metrics are then saved.
     best_mode: 'max' or 'min': which end of ``best_fn`` is best.
     keep_checkpoints_without_metrics: with ``best_fn``, keep steps saved without metrics.
-    keep_latest: with ``best_fn``, also keep this many of the newest steps whatever their
-      metrics (Orbax cannot: it keeps only the best once ``best_fn`` is set).
+    keep_latest: (flaxckpt only) also keep this many of the newest steps whatever their
+      metrics (Orbax keeps only the best once ``best_fn`` is set).
     step_prefix: step directories are named ``<prefix>_<step>``.
     step_format_fixed_length: zero-pad step numbers to this many digits.
+    step_name_format: a ``NameFormat`` naming and finding steps; replaces ``step_prefix`` and
+      ``step_format_fixed_length``.
     create: create the root directory if it is missing.
     cleanup_tmp_directories: delete the directories of saves that never committed, at start.
+    save_on_steps: steps that are saved whatever the interval.
+    single_host_load_and_broadcast: process 0 lists the steps and the others take its list.
+    enable_background_delete: delete old steps on a background thread;
+      ``wait_until_finished`` and ``close`` wait for the deletions.
     read_only: never write or delete anything; saves return False.
     enable_async_checkpointing: save on a background thread (the default).
-    async_timeout_secs: how long ``wait_until_finished`` waits for a background save.
+    async_options: ``AsyncOptions`` of background saves (its ``timeout_secs`` wins over
+      ``async_timeout_secs``).
+    multiprocessing_options: ``MultiprocessingOptions``: the primary process, barrier keys.
+    should_save_fn: ``fn(step, latest_step_or_None) -> bool``; replaces
+      ``save_interval_steps`` and ``save_on_steps``.
+    file_options: ``FileOptions``: permissions of the directories created.
+    save_root_metadata: write the run's ``metadata`` under the root.
+    temporary_path_class: how a save is made atomic (``ocp.path.atomicity``);
+      ``CommitFileTemporaryPath`` steps count once they hold ``commit_success.txt``.
+    save_decision_policy: decides which steps are saved (replaces the options above).
+    preservation_policy: decides which steps are kept; not to be combined with
+      ``max_to_keep``, ``keep_period``, ``keep_time_interval`` or ``keep_latest``.
+    prevent_write_metrics: never save metrics (``best_fn`` still ranks those in memory).
+    enable_should_save_is_saving_in_progress_check: tell policies whether a save is in
+      flight (``ContinuousCheckpointingPolicy`` waits for it); False always says no.
+    lightweight_initialize: at construction only list the step directories: no step's
+      metrics or save time are read (policies see them as absent / as long ago).
+    async_timeout_secs: (flaxckpt's older spelling) the ``AsyncOptions.timeout_secs`` used
+      when ``async_options`` is not given.
   """
   save_interval_steps: int = 1
   max_to_keep: int | None = None
+  keep_time_interval: datetime.timedelta | None = None
   keep_period: int | None = None
   best_fn: Callable[[Any], float] | None = None
   best_mode: str = 'max'
@@ -66,33 +116,116 @@ class CheckpointManagerOptions:
   keep_latest: int | None = None
   step_prefix: str | None = None
   step_format_fixed_length: int | None = None
+  step_name_format: step_lib.NameFormat[step_lib.Metadata] | None = None
   create: bool = True
   cleanup_tmp_directories: bool = False
   save_on_steps: Container[int] | None = None
+  single_host_load_and_broadcast: bool = False
+  enable_background_delete: bool = False
   read_only: bool = False
   enable_async_checkpointing: bool = True
+  async_options: AsyncOptions | None = None
+  multiprocessing_options: MultiprocessingOptions = dataclasses.field(
+      default_factory=MultiprocessingOptions)
+  should_save_fn: Callable[[int, int | None], bool] | None = None
+  file_options: FileOptions = dataclasses.field(default_factory=FileOptions)
+  save_root_metadata: bool = True
+  temporary_path_class: type | None = None
+  save_decision_policy: _policies.SaveDecisionPolicy | None = None
+  preservation_policy: _policies.PreservationPolicy | None = None
+  prevent_write_metrics: bool = False
+  enable_should_save_is_saving_in_progress_check: bool = True
+  lightweight_initialize: bool = False
   async_timeout_secs: float = 600
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     for name in ('save_interval_steps', 'max_to_keep', 'keep_period', 'keep_latest',
                  'step_format_fixed_length'):
       value = getattr(self, name)
       if value is None and name != 'save_interval_steps':
         continue
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'CheckpointManagerOptions.{name} must be a positive int'
+      low = 0 if name == 'max_to_keep' else 1
+      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = 'non-negative' if low == 0 else 'positive'
+        raise ValueError(f'CheckpointManagerOptions.{name} must be a {kind} int'
                          f'{"" if name == "save_interval_steps" else " or None"}, got {value!r}.')
     if self.best_mode not in ('max', 'min'):
       raise ValueError(f"CheckpointManagerOptions.best_mode must be 'max' or 'min', got "
                        f'{self.best_mode!r}.')
+    if self.keep_time_interval is not None and not isinstance(self.keep_time_interval,
+                                                              datetime.timedelta):
+      raise TypeError('CheckpointManagerOptions.keep_time_interval must be a '
+                      f'datetime.timedelta, got {type(self.keep_time_interval).__name__}.')
     if self.save_on_steps is not None:
-      self.save_on_steps = frozenset(validate_step(s) for s in self.save_on_steps)
+      steps: Iterable[int] = self.save_on_steps  # type: ignore[assignment]
+      self.save_on_steps = frozenset(validate_step(s) for s in steps)
+    for name, protocol, method in (
+        ('save_decision_policy', 'SaveDecisionPolicy', 'should_save'),
+        ('preservation_policy', 'PreservationPolicy', 'should_preserve')):
+      value = getattr(self, name)
+      if value is not None and not callable(getattr(value, method, None)):
+        raise TypeError(f'CheckpointManagerOptions.{name} must be a {protocol} (an object with '
+                        f'a {method} method, see flaxckpt.checkpoint_managers), got {value!r}.')
+    option_types: tuple[tuple[str, type], ...] = (
+        ('async_options', AsyncOptions), ('multiprocessing_options', MultiprocessingOptions),
+        ('file_options', FileOptions))
+    for field, option_type in option_types:
+      value = getattr(self, field)
+      if value is not None and not isinstance(value, option_type):
+        raise TypeError(f'CheckpointManagerOptions.{field} must be a flaxckpt.options.'
+                        f'{option_type.__name__}, got {type(value).__name__}.')
 
 
-@dataclasses.dataclass
-class _StepInfo:
-  step: int
-  metrics: Any = None
+def save_decision_policy(options: CheckpointManagerOptions) -> _policies.SaveDecisionPolicy:
+  """The one policy deciding which steps ``options`` saves (besides ``save`` itself refusing
+  steps not newer than the latest)."""
+  if options.save_decision_policy is not None:
+    return options.save_decision_policy
+  policies: list[_policies.SaveDecisionPolicy] = []
+  if options.should_save_fn is not None:
+    policies += [_policies.ShouldSaveFnPolicy(options.should_save_fn),
+                 _policies.PreemptionCheckpointingPolicy()]
+  else:
+    policies.append(_policies.FixedIntervalPolicy(options.save_interval_steps))
+    if options.save_on_steps:
+      policies.append(_policies.SpecificStepsPolicy(options.save_on_steps))
+    policies += [_policies.PreemptionCheckpointingPolicy(), _policies.InitialSavePolicy()]
+  return _policies.AnySavePolicy(policies)
+
+
+def preservation_policy(options: CheckpointManagerOptions) -> _policies.PreservationPolicy:
+  """The one policy deciding which steps ``options`` keeps.
+
+  Raises:
+    ValueError: ``preservation_policy`` is combined with the options it replaces.
+  """
+  if options.preservation_policy is not None:
+    mixed = [name for name in ('max_to_keep', 'keep_period', 'keep_time_interval', 'keep_latest')
+             if getattr(options, name)]
+    if mixed:
+      raise ValueError(f'CheckpointManagerOptions: preservation_policy replaces {mixed}; pass '
+                       'one or the other (e.g. AnyPreservationPolicy([LatestN(n), ...])).')
+    return options.preservation_policy
+  policies: list[_policies.PreservationPolicy] = []
+  if options.keep_period is not None:
+    policies.append(_policies.EveryNSteps(options.keep_period))
+  if options.keep_time_interval is not None:
+    policies.append(_policies.EveryNSeconds(int(options.keep_time_interval.total_seconds())))
+  if options.best_fn is not None:
+    policies.append(_policies.BestN(
+        get_metric_fn=options.best_fn, reverse=options.best_mode == 'min',
+        n=options.max_to_keep,
+        keep_checkpoints_without_metrics=options.keep_checkpoints_without_metrics))
+  else:
+    policies.append(_policies.LatestN(options.max_to_keep))
+  if options.keep_latest is not None:
+    policies.append(_policies.LatestN(options.keep_latest))
+  return _policies.AnyPreservationPolicy(policies)
+
+
+def is_async_checkpointer(checkpointer: Any) -> bool:
+  """Whether ``checkpointer`` saves in the background."""
+  return isinstance(checkpointer, AsyncCheckpointer)
 
 
 class CheckpointManager:
@@ -105,6 +238,12 @@ class CheckpointManager:
     mngr = CheckpointManager(path, item_names=('state', 'extra'))
     mngr.save(step, args=args.Composite(state=args.StandardSave(s), extra=args.JsonSave(e)))
 
+  With policies (``flaxckpt.checkpoint_managers``)::
+
+    options = CheckpointManagerOptions(
+        save_decision_policy=checkpoint_managers.FixedIntervalPolicy(100),
+        preservation_policy=checkpoint_managers.LatestN(3))
+
   Older form (seed 001): ``CheckpointManager(path, checkpointer, options)`` (or a dict of
   checkpointers), ``save(step, items, save_kwargs=...)``, ``restore(step, items=...,
   restore_kwargs=...)``; it is translated into the current one.
@@ -113,57 +252,113 @@ class CheckpointManager:
     directory: the root holding the step directories.
     checkpointers: older form: one Checkpointer/AsyncCheckpointer, or a dict of them by item.
     options: ``CheckpointManagerOptions``.
+    metadata: JSON-serializable metadata of the whole run, written once under the root.
     item_names: names of the items of a multi-item manager; handlers are inferred from the
       args type of the first save (or restore) of each.
     item_handlers: a handler (class or instance) for the single item, or a dict by item name.
-    metadata: JSON-serializable metadata of the whole run, written once under the root.
+    logger: a ``flaxckpt.logging.AbstractLogger`` given one entry per save and restore.
+    handler_registry: a ``CheckpointHandlerRegistry`` of the items' handlers.
+
+  Raises:
+    ValueError: ``options.preservation_policy`` combined with the options it replaces.
   """
 
   def __init__(self, directory: _storage.PathLike,
                checkpointers: Checkpointer | Mapping[str, Checkpointer] | None = None,
                options: CheckpointManagerOptions | None = None,
+               metadata: Mapping[str, Any] | None = None,
                item_names: Sequence[str] | None = None,
-               item_handlers: Any = None, metadata: Mapping[str, Any] | None = None):
+               item_handlers: Any = None, logger: logging_lib.AbstractLogger | None = None,
+               handler_registry: Any = None):
     if checkpointers is not None and not isinstance(checkpointers, (Checkpointer, Mapping)):
       if isinstance(checkpointers, CheckpointManagerOptions) and options is None:
         options, checkpointers = checkpointers, None
       else:
         raise TypeError('checkpointers must be a Checkpointer, a dict of them, or None; got '
                         f'{type(checkpointers).__name__}.')
-    self._options = options or CheckpointManagerOptions()
+    if isinstance(metadata, CheckpointManagerOptions):  # Orbax's older (dir, ckptrs, options).
+      raise TypeError('metadata must be a mapping; pass options=CheckpointManagerOptions(...).')
+    if logger is not None and not isinstance(logger, logging_lib.AbstractLogger):
+      raise TypeError(f'logger must be a flaxckpt.logging.AbstractLogger, got '
+                      f'{type(logger).__name__}.')
+    if handler_registry is not None and (checkpointers is not None or item_names is not None
+                                         or item_handlers is not None):
+      raise ValueError('handler_registry replaces checkpointers, item_names and item_handlers; '
+                       'pass one or the other.')
+    self._options = options = options or CheckpointManagerOptions()
+    self._save_policy = save_decision_policy(options)
+    self._preservation_policy = preservation_policy(options)
+    self._logger = logger or logging_lib.StandardLogger()
     self._root = _storage.as_path(directory)
-    self._naming = StepNaming(self._options.step_prefix, self._options.step_format_fixed_length)
+    self._name_format = options.step_name_format or step_lib.standard_name_format(
+        step_prefix=options.step_prefix,
+        step_format_fixed_length=options.step_format_fixed_length,
+        single_host_load_and_broadcast=options.single_host_load_and_broadcast,
+        temporary_path_cls=options.temporary_path_class)
     handlers, self._single, use_async, self._older_form = self._item_setup(
         checkpointers, item_names, item_handlers)
-    if self._options.best_fn is not None:
+    if handler_registry is not None:
+      self._single = None  # The first save's args decide, as without items.
+    if options.best_fn is not None:
       if METRICS_ITEM in handlers:
         raise ValueError(f'Item name {METRICS_ITEM!r} is reserved for the metrics of best_fn.')
-      handlers[METRICS_ITEM] = JsonCheckpointHandler(METRICS_ITEM)
-    names = [n for n, h in handlers.items() if h is None]
-    self._composite = CompositeCheckpointHandler(
-        *names, **{n: h for n, h in handlers.items() if h is not None})
+      if handler_registry is None:
+        handlers[METRICS_ITEM] = JsonCheckpointHandler(METRICS_ITEM)
+      else:
+        handler_registry = _registry.DefaultCheckpointHandlerRegistry(handler_registry)
+        if not handler_registry.has(METRICS_ITEM, JsonSave):
+          handler_registry.add(METRICS_ITEM, JsonSave, JsonCheckpointHandler(METRICS_ITEM))
+    if handler_registry is not None:
+      self._composite = CompositeCheckpointHandler(handler_registry=handler_registry)
+    else:
+      given: dict[str, Any] = {n: h for n, h in handlers.items() if h is not None}
+      self._composite = CompositeCheckpointHandler(
+          *[n for n, h in handlers.items() if h is None], **given)
     self._open_items = self._single is None  # Items unknown until saved or restored (Orbax).
     if self._open_items:
       self._composite.accept_any_items()
     if use_async is None:  # Not fixed by the older form's checkpointers: the options decide.
-      use_async = self._options.enable_async_checkpointing
-    if use_async:
-      self._checkpointer: Checkpointer = AsyncCheckpointer(
-          self._composite, timeout_secs=self._options.async_timeout_secs)
-    else:
-      self._checkpointer = Checkpointer(self._composite)
+      use_async = options.enable_async_checkpointing
+    self._checkpointer = self._make_checkpointer(use_async)
     self._lock = threading.Lock()
-    self._started_step: int | None = None  # The step of the latest save started.
-    if not self._options.read_only:
-      if self._options.create:
-        _storage.make_dirs(self._root)
-      if _multihost.is_primary():
-        _steps.recover_replaced(self._root)
-        if self._options.cleanup_tmp_directories:
+    self._started: CheckpointInfo | None = None  # The latest save started.
+    self._last_save_time: float | None = None
+    self._deleter = (concurrent.futures.ThreadPoolExecutor(1, 'flaxckpt-delete')
+                     if options.enable_background_delete else None)
+    self._deletions: list[concurrent.futures.Future[None]] = []
+    if not options.read_only:
+      if options.create:
+        self._create_root()
+      if self._is_primary():
+        _steps.recover_replaced(self._root)  # Left by force=True saves of older releases.
+        if options.cleanup_tmp_directories:
           _steps.remove_tmp_step_dirs(self._root)
-      if metadata is not None and _multihost.is_primary():
+      if metadata is not None and options.save_root_metadata and self._is_primary():
         self._write_root_metadata(metadata)
-    self._steps: list[_StepInfo] = self._scan()
+    self._infos: list[CheckpointInfo] = self._scan(read_metadata=not options.lightweight_initialize)
+
+  def _make_checkpointer(self, use_async: bool) -> Checkpointer:
+    options = self._options
+    if use_async:
+      timeout = None if options.async_options else options.async_timeout_secs
+      return AsyncCheckpointer(self._composite, timeout, async_options=options.async_options,
+                               multiprocessing_options=options.multiprocessing_options,
+                               file_options=options.file_options,
+                               temporary_path_class=options.temporary_path_class)
+    return Checkpointer(self._composite, multiprocessing_options=options.multiprocessing_options,
+                        file_options=options.file_options,
+                        temporary_path_class=options.temporary_path_class)
+
+  def _is_primary(self) -> bool:
+    primary = self._options.multiprocessing_options.primary_host
+    return primary is None or jax.process_index() == primary
+
+  def _create_root(self) -> None:
+    mode = self._options.file_options.path_permission_mode
+    existed = _storage.is_dir(self._root)
+    _storage.make_dirs(self._root)
+    if mode is not None and not existed and self._is_primary():
+      self._root.chmod(mode)  # mkdir's mode is cut by the umask; the option means the mode.
 
   # --- items ----------------------------------------------------------------------------------
 
@@ -284,12 +479,17 @@ class CheckpointManager:
   def save(self, step: int, items: Any = None, save_kwargs: Any = None, *,
            args: CheckpointArgs | None = None, metrics: Any = None, force: bool = False,
            custom_metadata: dict[str, Any] | None = None) -> bool:
-    """Saves ``step``; returns False when the save policy skips it.
+    """Saves ``step`` if ``should_save(step)`` (or ``force``); returns whether it did.
+
+    A step that already exists, or is not newer than the latest, is not saved (False), so a
+    loop resumed at step 20 may call ``save(20, ...)`` again. ``force=True`` saves whatever
+    the policy says but never overwrites a step.
 
     Raises:
-      CheckpointExistsError: ``step`` already exists and ``force`` is False.
+      StepAlreadyExistsError: ``force=True`` and ``step`` exists or is being saved.
       TypeError, ValueError: bad step, args or metrics; nothing is written then.
     """
+    started = time.time()
     step = validate_step(step)
     if self._options.read_only:
       logger.warning('%s is read-only; step %d was not saved.', self._root, step)
@@ -297,34 +497,57 @@ class CheckpointManager:
     composite = self._save_args(items, save_kwargs, args)
     metrics = _jsonable_metrics(metrics, step)
     self.check_for_errors()
-    path = self._root / self._naming.name(step)  # A new step gets the conventional name.
-    if step in self.all_steps():
-      path = self._step_dir(step)
-      if not force:
-        raise _errors.CheckpointExistsError(
-            f'Step {step} already exists at {path}; pass force=True to replace it.')
-    elif not force and not self.should_save(step):
-      logger.debug('Step %d skipped by the save policy (save_interval_steps=%d).', step,
-                   self._options.save_interval_steps)
+    if not force and not self.should_save(step):
+      logger.debug('Step %d skipped by the save decision policy.', step)
       return False
-    if metrics is not None and self._options.best_fn is not None:
+    stats = logging_lib.SaveStepStatistics(
+        step=step, directory=str(self._root), checkpoint_manager_blocking_start_time=started,
+        synchronous=not is_async_checkpointer(self._checkpointer))
+    if self.reached_preemption(step):
+      stats.reached_preemption, stats.preemption_received_at = True, time.time()
+    stats.wait_for_prev_start_time = time.time()
+    if self._last_save_time is not None:
+      stats.time_between_consecutive_saves_sec = stats.wait_for_prev_start_time - (
+          self._last_save_time)
+    self._checkpointer.wait_until_finished()  # Not for background deletions: they go on.
+    stats.wait_for_prev_duration_secs = time.time() - stats.wait_for_prev_start_time
+    if step in self.all_steps():
+      raise StepAlreadyExistsError(
+          f'Step {step} already exists at {self._step_dir(step)}; a manager never overwrites '
+          'a step (delete(step) first to replace it).')
+    if (metrics is not None and self._options.best_fn is not None
+        and not self._options.prevent_write_metrics):
       composite = Composite({**composite, METRICS_ITEM: JsonSave(metrics)})
-    self._started_step = step
-    self._checkpointer._save(path, composite, force, custom_metadata,  # noqa: SLF001
-                             on_commit=lambda: self._committed(step, metrics))
+    path = self._root / self._name_format.build_name(step)
+    info = CheckpointInfo(step, datetime.datetime.now(tz=datetime.timezone.utc), metrics)
+    self._started = info
+    self._last_save_time = stats.checkpointer_blocking_start_time = time.time()
+    self._checkpointer._save(path, composite, False, custom_metadata,  # noqa: SLF001
+                             on_commit=lambda: self._committed(info))
+    stats.checkpointer_blocking_duration_secs = time.time() - self._last_save_time
+    stats.checkpoint_manager_blocking_duration_secs = time.time() - started
+    self._logger.log_entry(dataclasses.asdict(stats))
     return True
 
-  def _committed(self, step: int, metrics: Any) -> None:
+  def _committed(self, info: CheckpointInfo) -> None:
+    """After ``info.step`` has committed: it joins the steps, and the preservation policy
+    decides which steps stay."""
     with self._lock:
-      self._steps = [i for i in self._steps if i.step != step] + [_StepInfo(step, metrics)]
-      self._steps.sort(key=lambda i: i.step)
-      doomed = self._steps_to_delete()
-    for info in doomed:
-      self._delete_now(info.step)
+      self._infos = sorted([i for i in self._infos if i.step != info.step] + [info],
+                           key=lambda i: i.step)
+      infos = list(self._infos)
+    keep = list(self._preservation_policy.should_preserve(
+        infos, context=_policies.PreservationContext()))
+    if len(keep) != len(infos):
+      raise ValueError(f'{self._preservation_policy!r}.should_preserve returned {len(keep)} '
+                       f'flags for {len(infos)} steps.')
+    for doomed, kept in zip(infos, keep):
+      if not kept:
+        self._remove(doomed.step, skip_locked=True)
 
   def should_save(self, step: int) -> bool:
-    """Whether the save policy wants ``step``: newer than the latest step and on the interval,
-    in ``save_on_steps``, at a preemption point, or the first save."""
+    """Whether ``step`` would be saved: it is newer than every step saved or being saved, and
+    the save decision policy wants it."""
     step = validate_step(step)
     if self._options.read_only:
       return False
@@ -334,18 +557,31 @@ class CheckpointManager:
       latest = max(latest or 0, in_flight)
     if latest is not None and latest >= step:
       return False
-    options = self._options
-    return (latest is None or step % options.save_interval_steps == 0
-            or (options.save_on_steps is not None and step in options.save_on_steps)
-            or self.reached_preemption(step))
+    context = _policies.DecisionContext(
+        is_saving_in_progress=(self._options.enable_should_save_is_saving_in_progress_check
+                               and self.is_saving_in_progress()),
+        reached_preemption=self.reached_preemption(step),
+        multiprocessing_options=self._options.multiprocessing_options)
+    with self._lock:
+      previous = list(self._infos)
+    if in_flight is not None and self._started is not None:  # Counts as saved, as in Orbax.
+      previous.append(self._started)
+    current = CheckpointInfo(step, datetime.datetime.now(tz=datetime.timezone.utc))
+    return bool(self._save_policy.should_save(current, previous_steps=previous,
+                                              context=context))
+
+  def is_saving_in_progress(self) -> bool:
+    """Whether a background save has started and not yet committed (or failed)."""
+    return self._in_flight_step() is not None
 
   def _in_flight_step(self) -> int | None:
     """The step whose save has started but neither committed nor failed: its temporary
     directory is still there (a commit renames it, a failure deletes it)."""
-    step = self._started_step
-    if step is None:
+    step = self._started.step if self._started is not None else None
+    if step is None or step in self.all_steps():
       return None
-    return step if _steps.saves_in_flight(self._root / self._naming.name(step)) else None
+    return step if _steps.saves_in_flight(self._root / self._name_format.build_name(step)) \
+        else None
 
   def reached_preemption(self, step: int) -> bool:
     """True at a preemption sync point of JAX's distributed runtime; False without one."""
@@ -355,88 +591,87 @@ class CheckpointManager:
     except (RuntimeError, AttributeError, ValueError):
       return False  # No distributed runtime, or no preemption service in it.
 
-  # --- retention ------------------------------------------------------------------------------
+  # --- deleting -------------------------------------------------------------------------------
 
-  def _steps_to_delete(self) -> list[_StepInfo]:
-    options = self._options
-    if options.max_to_keep is None:
-      return []
-    if options.best_fn is None:
-      candidates = self._steps[:-options.max_to_keep]
-    else:
-      ranked = self._ranked()
-      candidates = ranked[:-options.max_to_keep]
-      if not options.keep_checkpoints_without_metrics:
-        candidates += [i for i in self._steps if i.metrics is None]
-      if options.keep_latest:
-        newest = {i.step for i in self._steps[-options.keep_latest:]}
-        candidates = [i for i in candidates if i.step not in newest]
-    if options.keep_period:
-      candidates = [i for i in candidates if i.step % options.keep_period]
-    return candidates
-
-  def _ranked(self) -> list[_StepInfo]:
-    """Steps with metrics, worst first (ties: older first)."""
-    scored = [i for i in self._steps if i.metrics is not None]
-    sign = 1 if self._options.best_mode == 'max' else -1
-    return sorted(scored, key=lambda i: sign * float(self._options.best_fn(i.metrics)))
-
-  def _delete_now(self, step: int) -> None:
+  def _remove(self, step: int, skip_locked: bool = False) -> None:
+    """Forgets ``step`` and deletes its directory (on the deletion thread with
+    ``enable_background_delete``)."""
     path = self._step_dir(step)
-    if is_locked(path):
+    if skip_locked and is_locked(path):
       logger.info('Step %d is locked by a reader; it will be deleted later.', step)
       return
-    if _multihost.is_primary():  # Every process forgets the step; one deletes it.
-      _steps.delete(path)
     with self._lock:
-      self._steps = [i for i in self._steps if i.step != step]
+      self._infos = [i for i in self._infos if i.step != step]
+    if not self._is_primary():  # Every process forgets the step; the primary deletes it.
+      return
+    if self._deleter is None:
+      _steps.delete(path)
+    else:
+      with self._lock:
+        self._deletions = [f for f in self._deletions if not f.done() or f.exception()]
+        self._deletions.append(self._deleter.submit(_steps.delete, path))
 
   def delete(self, step: int) -> None:
-    """Deletes ``step`` now (nothing happens with ``read_only``)."""
+    """Deletes ``step`` (nothing happens with ``read_only``).
+
+    Raises:
+      FileNotFoundError: there is no such step.
+    """
     step = validate_step(step)
     if self._options.read_only:
       logger.warning('%s is read-only; step %d was not deleted.', self._root, step)
       return
-    self.wait_until_finished()
+    self._checkpointer.wait_until_finished()
     if step not in self.all_steps():
       raise FileNotFoundError(f'No step {step} under {self._root}; steps: {self.all_steps()}.')
-    if _multihost.is_primary():
-      _steps.delete(self._step_dir(step))
+    self._remove(step)
+
+  def _wait_for_deletions(self) -> None:
     with self._lock:
-      self._steps = [i for i in self._steps if i.step != step]
+      pending, self._deletions = self._deletions, []
+    errors = [f.exception() for f in pending]  # Waits for each.
+    failed = [e for e in errors if e is not None]
+    if failed:
+      raise failed[0]
 
   # --- listing ---------------------------------------------------------------------------------
 
-  def _scan(self) -> list[_StepInfo]:
+  def _scan(self, read_metadata: bool = True) -> list[CheckpointInfo]:
     infos = []
-    for step in self._naming.list_steps(self._root):
-      metrics = None
-      if self._options.best_fn is not None:
-        metrics = self._read_metrics(step)
-      infos.append(_StepInfo(step, metrics))
-    return infos
+    for found in self._name_format.find_all(self._root):
+      if read_metadata:
+        info = CheckpointInfo(found.step, found.commit_timestamp, self._read_metrics(found.path))
+      else:
+        info = CheckpointInfo(found.step, _UNREAD_TIME)
+      infos.append(info)
+    return sorted(infos, key=lambda i: i.step)
 
-  def _read_metrics(self, step: int) -> Any:
-    path = self._step_dir(step) / METRICS_ITEM / METRICS_ITEM
+  def _read_metrics(self, step_dir: Any) -> Any:
+    path = step_dir / METRICS_ITEM / METRICS_ITEM
     if not _storage.is_file(path):
       return None
     try:
       return _safe_json.read(_storage.check_inside(path, self._root))
     except ValueError:
-      logger.warning('Unreadable metrics at %s; step %d is ranked as having none.', path, step)
+      logger.warning('Unreadable metrics at %s; the step is ranked as having none.', path)
       return None
 
   def _step_dir(self, step: int, root: Any = None):
-    """The directory of ``step``, refused if a link makes it lead outside the root."""
+    """The directory of the committed ``step``, refused if a link makes it lead outside the
+    root; where there is none, the path a new save of it would take."""
     root = _storage.as_path(root) if root is not None else self._root
-    return _storage.check_inside(self._naming.path(root, step), root)
+    try:
+      path = self._name_format.find_step(root, step).path
+    except ValueError:
+      path = root / self._name_format.build_name(step)
+    return _storage.check_inside(_storage.as_path(path), root)
 
   def all_steps(self, read: bool = False) -> list[int]:
     """Committed steps, ascending; ``read=True`` lists the directory again first."""
     if read:
       self.reload()
     with self._lock:
-      return [i.step for i in self._steps]
+      return [i.step for i in self._infos]
 
   def latest_step(self) -> int | None:
     steps = self.all_steps()
@@ -447,14 +682,16 @@ class CheckpointManager:
     if self._options.best_fn is None:
       return self.latest_step()
     with self._lock:
-      ranked = self._ranked()
+      scored = [i for i in self._infos if i.metrics is not None]
+    ranked = sorted(scored, key=lambda i: self._options.best_fn(i.metrics),  # type: ignore[misc]
+                    reverse=self._options.best_mode == 'min')
     return ranked[-1].step if ranked else self.latest_step()
 
   def reload(self) -> None:
-    """Re-reads the steps (and their metrics) from disk."""
-    steps = self._scan()
+    """Re-reads the steps (and their metrics and times) from disk."""
+    infos = self._scan()
     with self._lock:
-      self._steps = steps
+      self._infos = infos
 
   # --- restoring ------------------------------------------------------------------------------
 
@@ -469,8 +706,9 @@ class CheckpointManager:
     Returns:
       The item for a single-item manager, else a ``Composite`` by item name (without args:
       every item of the step, ``metrics`` included, each with its inferred handler's default
-      restore args).
+      restore args, and None for each of the manager's ``item_names`` the step lacks).
     """
+    started = time.time()
     self.wait_until_finished()
     if step is None:
       step = self.latest_step()
@@ -479,16 +717,27 @@ class CheckpointManager:
     step = validate_step(step)
     path = self._step_dir(step, directory)
     if not _storage.is_dir(path):
-      where = directory if directory is not None else self._root
+      where = _storage.as_path(directory) if directory is not None else self._root
       raise FileNotFoundError(f'No step {step} at {path}; steps under {where}: '
-                              f'{self._naming.list_steps(_storage.as_path(where))}.')
+                              f'{[m.step for m in self._name_format.find_all(where)]}.')
     self._settle_single(_storage.is_dir(path / DEFAULT_ITEM))
     composite = self._restore_args(items, restore_kwargs, args)
+    absent: list[str] = []
     if composite is None:  # Every item whose handler is known or can be inferred, as Orbax.
       names = [DEFAULT_ITEM] if self._single else item_names(path)
       composite = Composite({n: None for n in names})
+      if not self._single:
+        absent = [n for n in self._known_items() if n not in names]
+    stats = logging_lib.RestoreStepStatistics(
+        step=step, directory=str(path.parent), checkpoint_manager_start_time=started)
+    stats.checkpointer_start_time = checkpointer_started = time.time()
     result = self._checkpointer.restore(path, args=composite)
-    return result[DEFAULT_ITEM] if self._single else result
+    stats.checkpointer_duration_secs = time.time() - checkpointer_started
+    stats.checkpoint_manager_duration_secs = time.time() - started
+    self._logger.log_entry(dataclasses.asdict(stats))
+    if self._single:
+      return result[DEFAULT_ITEM]
+    return Composite({**result, **{n: None for n in absent}}) if absent else result
 
   def item_metadata(self, step: int) -> Any:
     """What each item of ``step`` holds, without reading array data."""
@@ -501,10 +750,14 @@ class CheckpointManager:
 
   def metrics(self, step: int) -> Any:
     """The metrics saved with ``step``, or None."""
-    return self._read_metrics(validate_step(step))
+    return self._read_metrics(self._step_dir(validate_step(step)))
 
-  def metadata(self) -> dict[str, Any]:
-    """The run metadata given to the constructor (this or an earlier run), or {}."""
+  def metadata(self, step: int | None = None) -> Any:
+    """Without ``step``: the run metadata given to the constructor (this or an earlier run),
+    or {}. With ``step``: that step's ``_CHECKPOINT_METADATA`` as a dict."""
+    if step is not None:
+      path = self._step_dir(validate_step(step)) / '_CHECKPOINT_METADATA'
+      return _safe_json.read(path) if _storage.is_file(path) else {}
     folder = self._root / _ROOT_METADATA_DIR
     for name, key in ((_ROOT_METADATA_FILE, 'custom_metadata'),
                       (_LEGACY_ROOT_METADATA_FILE, None)):
@@ -531,14 +784,22 @@ class CheckpointManager:
     return self._root
 
   def wait_until_finished(self) -> None:
-    """Blocks until a background save has committed and its retention has run."""
+    """Blocks until a background save has committed, its old steps are deleted (background
+    deletions included)."""
     self._checkpointer.wait_until_finished()
+    self._wait_for_deletions()
 
   def check_for_errors(self) -> None:
     self._checkpointer.check_for_errors()
 
   def close(self) -> None:
-    self._checkpointer.close()
+    """Waits for saves and deletions in flight, then releases the background threads."""
+    try:
+      self.wait_until_finished()
+    finally:
+      self._checkpointer.close()
+      if self._deleter is not None:
+        self._deleter.shutdown(wait=True)
 
   def __enter__(self) -> CheckpointManager:
     return self
