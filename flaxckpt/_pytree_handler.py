@@ -9,9 +9,11 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-from flaxckpt import _arrays, _multihost, _restore, _save, _storage
+from flaxckpt import _arrays, _multihost, _partial, _save, _storage
 from flaxckpt._args import PyTreeRestore, PyTreeSave, StandardRestore, StandardSave
 from flaxckpt._handler import AsyncCheckpointHandler, Writer, register_with_handler
+from flaxckpt.metadata._read import read_tree_metadata
+from flaxckpt.metadata.tree import TreeMetadata
 
 
 class PyTreeCheckpointHandler(AsyncCheckpointHandler):
@@ -69,12 +71,22 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
                                           self._options.use_compression)
 
   def restore(self, directory: pathlib.Path, args: PyTreeRestore | None = None) -> Any:
-    return _restore.restore(_storage.as_path(directory), args or PyTreeRestore())
+    """Restores the tree at ``directory`` as ``args`` asks: the whole tree, the part a target
+    holds (``PLACEHOLDER`` leaves left unread, ``partial_restore=True`` keeping target values
+    for keys the checkpoint lacks), or a transformed tree (``transforms``,
+    ``legacy_transform_fn``)."""
+    return _partial.restore(_storage.as_path(directory), args or PyTreeRestore())
 
-  def metadata(self, directory: pathlib.Path) -> Any:
-    """The stored tree with ``jax.ShapeDtypeStruct`` leaves for arrays and scalars, read from
-    the array metadata alone (no array data)."""
-    return _restore.metadata(_storage.as_path(directory))
+  def metadata(self, directory: pathlib.Path) -> TreeMetadata:
+    """The saved tree's metadata, read without any array data: a ``TreeMetadata`` shaped like
+    the saved tree whose leaves are ``ArrayMetadata`` (shape, dtype, saved sharding),
+    ``ScalarMetadata`` and ``StringMetadata``, with the save's ``custom_metadata``.
+
+    Example:
+      >>> meta = handler.metadata(path)
+      >>> target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta.tree)
+    """
+    return read_tree_metadata(_storage.as_path(directory))
 
 
 class StandardCheckpointHandler(PyTreeCheckpointHandler):

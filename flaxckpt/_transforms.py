@@ -16,17 +16,48 @@ from flaxckpt import _errors, _tree
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-  """How one result key (or regex of keys) gets its value.
+  """How one result key (or regex of keys) gets its value; at most one way per transform.
 
   Attributes:
     original_key: the checkpoint key to take the value from (may reference regex groups of
       the result key); defaults to the result key itself.
     use_fallback: take the value from the target tree instead of the checkpoint.
     value_fn: applied to the checkpoint value before it is returned.
+    multi_value_fn: ``fn(result_key, original_tree)`` computes the value from the whole original
+      tree (``apply_transformations``); restore needs a ``RestoreTransform`` naming its inputs.
   """
   original_key: str | None = None
   use_fallback: bool = False
-  value_fn: Callable[[Any], Any] | None = None
+  value_fn: Callable[..., Any] | None = None
+  multi_value_fn: Callable[..., Any] | None = None
+
+  def __post_init__(self) -> None:
+    given = [name for name, on in (
+        ('original_key', self.original_key is not None), ('use_fallback', self.use_fallback),
+        ('multi_value_fn', self.multi_value_fn is not None)) if on]
+    if self.value_fn is not None and (self.use_fallback or self.multi_value_fn is not None):
+      given.append('value_fn')
+    if len(given) > 1:
+      raise ValueError(f'A Transform takes one of original_key (with an optional value_fn), '
+                       f'use_fallback, value_fn or multi_value_fn; got {", ".join(given)}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreTransform(Transform):
+  """A ``Transform`` for restore whose ``multi_value_fn(result_key, original_tree,
+  restore_args)`` reads the checkpoint keys named in ``multi_value_fn_input_args``.
+
+  Attributes:
+    multi_value_fn_input_args: maps checkpoint keys (regexes over '/'-joined paths) to the
+      ``RestoreArgs`` to read them with; only those keys are read into ``original_tree`` (the
+      others are ``PLACEHOLDER`` there).
+  """
+  multi_value_fn_input_args: Mapping[str, Any] | None = None
+
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    if self.multi_value_fn_input_args is not None and self.multi_value_fn is None:
+      raise ValueError('multi_value_fn_input_args is given without a multi_value_fn.')
 
 
 class Source(NamedTuple):
@@ -80,6 +111,6 @@ def resolve(result_paths: list[_tree.Path], checkpoint_paths: list[_tree.Path],
   if missing:
     raise _errors.MissingKeysError(
         f'The target asks for {len(missing)} entr{"y" if len(missing) == 1 else "ies"} the '
-        f'checkpoint does not hold: {missing}. Pass transforms={{}} (or Transform(use_fallback='
-        'True)) to keep the target values for them.')
+        f'checkpoint does not hold: {missing}. Pass partial_restore=True (or transforms={{}}) '
+        'to keep the target values for them.')
   return sources
