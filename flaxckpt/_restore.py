@@ -15,9 +15,10 @@ import jax
 import numpy as np
 
 from flaxckpt import (_aggregate, _arrays, _checksums, _errors, _metadata, _safe_json, _storage,
-                      _transforms, _tree)
+                      _transforms, _tree, _type_handlers)
 from flaxckpt._args import PyTreeRestore
-from flaxckpt._types import ArrayRestoreArgs, RestoreArgs, key_impl_name, normalize_dtype
+from flaxckpt._types import (ArrayRestoreArgs, RestoreArgs, as_jax_sharding, key_impl_name,
+                             normalize_dtype)
 
 try:  # See _device_put_all.
   from jax._src.interpreters.pxla import shard_args as _shard_args
@@ -30,12 +31,17 @@ def restore(directory: pathlib.Path, args: PyTreeRestore) -> Any:
   """Restores the tree at ``directory`` as ``args`` asks (see ``PyTreeRestore``)."""
   reader = open_reader(directory, args.verify_checksums)
   meta = reader.meta
+  custom = _type_handlers.customized()  # Else no leaf can need a TypeHandler.
   if args.item is None and args.restore_args is None:
-    values = reader.read_many(list(meta.leaves))
-    converted = _materialize(
-        [(leaf.path, _STORED, leaf, values[leaf.path]) for leaf in meta.leaves], reader)
-    return _tree.build([(leaf.path, leaf.key_types, value)
-                        for leaf, value in zip(meta.leaves, converted)])
+    handled = _handled_leaves(reader, [(leaf.path, leaf, None, None, None)
+                                       for leaf in meta.leaves]) if custom else {}
+    plain = [leaf for leaf in meta.leaves if leaf.path not in handled]
+    values = reader.read_many(plain)
+    restored = dict(zip([leaf.path for leaf in plain], _materialize(
+        [(leaf.path, _STORED, leaf, values[leaf.path]) for leaf in plain], reader)))
+    restored.update(_deserialize(handled))
+    return _tree.build([(leaf.path, leaf.key_types, restored[leaf.path])
+                        for leaf in meta.leaves])
   if args.item is not None:
     target_leaves, treedef = _tree.flatten(args.item)
   else:
@@ -47,13 +53,18 @@ def restore(directory: pathlib.Path, args: PyTreeRestore) -> Any:
   by_path = {leaf.path: leaf for leaf in meta.leaves}
   wants = [_Want.of(leaf, restore_args.get(leaf.path), args.strict and args.item is not None)
            for leaf in wanted]
+  handled = _handled_leaves(reader, [
+      (leaf.path, by_path[s.checkpoint_path], restore_args.get(leaf.path), leaf.value,
+       s.value_fn) for leaf, s in zip(wanted, sources) if s.checkpoint_path is not None
+  ]) if custom else {}
   regions = {source.checkpoint_path: region for want, source in zip(wants, sources)
              if source.value_fn is None and (region := _local_region(want)) is not None}
-  values = reader.read_many([by_path[s.checkpoint_path] for s in sources
-                             if s.checkpoint_path is not None], regions)
+  values = reader.read_many([by_path[s.checkpoint_path] for leaf, s in zip(wanted, sources)
+                             if s.checkpoint_path is not None and leaf.path not in handled],
+                            regions)
   from_checkpoint = {}
   for leaf, want, source in zip(wanted, wants, sources):
-    if source.checkpoint_path is None:
+    if source.checkpoint_path is None or leaf.path in handled:
       continue
     stored = by_path[source.checkpoint_path]
     value = values[source.checkpoint_path]
@@ -61,9 +72,67 @@ def restore(directory: pathlib.Path, args: PyTreeRestore) -> Any:
       value = source.value_fn(reader.as_stored_type(stored, value))
     from_checkpoint[leaf.path] = (leaf.path, want, stored, value)
   converted = dict(zip(from_checkpoint, _materialize(list(from_checkpoint.values()), reader)))
+  converted.update(_deserialize(handled))
   out = [converted[leaf.path] if leaf.path in converted else leaf.value
          for leaf in target_leaves]
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+class _Handled(NamedTuple):
+  """A result leaf that a custom TypeHandler reads."""
+  handler: _type_handlers.TypeHandler
+  info: _type_handlers.ParamInfo
+  arg: RestoreArgs
+  value_fn: Callable[[Any], Any] | None
+
+
+def _handled_leaves(reader: _Reader, items: list[tuple[_tree.Path, _metadata.LeafMetadata,
+                                                       RestoreArgs | None, Any, Any]]
+                    ) -> dict[_tree.Path, _Handled]:
+  """The result leaves (of ``(path, stored leaf, restore args, target, value_fn)``) that a
+  registered custom handler reads: the one for ``restore_type`` when given, else the one whose
+  typestr the leaf was saved with. As in Orbax, a leaf without restore args gets
+  ``RestoreArgs()`` (``ArrayRestoreArgs`` from an abstract array target)."""
+  handled = {}
+  for path, stored, arg, target, value_fn in items:
+    if stored.skip_deserialize:
+      continue
+    restore_type = arg.restore_type if arg is not None else None
+    handler = _type_handlers.custom_restore_handler(
+        stored.value_type if restore_type is None else restore_type)
+    if handler is None:
+      continue
+    handled[path] = _Handled(handler, reader.param_info(stored),
+                             arg if arg is not None else _default_restore_args(target),
+                             value_fn)
+  return handled
+
+
+def _default_restore_args(target: Any) -> RestoreArgs:
+  if target is not None and _is_abstract_array(target) and getattr(target, 'sharding', None):
+    return ArrayRestoreArgs(sharding=as_jax_sharding(target.sharding),
+                            global_shape=tuple(target.shape), dtype=target.dtype)
+  return RestoreArgs()
+
+
+def _deserialize(handled: dict[_tree.Path, _Handled]) -> dict[_tree.Path, Any]:
+  """Runs each handler's ``deserialize`` once, on all its leaves."""
+  if not handled:
+    return {}
+  by_handler: dict[int, list[_tree.Path]] = {}
+  for path, entry in handled.items():
+    by_handler.setdefault(id(entry.handler), []).append(path)
+  out = {}
+  for paths in by_handler.values():
+    entries = [handled[path] for path in paths]
+    values = list(_type_handlers.run_sync(entries[0].handler.deserialize(
+        [e.info for e in entries], [e.arg for e in entries])))
+    if len(values) != len(entries):
+      raise ValueError(f'{type(entries[0].handler).__name__}.deserialize returned '
+                       f'{len(values)} values for {len(entries)} leaves.')
+    for path, entry, value in zip(paths, entries, values):
+      out[path] = entry.value_fn(value) if entry.value_fn is not None else value
+  return out
 
 
 def metadata(directory: pathlib.Path) -> Any:
@@ -71,13 +140,16 @@ def metadata(directory: pathlib.Path) -> Any:
   the array metadata alone (no array data)."""
   reader = open_reader(directory, verify_checksums=False)
   meta = reader.meta
-  arrays = [leaf for leaf in meta.leaves if _is_stored_array(leaf)]
+  described = handler_metadata(reader)
+  arrays = [leaf for leaf in meta.leaves if _is_stored_array(leaf) and leaf.path not in described]
   infos = dict(zip([leaf.path for leaf in arrays], _arrays.read_array_infos(
       directory, [leaf.name for leaf in arrays], use_ocdbt=meta.use_ocdbt,
       use_zarr3=meta.use_zarr3)))
   entries = []
   for leaf in meta.leaves:
-    if leaf.path in infos:
+    if leaf.path in described:
+      value = described[leaf.path]
+    elif leaf.path in infos:
       shape, dtype = infos[leaf.path]
       value: Any = jax.ShapeDtypeStruct(shape, dtype)
     elif leaf.value_type == _metadata.STRING:
@@ -89,6 +161,27 @@ def metadata(directory: pathlib.Path) -> Any:
       value = _empty_value(leaf)
     entries.append((leaf.path, leaf.key_types, value))
   return _tree.build(entries)
+
+
+def handler_metadata(reader: _Reader) -> dict[_tree.Path, Any]:
+  """What custom handlers' ``metadata`` says about the leaves saved with their typestr (none
+  unless something was registered), by tree path."""
+  if not _type_handlers.customized():
+    return {}
+  by_handler: dict[int, tuple[_type_handlers.TypeHandler, list[_metadata.LeafMetadata]]] = {}
+  for leaf in reader.meta.leaves:
+    handler = _type_handlers.custom_restore_handler(leaf.value_type)
+    if handler is not None and not leaf.skip_deserialize:
+      by_handler.setdefault(id(handler), (handler, []))[1].append(leaf)
+  out = {}
+  for handler, leaves in by_handler.values():
+    try:
+      values = _type_handlers.run_sync(handler.metadata([reader.param_info(leaf)
+                                                         for leaf in leaves]))
+    except NotImplementedError:
+      continue
+    out.update(zip([leaf.path for leaf in leaves], values))
+  return out
 
 
 def _get_by_slash(strings: dict[str, Any], name: str) -> Any:
@@ -225,24 +318,35 @@ class _Want(NamedTuple):
       if arg.restore_type in (bool, int, float):
         return cls('scalar')  # A Python number, even where an old release stored an array.
       return cls('stored', normalize_dtype(arg.dtype))
-    if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
-      if jax.dtypes.issubdtype(target.dtype, jax.dtypes.prng_key):
-        # Keys are stored as their uint32 key data, which has extra trailing dimensions.
-        data = jax.eval_shape(jax.random.key_data, target)
-        return cls('jax', np.dtype(data.dtype), tuple(data.shape),
-                   getattr(target, 'sharding', None), strict, key_impl_name(target.dtype))
-      if isinstance(target, jax.ShapeDtypeStruct) and target.sharding is None:
-        # As in Orbax: an abstract leaf that names no devices restores to host memory.
-        return cls('numpy', np.dtype(target.dtype), tuple(target.shape), strict=strict)
-      return cls('jax', np.dtype(target.dtype), tuple(target.shape), target.sharding, strict)
     if isinstance(target, np.ndarray):
       return cls('numpy', target.dtype, target.shape, strict=strict)
+    if isinstance(target, jax.Array) or _is_abstract_array(target):
+      sharding = as_jax_sharding(getattr(target, 'sharding', None))
+      if jax.dtypes.issubdtype(target.dtype, jax.dtypes.prng_key):
+        # Keys are stored as their uint32 key data, which has extra trailing dimensions.
+        data = jax.eval_shape(jax.random.key_data,
+                              jax.ShapeDtypeStruct(target.shape, target.dtype))
+        return cls('jax', np.dtype(data.dtype), tuple(data.shape), sharding, strict,
+                   key_impl_name(target.dtype))
+      if sharding is None:
+        # As in Orbax: an abstract leaf that names no devices restores to host memory.
+        return cls('numpy', np.dtype(target.dtype), tuple(target.shape), strict=strict)
+      return cls('jax', np.dtype(target.dtype), tuple(target.shape), sharding, strict)
     if isinstance(target, (bool, int, float)):
       return cls('scalar')  # A Python number, of the type it was saved as.
     return cls('stored')
 
 
 _STORED = _Want('stored')
+
+
+def _is_abstract_array(target: Any) -> bool:
+  """Whether a target leaf describes an array: ``jax.ShapeDtypeStruct``, or any object with
+  ``shape`` and ``dtype`` (and maybe ``sharding``), such as Orbax's ``ArrayMetadata``."""
+  if isinstance(target, jax.ShapeDtypeStruct):
+    return True
+  return (hasattr(target, 'shape') and hasattr(target, 'dtype')
+          and not isinstance(target, (np.ndarray, np.generic, type)))
 
 
 class _Reader:
@@ -258,6 +362,21 @@ class _Reader:
     self._shardings: dict | None = None
     self._parsed_shardings: dict[str, jax.sharding.Sharding | None] = {}
     self._ext: dict | None = None
+    self._ts_context: Any = None
+
+  def param_info(self, leaf: _metadata.LeafMetadata) -> _type_handlers.ParamInfo:
+    """What a TypeHandler reading ``leaf`` is told (Orbax's fields, as Orbax sets them)."""
+    meta = self.meta
+    use_ocdbt = meta.use_ocdbt
+    if use_ocdbt is None:
+      use_ocdbt = _storage.exists(self.directory / _arrays.OCDBT_MANIFEST)
+    if self._ts_context is None:
+      self._ts_context = _type_handlers.shared_ts_context(use_ocdbt)
+    return _type_handlers.ParamInfo(
+        name=leaf.name, parent_dir=self.directory, skip_deserialize=leaf.skip_deserialize,
+        is_ocdbt_checkpoint=use_ocdbt, use_zarr3=meta.use_zarr3, ts_context=self._ts_context,
+        value_typestr=leaf.value_type,
+        raise_array_data_missing_error=meta.store_array_data_equal_to_fill_value)
 
   def read_many(self, leaves: list[_metadata.LeafMetadata],
                 regions: dict[_tree.Path, _arrays.RegionRequest] | None = None

@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from flaxckpt import _arrays, _checksums, _errors, _metadata, _storage, _tree, _zarr
+from flaxckpt import (_arrays, _checksums, _errors, _metadata, _storage, _tree, _type_handlers,
+                      _zarr)
 from flaxckpt._args import PyTreeSave, StandardSave
 from flaxckpt._types import SaveArgs, is_key_array, key_impl_name, normalize_dtype
 
@@ -33,6 +34,9 @@ class Prepared(NamedTuple):
   layout: _Layout
   tree_metadata: _metadata.TreeMetadata  # Its leaves are layout.entries.
   options: _arrays.StorageOptions
+  # What the serialize calls of custom TypeHandlers returned: waited for after our own writes
+  # (a handler delegating to a built-in one writes into the same OCDBT database).
+  handler_futures: tuple[Any, ...] = ()
 
   def write(self) -> None:
     *earlier, last = _in_batches(self.arrays, self.options.max_bytes_in_flight)
@@ -51,6 +55,7 @@ class Prepared(NamedTuple):
         pending.wait()
       raise
     pending.wait()
+    _type_handlers.wait_for(self.handler_futures)
 
   def _write_side_files(self, pending: _arrays.PendingWrite, sums: _checksums.Sums) -> None:
     """Writes the JSON files; ``sums`` holds the checksums of arrays written before
@@ -139,9 +144,11 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
   # stay alive for the whole call).
   plans: dict[tuple[Any, ...], _ArrayPlan] = {}
   leaf_plans: list[_ArrayPlan | None] = []
+  # Looks up leaves' TypeHandlers only once something was registered.
+  custom = _type_handlers.custom_save_handler if _type_handlers.customized() else None
   for leaf in leaves:  # Plan every array and start its device-to-host copy before any waits.
     value = leaf.value
-    if not isinstance(value, jax.Array):
+    if not isinstance(value, jax.Array) or (custom is not None and custom(type(value))):
       leaf_plans.append(None)
       continue
     arg = save_args.get(leaf.path, _DEFAULT_SAVE_ARGS) if save_args else _DEFAULT_SAVE_ARGS
@@ -166,6 +173,7 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
                       options)
   seen: dict[str, _tree.Path] = {}
   arrays, strings, shardings, array_metas, entries = [], {}, {}, [], []
+  requests: dict[int, _HandlerRequest] = {}
   for leaf, plan in zip(leaves, leaf_plans):
     name = leaf.name
     if name in seen:
@@ -175,7 +183,19 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
     seen[name] = leaf.path
     value = leaf.value
     write_shape = None
-    if plan is not None:  # A jax.Array, the common case.
+    handler = custom(type(value)) if custom is not None else None
+    if handler is not None:  # A leaf whose registered TypeHandler writes it.
+      value_type = handler.typestr()
+      request = requests.setdefault(id(handler), _HandlerRequest(handler, [], [], []))
+      request.values.append(value)
+      request.infos.append(_type_handlers.ParamInfo(
+          name=name, parent_dir=directory, is_ocdbt_checkpoint=options.use_ocdbt,
+          use_zarr3=options.use_zarr3, use_compression=options.use_compression,
+          ocdbt_target_data_file_size=getattr(args, 'ocdbt_target_data_file_size', None),
+          value_typestr=value_type))
+      request.args.append(save_args.get(leaf.path, _DEFAULT_SAVE_ARGS) if save_args
+                          else _DEFAULT_SAVE_ARGS)
+    elif plan is not None:  # A jax.Array, the common case.
       value_type = _metadata.JAX_ARRAY
       write_shape = plan.write_shape
       arrays.append(_jax_array_write(name, value, plan, copy))
@@ -203,7 +223,31 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
       _LAYOUTS.pop(next(iter(_LAYOUTS)))
     _LAYOUTS[layout_key] = layout
   return Prepared(directory, arrays, _nest_by_slash(strings), layout,
-                  tree_meta._replace(leaves=layout.entries), options)
+                  tree_meta._replace(leaves=layout.entries), options,
+                  _serialize(list(requests.values())))
+
+
+class _HandlerRequest(NamedTuple):
+  """The leaves one custom TypeHandler saves, in tree order."""
+  handler: _type_handlers.TypeHandler
+  values: list[Any]
+  infos: list[_type_handlers.ParamInfo]
+  args: list[SaveArgs]
+
+
+def _serialize(requests: list[_HandlerRequest]) -> tuple[Any, ...]:
+  """Runs each handler's ``serialize`` (which copies the values before returning, as Orbax
+  asks of it); returns the futures that finish the writes."""
+  if not requests:
+    return ()
+  context = _type_handlers.shared_ts_context(requests[0].infos[0].is_ocdbt_checkpoint)
+  futures: list[Any] = []
+  for request in requests:
+    for info in request.infos:
+      info.ts_context = context
+    futures.extend(_type_handlers.run_sync(
+        request.handler.serialize(request.values, request.infos, request.args)) or ())
+  return tuple(futures)
 
 
 class _Layout:

@@ -53,12 +53,35 @@ class ArrayRestoreArgs(RestoreArgs):
   shape: tuple[int, ...] | None = None
   strict: bool = True
 
+  def __post_init__(self) -> None:
+    # As Orbax: ``shape`` and ``global_shape`` are two names for one thing.
+    if self.shape is not None and self.global_shape is not None:
+      if tuple(self.shape) != tuple(self.global_shape):
+        raise ValueError(f'ArrayRestoreArgs: shape={self.shape} and global_shape='
+                         f'{self.global_shape} must match when both are given.')
+    elif self.shape is None:
+      object.__setattr__(self, 'shape', self.global_shape)
+    else:
+      object.__setattr__(self, 'global_shape', self.shape)
+
   def resolved_sharding(self) -> jax.sharding.Sharding | None:
     if self.sharding is not None:
-      return self.sharding
+      return as_jax_sharding(self.sharding)
     if self.mesh is not None and self.mesh_axes is not None:
       return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*self.mesh_axes))
     return None
+
+
+def as_jax_sharding(sharding: Any) -> jax.sharding.Sharding | None:
+  """A ``jax.sharding.Sharding`` from one, or from a sharding description that can build one
+  (Orbax's ``ShardingMetadata``: ``to_jax_sharding()``)."""
+  if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+    return sharding
+  to_jax = getattr(sharding, 'to_jax_sharding', None)
+  if to_jax is None:
+    raise TypeError(f'Expected a jax.sharding.Sharding (or ShardingMetadata), got '
+                    f'{type(sharding).__module__}.{type(sharding).__qualname__}.')
+  return to_jax()
 
 
 def is_restore_args(x: Any) -> bool:
