@@ -1,9 +1,19 @@
 """Helpers around CheckpointManager roots: following new steps, locking them while they are read,
-and building restore args from a target tree (Orbax's ``checkpoint_utils``)."""
+and building restore args from a target tree (Orbax's ``checkpoint_utils``).
+
+A step handed out by ``wait_for_new_checkpoint`` / ``checkpoints_iterator`` is locked (an empty
+``LOCKED`` directory inside it, which this library's managers respect) until the caller is done
+with it. With ``snapshot_dir``, it is also copied to ``<snapshot_dir>/<step name>`` for that
+time (and the copy deleted afterwards), as Orbax 0.12 does, so a reader can use the copy even
+if a manager that ignores locks deletes the step meanwhile.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import pathlib
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,25 +21,36 @@ from typing import Any
 import jax
 import numpy as np
 
-from flaxckpt import _storage
-from flaxckpt._steps import LOCK_DIR, StepNaming
+from flaxckpt import _errors, _storage
+from flaxckpt._steps import LOCK_DIR
+from flaxckpt.path import step as step_lib
 from flaxckpt._types import ArrayRestoreArgs, RestoreArgs
 
 __all__ = ['checkpoints_iterator', 'construct_restore_args', 'unlock_existing_checkpoints',
            'wait_for_new_checkpoint']
 
 
-def _latest(root, naming: StepNaming) -> int | None:
-  steps = naming.list_steps(root)
-  return steps[-1] if steps else None
+def _name_format(step_prefix: str | None, step_format_fixed_length: int | None,
+                 step_name_format: step_lib.NameFormat[step_lib.Metadata] | None
+                 ) -> step_lib.NameFormat[step_lib.Metadata]:
+  """``step_name_format``, else the standard format of the prefix and length."""
+  return step_name_format or step_lib.standard_name_format(
+      step_prefix=step_prefix, step_format_fixed_length=step_format_fixed_length)
 
 
-def _wait_for_step(root, naming: StepNaming, until_step: int | None, seconds_to_sleep: float,
+def _latest(root: pathlib.Path, name_format: step_lib.NameFormat[step_lib.Metadata]
+            ) -> int | None:
+  latest = step_lib.latest_step_metadata(root, name_format)
+  return None if latest is None else latest.step
+
+
+def _wait_for_step(root: pathlib.Path, name_format: step_lib.NameFormat[step_lib.Metadata],
+                   until_step: int | None, seconds_to_sleep: float,
                    timeout: float | None) -> int:
   """The newest step ≥ ``until_step`` (any step if None) once one exists; -1 on timeout."""
   deadline = None if timeout is None else time.monotonic() + timeout
   while True:
-    step = _latest(root, naming)
+    step = _latest(root, name_format)
     if step is not None and (until_step is None or step >= until_step):
       return step
     if deadline is not None and time.monotonic() + seconds_to_sleep > deadline:
@@ -37,63 +58,145 @@ def _wait_for_step(root, naming: StepNaming, until_step: int | None, seconds_to_
     time.sleep(seconds_to_sleep)
 
 
+def _copy_tree(source: pathlib.Path, target: pathlib.Path) -> None:
+  """Copies the directories and regular files under ``source`` to the new ``target``.
+
+  Raises:
+    UnsafeCheckpointError: ``source`` holds a symbolic link (never followed out of a step).
+  """
+  _storage.make_new_dir(target)
+  for name in _storage.list_names(source):
+    entry = source / name
+    if entry.is_symlink():
+      raise _errors.UnsafeCheckpointError(
+          f'{entry}: a symbolic link inside a checkpoint; refusing to follow it while '
+          'snapshotting the step.')
+    if _storage.is_dir(entry):
+      _copy_tree(entry, target / name)
+      continue
+    fd = _storage.open_regular(entry)
+    with os.fdopen(fd, 'rb') as src, _storage.open_for_write(target / name, exclusive=True) as dst:
+      shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _remove_snapshots(snapshot_dir: pathlib.Path) -> None:
+  """Removes the step copies (entries named like steps) in ``snapshot_dir``."""
+  if not _storage.is_dir(snapshot_dir):
+    return
+  for name in _storage.list_names(snapshot_dir):
+    try:
+      step_lib.step_from_checkpoint_name(name)
+    except ValueError:
+      continue  # Not a snapshot: left alone.
+    _storage.remove_tree(snapshot_dir / name)
+
+
+@contextlib.contextmanager
+def _hold(root: pathlib.Path, step: int, name_format: step_lib.NameFormat[step_lib.Metadata],
+          snapshot_dir: _storage.PathLike | None) -> Iterator[None]:
+  """Locks ``step`` (and copies it into ``snapshot_dir``) while the block runs."""
+  step_dir = name_format.find_step(root, step).path
+  lock = step_dir / LOCK_DIR
+  _storage.make_dirs(lock)
+  snapshot = None
+  try:
+    if snapshot_dir is not None:
+      snapshot = _storage.as_path(snapshot_dir) / step_dir.name
+      _storage.make_dirs(snapshot.parent)
+      _storage.remove_tree(snapshot)  # Left by a reader that crashed.
+      _copy_tree(step_dir, snapshot)
+      _storage.remove_tree(snapshot / LOCK_DIR)
+    yield
+  finally:
+    _storage.remove_tree(lock)
+    if snapshot is not None:
+      _storage.remove_tree(snapshot)
+
+
 @contextlib.contextmanager
 def wait_for_new_checkpoint(checkpoint_dir: _storage.PathLike, *, until_step: int | None = None,
                             seconds_to_sleep: float = 1, timeout: float | None = None,
+                            timeout_fn: Callable[[], bool] | None = None,
                             step_prefix: str | None = None,
-                            step_format_fixed_length: int | None = None) -> Iterator[int]:
-  """Waits for a step (≥ ``until_step``) and yields it, or -1 after ``timeout`` seconds.
+                            step_format_fixed_length: int | None = None,
+                            step_name_format: step_lib.NameFormat[step_lib.Metadata] | None
+                            = None,
+                            snapshot_dir: _storage.PathLike | None = None,
+                            set_immutable: bool | None = None,
+                            ignore_snapshot_errors: bool | None = True) -> Iterator[int]:
+  """Waits for a step (≥ ``until_step``) and yields it, or -1 after ``timeout`` seconds
+  (unless ``timeout_fn`` is given and answers False: then it waits on).
 
   While the ``with`` block runs the step is locked (an empty ``LOCKED`` directory inside it),
-  and CheckpointManagers of this library leave it alone when applying retention.
+  and CheckpointManagers of this library leave it alone when applying retention. With
+  ``snapshot_dir`` the step is also copied to ``<snapshot_dir>/<step name>`` for the block.
+  ``step_name_format`` overrides ``step_prefix`` and ``step_format_fixed_length``.
   """
+  del set_immutable, ignore_snapshot_errors  # Copies are plain files; errors are raised.
   root = _storage.as_path(checkpoint_dir)
-  naming = StepNaming(step_prefix, step_format_fixed_length)
-  step = _wait_for_step(root, naming, until_step, seconds_to_sleep, timeout)
+  name_format = _name_format(step_prefix, step_format_fixed_length, step_name_format)
+  while True:
+    step = _wait_for_step(root, name_format, until_step, seconds_to_sleep, timeout)
+    if step >= 0 or timeout_fn is None or timeout_fn():
+      break
   if step < 0:
     yield step
     return
-  lock = naming.path(root, step) / LOCK_DIR
-  _storage.make_dirs(lock)
-  try:
+  with _hold(root, step, name_format, snapshot_dir):
     yield step
-  finally:
-    _storage.remove_tree(lock)
 
 
 def unlock_existing_checkpoints(checkpoint_dir: _storage.PathLike,
                                 step_prefix: str | None = None,
-                                step_format_fixed_length: int | None = None) -> None:
+                                step_format_fixed_length: int | None = None,
+                                step_name_format: step_lib.NameFormat[step_lib.Metadata]
+                                | None = None) -> None:
   """Removes the ``LOCKED`` marker of every step (after a reader crashed holding one)."""
   root = _storage.as_path(checkpoint_dir)
-  naming = StepNaming(step_prefix, step_format_fixed_length)
-  for step in naming.list_steps(root):
-    _storage.remove_tree(naming.path(root, step) / LOCK_DIR)
+  for metadata in _name_format(step_prefix, step_format_fixed_length,
+                               step_name_format).find_all(root):
+    _storage.remove_tree(metadata.path / LOCK_DIR)
 
 
 def checkpoints_iterator(checkpoint_dir: _storage.PathLike, *, min_interval_secs: float = 0,
                          seconds_to_sleep: float = 1, timeout: float | None = None,
                          timeout_fn: Callable[[], bool] | None = None,
                          step_prefix: str | None = None,
-                         step_format_fixed_length: int | None = None) -> Iterator[int]:
-  """Yields each new latest step as it appears.
+                         step_format_fixed_length: int | None = None,
+                         step_name_format: step_lib.NameFormat[step_lib.Metadata] | None = None,
+                         snapshot_dir: _storage.PathLike | None = None,
+                         set_immutable: bool | None = None,
+                         ignore_snapshot_errors: bool | None = True) -> Iterator[int]:
+  """Yields each new latest step as it appears, locked (and with ``snapshot_dir`` copied to
+  ``<snapshot_dir>/<step name>``) until the loop body that received it ends.
 
   After ``timeout`` seconds without a new step the iterator ends, unless ``timeout_fn`` is
-  given and returns False, in which case it keeps waiting.
+  given and returns False, in which case it keeps waiting. Snapshots left in ``snapshot_dir``
+  by a reader that crashed are removed first.
+
+  Example::
+
+    for step in ocp.checkpoint_utils.checkpoints_iterator(root, timeout=600,
+                                                          snapshot_dir=root / '_SNAPSHOTS'):
+      evaluate(root / '_SNAPSHOTS' / str(step))
   """
+  del set_immutable, ignore_snapshot_errors  # Copies are plain files; errors are raised.
   root = _storage.as_path(checkpoint_dir)
-  naming = StepNaming(step_prefix, step_format_fixed_length)
+  name_format = _name_format(step_prefix, step_format_fixed_length, step_name_format)
+  if snapshot_dir is not None:
+    _remove_snapshots(_storage.as_path(snapshot_dir))
   last = None
   while True:
-    step = _wait_for_step(root, naming, None if last is None else last + 1, seconds_to_sleep,
-                          timeout)
+    step = _wait_for_step(root, name_format, None if last is None else last + 1,
+                          seconds_to_sleep, timeout)
     if step < 0:
       if timeout_fn is not None and not timeout_fn():
         continue
       return
     started = time.monotonic()
     last = step
-    yield step
+    with _hold(root, step, name_format, snapshot_dir):
+      yield step
     remaining = min_interval_secs - (time.monotonic() - started)
     if remaining > 0:
       time.sleep(remaining)
