@@ -110,7 +110,7 @@ class Checkpointer(AbstractCheckpointer):
     temp, init_ns = self._begin(directory, force, custom_metadata)
     try:
       with _gc_paused():
-        self._handler.save(temp.get(), args)
+        self._handler.save(temp.get(), args=args)
       self._commit(temp, init_ns, custom_metadata, force)
     except BaseException:
       self._discard(temp)
@@ -131,7 +131,7 @@ class Checkpointer(AbstractCheckpointer):
     _restore.check_committed(path)
     atomicity.check_finalized(path)
     with _gc_paused():
-      return self._handler.restore(path, args)
+      return self._handler.restore(path, args=args)
 
   def metadata(self, directory: _storage.PathLike) -> Any:
     return self._handler.metadata(_storage.as_path(directory))
@@ -298,9 +298,9 @@ class AsyncCheckpointer(Checkpointer):
     try:
       with _gc_paused():
         if isinstance(self._handler, AsyncCheckpointHandler):
-          writer = self._handler.async_save(temp.get(), args)
+          writer = self._handler.async_save(temp.get(), args=args)
         else:
-          self._handler.save(temp.get(), args)
+          self._handler.save(temp.get(), args=args)
           writer = None
     except BaseException:
       self._discard(temp)

@@ -101,10 +101,10 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
       item_dir = directory / name
       _storage.make_dirs(item_dir)
       if isinstance(handler, AsyncCheckpointHandler):
-        writers.append((item_dir, handler, handler.async_save(item_dir, item_args)))
+        writers.append((item_dir, handler, handler.async_save(item_dir, args=item_args)))
       else:
         writers.append((item_dir, handler, lambda h=handler, d=item_dir, a=item_args:
-                        h.save(d, a)))
+                        h.save(d, args=a)))
 
     def write() -> None:
       for _, _, writer in writers:
@@ -146,7 +146,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
         item_args = _DEFAULT_RESTORE_ARGS.get(type(handler), lambda: None)()
       else:
         handler = self._handler(name, item_args)
-      results[name] = handler.restore(item_dir, item_args)
+      results[name] = handler.restore(item_dir, args=item_args)
     return Composite(results)
 
   def metadata(self, directory: pathlib.Path) -> Composite:

@@ -51,7 +51,7 @@ def _args_type(args: ArgsType) -> type[CheckpointArgs]:
   return args if isinstance(args, type) else type(args)
 
 
-class DefaultCheckpointHandlerRegistry:
+class DefaultCheckpointHandlerRegistry(CheckpointHandlerRegistry):
   """A registry held in a dict.
 
   Example:
