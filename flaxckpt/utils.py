@@ -24,8 +24,8 @@ from flaxckpt.tree import (deserialize_tree, from_flat_dict, from_flattened_with
 if TYPE_CHECKING:
   from flaxckpt.path.step import (any_checkpoint_step, checkpoint_steps, checkpoint_steps_paths,
                                   get_save_directory, is_checkpoint_finalized,
-                                  is_tmp_checkpoint, step_from_checkpoint_name,
-                                  tmp_checkpoints)
+                                  is_tmp_checkpoint, step_from_checkpoint_name)
+  from flaxckpt.path.step import all_temporary_paths as tmp_checkpoints
 
 __all__ = [
     'TMP_DIR_SUFFIX', 'all_leaves_are_placeholders', 'any_checkpoint_step', 'checkpoint_steps',
@@ -42,15 +42,21 @@ __all__ = [
 TMP_DIR_SUFFIX = _metadata.TMP_SUFFIX
 sync_global_devices = sync_global_processes
 
-# Names from flaxckpt.path.step, imported on first use.
-_STEP_NAMES = ('any_checkpoint_step', 'checkpoint_steps', 'checkpoint_steps_paths',
-               'get_save_directory', 'is_checkpoint_finalized', 'is_tmp_checkpoint',
-               'step_from_checkpoint_name', 'tmp_checkpoints')
+# Names from flaxckpt.path.step, imported on first use. As in Orbax, ``utils.tmp_checkpoints``
+# gives TemporaryPath objects (``.get()``: the directory), ``step.tmp_checkpoints`` names.
+_STEP_NAMES = {'any_checkpoint_step': 'any_checkpoint_step',
+               'checkpoint_steps': 'checkpoint_steps',
+               'checkpoint_steps_paths': 'checkpoint_steps_paths',
+               'get_save_directory': 'get_save_directory',
+               'is_checkpoint_finalized': 'is_checkpoint_finalized',
+               'is_tmp_checkpoint': 'is_tmp_checkpoint',
+               'step_from_checkpoint_name': 'step_from_checkpoint_name',
+               'tmp_checkpoints': 'all_temporary_paths'}
 
 
 def __getattr__(name: str) -> Any:
   if name in _STEP_NAMES:
-    return getattr(importlib.import_module('flaxckpt.path.step'), name)
+    return getattr(importlib.import_module('flaxckpt.path.step'), _STEP_NAMES[name])
   raise AttributeError(f'module "flaxckpt.utils" has no attribute {name!r}')
 
 
