@@ -11,6 +11,7 @@ leaf. Reads decode raw chunks directly and hand everything else to tensorstore.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
 import math
 import pathlib
@@ -137,7 +138,7 @@ class PendingWrite:
       return
     self._commit.result()
     self._commit = None
-    if self._process_dir is not None:
+    if self._process_dir is not None and self._config is not None:
       self._finish_merge = merge_process_databases(self._directory, [self._process_dir],
                                                    self._config, self._context)
 
@@ -167,7 +168,8 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
   else:
     base = _storage.kvstore_spec(directory, sync_each_write=False)
   txn = _tensorstore().Transaction(atomic=options.use_ocdbt)
-  by_driver, by_key = [], []
+  by_driver: list[ArrayWrite] = []
+  by_key: list[ArrayWrite] = []
   if options.use_zarr3 or options.use_compression:
     by_driver = arrays
   else:
@@ -214,6 +216,7 @@ def _write_with_drivers(base: dict[str, Any], arrays: list[ArrayWrite], options:
   host snapshots or views of immutable arrays that outlive the transaction."""
   opens = []
   for array in arrays:
+    spec: dict[str, Any]
     if options.use_zarr3:
       spec = {'driver': 'zarr3', 'metadata': _zarr.zarr3_spec_metadata(
           array.global_shape, array.chunk_shape, array.dtype, options.use_compression)}
@@ -224,6 +227,7 @@ def _write_with_drivers(base: dict[str, Any], arrays: list[ArrayWrite], options:
           'compressor': {'id': 'zstd', 'level': 1} if options.use_compression else None}}
     spec['kvstore'] = _array_kvstore(base, array.name)
     spec['store_data_equal_to_fill_value'] = True  # As Orbax: every chunk exists on disk.
+    mode: dict[str, bool]
     if options.writes_metadata:
       mode = {'create': True, 'open': True}
     else:  # Write chunks only; the metadata is another process's to write.
@@ -391,13 +395,15 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
   metas = source.collect(source.request([name + '/' + _zarr.ZARRAY for name in names]))
   guesses: list[Any] = [None] * len(names)
   if ndim_hints:
-    guessed = [i for i, ndim in enumerate(ndim_hints) if ndim is not None]
-    handles = source.request([names[i] + '/' + _zarr.chunk_key((0,) * ndim_hints[i])
-                              for i in guessed])
-    for i, handle in zip(guessed, handles):
-      guesses[i] = (ndim_hints[i], handle)
+    guessed = [(i, ndim) for i, ndim in enumerate(ndim_hints) if ndim is not None]
+    handles = source.request([names[i] + '/' + _zarr.chunk_key((0,) * ndim)
+                              for i, ndim in guessed])
+    for (i, ndim), handle in zip(guessed, handles):
+      guesses[i] = (ndim, handle)
   results: list[Any] = [None] * len(names)
-  fallback, pending, direct = [], [], []
+  fallback: list[int] = []
+  pending: list[tuple[int, str, Any, Any, Any, tuple[tuple[int, int], ...] | None]] = []
+  direct: list[Any] = []
   for i, (name, raw) in enumerate(zip(names, metas)):
     if raw is None:
       raise _errors.NotACheckpointError(
@@ -446,7 +452,8 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
       for index, data in pieces.items():
         if data is not None:
           chunk = _zarr.chunk_key(index)
-          verifier.check_bytes(name, chunk, data, lambda: source.location(f'{name}/{chunk}'))
+          verifier.check_bytes(name, chunk, data, functools.partial(source.location,
+                                                                    f'{name}/{chunk}'))
     array = _zarr.assemble(layout.shape, layout.chunks, layout.dtype, pieces, fill=layout.fill,
                            box=box)
     results[i] = array if box is None else Region(array, box)

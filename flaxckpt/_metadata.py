@@ -182,7 +182,7 @@ def sharding_to_json(sharding: jax.sharding.Sharding) -> str | None:
   if isinstance(sharding, jax.sharding.NamedSharding):
     mesh = sharding.mesh
     spec = list(sharding.spec)  # As given: Orbax does not pad it to the array's rank.
-    entry = {'sharding_type': 'NamedSharding', 'shape': list(mesh.devices.shape),
+    entry: dict[str, Any] = {'sharding_type': 'NamedSharding', 'shape': list(mesh.devices.shape),
              'axis_names': list(mesh.axis_names)}
     axis_types = getattr(mesh, 'axis_types', None)
     if axis_types:

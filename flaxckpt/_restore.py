@@ -58,7 +58,8 @@ def restore(directory: pathlib.Path, args: PyTreeRestore) -> Any:
        s.value_fn) for leaf, s in zip(wanted, sources) if s.checkpoint_path is not None
   ]) if custom else {}
   regions = {source.checkpoint_path: region for want, source in zip(wants, sources)
-             if source.value_fn is None and (region := _local_region(want)) is not None}
+             if source.checkpoint_path is not None and source.value_fn is None
+             and (region := _local_region(want)) is not None}
   values = reader.read_many([by_path[s.checkpoint_path] for leaf, s in zip(wanted, sources)
                              if s.checkpoint_path is not None and leaf.path not in handled],
                             regions)
@@ -147,11 +148,12 @@ def metadata(directory: pathlib.Path) -> Any:
       use_zarr3=meta.use_zarr3)))
   entries = []
   for leaf in meta.leaves:
+    value: Any
     if leaf.path in described:
       value = described[leaf.path]
     elif leaf.path in infos:
       shape, dtype = infos[leaf.path]
-      value: Any = jax.ShapeDtypeStruct(shape, dtype)
+      value = jax.ShapeDtypeStruct(shape, dtype)
     elif leaf.value_type == _metadata.STRING:
       value = str
     elif _aggregate.is_aggregated(leaf):  # Its value is at hand: describe it the same way.
@@ -173,7 +175,7 @@ def handler_metadata(reader: _Reader) -> dict[_tree.Path, Any]:
     handler = _type_handlers.custom_restore_handler(leaf.value_type)
     if handler is not None and not leaf.skip_deserialize:
       by_handler.setdefault(id(handler), (handler, []))[1].append(leaf)
-  out = {}
+  out: dict[_tree.Path, Any] = {}
   for handler, leaves in by_handler.values():
     try:
       values = _type_handlers.run_sync(handler.metadata([reader.param_info(leaf)
@@ -535,7 +537,7 @@ def local_region(sharding: jax.sharding.Sharding | None, shape: tuple[int, ...]
   """The part of an array this process needs, when its sharding spans several processes."""
   if sharding is None or sharding.is_fully_addressable or not shape:
     return None
-  indices = list(sharding.addressable_devices_indices_map(shape).values())
+  indices = [index or () for index in sharding.addressable_devices_indices_map(shape).values()]
   box = tuple((min(index[d].indices(n)[0] for index in indices),
                max(index[d].indices(n)[1] for index in indices))
               for d, n in enumerate(shape))
@@ -551,16 +553,17 @@ def array_from_region(region: _arrays.Region, shape: tuple[int, ...],
     data = data.astype(dtype)
   starts = [start for start, _ in region.box]
 
-  def local(index: tuple[slice, ...]) -> np.ndarray:
+  def local(index: tuple[slice, ...] | None) -> np.ndarray:
     return data[tuple(slice(lo - start, hi - start) for (lo, hi, _), start in
-                      zip((s.indices(n) for s, n in zip(index, shape)), starts))]
+                      zip((s.indices(n) for s, n in zip(index or (), shape)), starts))]
 
   return jax.make_array_from_callback(shape, sharding, local)
 
 
 def _convert(slot: int, path: _tree.Path, want: _Want, stored: _metadata.LeafMetadata,
              value: Any, reader: _Reader, out: list[Any], pending: list) -> None:
-  if isinstance(value, _arrays.Region):
+  if isinstance(value, _arrays.Region):  # Only asked for with a shape and sharding.
+    assert want.shape is not None and want.sharding is not None
     out[slot] = array_from_region(value, tuple(want.shape), want.sharding, want.dtype)
     return
   kind = want.kind

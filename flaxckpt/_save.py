@@ -12,7 +12,7 @@ import contextlib
 import functools
 import json
 import pathlib
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import numpy as np
@@ -167,8 +167,9 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
     layout_key = (treedef, tuple(leaf_plans))
     layout = _LAYOUTS.get(layout_key)
     if layout is not None:
+      plans_here = cast(list[_ArrayPlan], leaf_plans)  # None is not among them.
       arrays = [_jax_array_write(meta.param_name, leaf.value, plan, copy)
-                for leaf, plan, meta in zip(leaves, leaf_plans, layout.array_metadatas)]
+                for leaf, plan, meta in zip(leaves, plans_here, layout.array_metadatas)]
       return Prepared(directory, arrays, {}, layout, tree_meta._replace(leaves=layout.entries),
                       options)
   seen: dict[str, _tree.Path] = {}
@@ -328,7 +329,8 @@ def _plan_array(value: jax.Array, arg: SaveArgs, max_chunk: int,
   write_shape = value.shape if one_device else tuple(sharding.shard_shape(value.shape))
   chunk_shape = _zarr.choose_chunk_shape(
       write_shape, value.shape, dtype.itemsize, _chunk_limit(arg, max_chunk, options))
-  needs_host_copy = key_impl is None and any(d.platform != 'cpu' for d in sharding.device_set)
+  needs_host_copy = key_impl is None and any(getattr(d, 'platform', None) != 'cpu'
+                                             for d in sharding.device_set)
   return _ArrayPlan(dtype, key_impl, one_device, value.shape, write_shape, chunk_shape,
                     _metadata.sharding_to_json(sharding), needs_host_copy)
 

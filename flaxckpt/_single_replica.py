@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +85,7 @@ class SingleReplicaArrayHandler(ArrayHandler):
     if args is None:
       raise ValueError('Must provide SingleReplicaArrayRestoreArgs to restore as jax.Array.')
     check_input_arguments(infos, args)
+    checked: list[SingleReplicaArrayRestoreArgs] = []
     for info, arg in zip(infos, args):
       if not isinstance(arg, SingleReplicaArrayRestoreArgs):
         raise ValueError(f'Leaf {info.name!r}: SingleReplicaArrayHandler needs '
@@ -92,17 +93,16 @@ class SingleReplicaArrayHandler(ArrayHandler):
       if arg.resolved_sharding() is None:
         raise ValueError(f'Leaf {info.name!r}: give SingleReplicaArrayRestoreArgs a sharding '
                          '(or mesh and mesh_axes).')
-    args = [arg for arg in args if isinstance(arg, SingleReplicaArrayRestoreArgs)]
-    shardings = [_named(info, arg.resolved_sharding()) for info, arg in zip(infos, args)]
-    mesh = shardings[0].mesh
-    primary = self._primary_processes(mesh)
+      checked.append(arg)
+    shardings = [_named(info, arg.resolved_sharding()) for info, arg in zip(infos, checked)]
+    primary = self._primary_processes(_mesh(shardings[0]))
     replica_shardings = [arg.single_replica_sharding or self._replica_sharding(sharding)
-                         for arg, sharding in zip(args, shardings)]
+                         for arg, sharding in zip(checked, shardings)]
     if _multihost.process_index() in primary:
-      parts: Sequence[Any] = _read_replica(infos, args, replica_shardings)
+      parts: Sequence[Any] = _read_replica(infos, checked, replica_shardings)
     else:
       parts = [_abstract(info, arg, sharding)
-               for info, arg, sharding in zip(infos, args, replica_shardings)]
+               for info, arg, sharding in zip(infos, checked, replica_shardings)]
     out: list[jax.Array] = []
     for group in _groups(parts, self.broadcast_memory_limit_bytes):
       out.extend(_broadcast([parts[i] for i in group], [shardings[i] for i in group],
@@ -120,7 +120,7 @@ class SingleReplicaArrayHandler(ArrayHandler):
   def _replica_sharding(self, sharding: jax.sharding.NamedSharding
                         ) -> jax.sharding.NamedSharding:
     """``sharding`` restricted to the replica that holds this process's devices."""
-    mesh = sharding.mesh
+    mesh = _mesh(sharding)
     axis = self.replica_axis_index
     me = _multihost.process_index()
     for replica in range(mesh.devices.shape[axis]):
@@ -129,6 +129,10 @@ class SingleReplicaArrayHandler(ArrayHandler):
         replica_mesh = jax.sharding.Mesh(np.expand_dims(devices, axis), mesh.axis_names)
         return jax.sharding.NamedSharding(replica_mesh, sharding.spec)
     raise InvalidShardingError(f'Process {me} holds no device of the mesh {mesh}.')
+
+
+def _mesh(sharding: jax.sharding.NamedSharding) -> jax.sharding.Mesh:
+  return cast(jax.sharding.Mesh, sharding.mesh)
 
 
 def _named(info: ParamInfo, sharding: Any) -> jax.sharding.NamedSharding:
@@ -144,8 +148,8 @@ def _read_replica(infos: Sequence[ParamInfo], args: Sequence[SingleReplicaArrayR
   from flaxckpt import _restore  # _restore dispatches to handlers: import it late.
   first = infos[0]
   directory = _storage.as_path(first.parent_dir)
-  regions = [_restore.local_region(sharding, tuple(arg.global_shape))
-             if arg.global_shape is not None else None
+  regions = [None if arg.global_shape is None
+             else _restore.local_region(sharding, tuple(arg.global_shape))
              for arg, sharding in zip(args, shardings)]
   data = _arrays.read_arrays(
       directory, [info.name for info in infos], use_ocdbt=first.is_ocdbt_checkpoint,
@@ -154,8 +158,8 @@ def _read_replica(infos: Sequence[ParamInfo], args: Sequence[SingleReplicaArrayR
   out = []
   for info, arg, sharding, value in zip(infos, args, shardings, data):
     dtype = normalize_dtype(arg.dtype)
-    if isinstance(value, _arrays.Region):
-      out.append(_restore.array_from_region(value, tuple(arg.global_shape), sharding, dtype))
+    if isinstance(value, _arrays.Region):  # Asked for, so global_shape is known.
+      out.append(_restore.array_from_region(value, _value_shape(arg), sharding, dtype))
       continue
     if arg.global_shape is not None and tuple(value.shape) != tuple(arg.global_shape):
       raise _errors.StructureMismatchError(
@@ -163,9 +167,16 @@ def _read_replica(infos: Sequence[ParamInfo], args: Sequence[SingleReplicaArrayR
           f'args ask for {tuple(arg.global_shape)}.')
     if dtype is not None and value.dtype != dtype:
       value = value.astype(dtype)
-    out.append(jax.make_array_from_callback(value.shape, sharding,
-                                            lambda index, v=value: v[index]))
+    out.append(jax.make_array_from_callback(value.shape, sharding, _indexer(value)))
   return out
+
+
+def _value_shape(arg: ArrayRestoreArgs) -> tuple[int, ...]:
+  return tuple(arg.global_shape or ())
+
+
+def _indexer(value: np.ndarray) -> Any:
+  return lambda index: value[index]
 
 
 def _abstract(info: ParamInfo, arg: SingleReplicaArrayRestoreArgs,
@@ -213,7 +224,7 @@ def _broadcast(parts: Sequence[Any], shardings: Sequence[jax.sharding.NamedShard
 
 def _stack(part: Any, sharding: jax.sharding.NamedSharding,
            replica_axis_index: int) -> jax.Array:
-  mesh = sharding.mesh
+  mesh = _mesh(sharding)
   replica_axis = mesh.axis_names[replica_axis_index]
   shape = (mesh.devices.shape[replica_axis_index], *part.shape)
   spec = jax.sharding.PartitionSpec(replica_axis, *part.sharding.spec)
@@ -227,6 +238,6 @@ def _stack(part: Any, sharding: jax.sharding.NamedSharding,
     if device in source:
       buffers.append(source[device])
     else:
-      local = tuple(s.indices(n)[1] - s.indices(n)[0] for s, n in zip(index, shape))
+      local = tuple(s.indices(n)[1] - s.indices(n)[0] for s, n in zip(index or (), shape))
       buffers.append(jnp.zeros(local, dtype=part.dtype, device=device))
   return jax.make_array_from_single_device_arrays(shape, stacked_sharding, buffers)

@@ -379,11 +379,13 @@ class NumpyHandler(TypeHandler):
       ((shape, dtype),) = _arrays.read_array_infos(
           directory, [info.name], use_ocdbt=info.is_ocdbt_checkpoint,
           use_zarr3=bool(info.use_zarr3))
+      entry: Any
       if self.typestr() == SCALAR:
-        out.append(value.ScalarMetadata(name=info.name, directory=directory, dtype=dtype))
+        entry = value.ScalarMetadata(name=info.name, directory=directory, dtype=dtype)
       else:
-        out.append(value.ArrayMetadata(name=info.name, directory=directory, shape=tuple(shape),
-                                       dtype=dtype, sharding=None))
+        entry = value.ArrayMetadata(name=info.name, directory=directory, shape=tuple(shape),
+                                    dtype=dtype, sharding=None)
+      out.append(entry)
     return out
 
   async def serialize(self, values: Sequence[Any], infos: Sequence[ParamInfo],
@@ -427,7 +429,8 @@ class ScalarHandler(NumpyHandler):
                         args: Sequence[RestoreArgs] | None = None) -> Sequence[Any]:
     results = await super().deserialize(infos, args)
     out = []
-    for info, value, arg in zip(infos, results, args or [None] * len(results)):
+    restore_args: Sequence[RestoreArgs | None] = args or [None] * len(results)
+    for info, value, arg in zip(infos, results, restore_args):
       if value.ndim != 0:
         raise _errors.StructureMismatchError(
             f'Leaf {info.name!r}: expected a scalar, the checkpoint holds shape {value.shape}.')
@@ -467,7 +470,7 @@ class ArrayHandler(TypeHandler):
     return JAX_ARRAY
 
   async def metadata(self, infos: Sequence[ParamInfo]) -> Sequence[Any]:
-    return await NumpyHandler.metadata(NumpyHandler(), infos)  # type: ignore[arg-type]
+    return await NumpyHandler().metadata(infos)
 
   async def serialize(self, values: Sequence[Any], infos: Sequence[ParamInfo],
                       args: Sequence[SaveArgs] | None = None) -> Sequence[Any]:
