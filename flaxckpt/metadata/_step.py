@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 from typing import Any
 
 from flaxckpt import _errors, _metadata, _safe_json, _storage
@@ -108,7 +109,13 @@ def read_step_metadata(directory: _storage.PathLike, item_metadata: Any = None) 
   path = _storage.as_path(directory) / _metadata.CHECKPOINT_METADATA_FILE
   if not _storage.is_file(path):
     return StepMetadata(item_metadata=item_metadata)
-  return parse_step_metadata(_storage.read_bytes(path), path, item_metadata)
+  return parse_step_metadata(_read(path), path, item_metadata)
+
+
+def _read(path: pathlib.Path) -> bytes:
+  """The file's bytes, refused when a link leads it outside its step directory."""
+  _storage.check_inside(path, path.parent, 'the step metadata file')
+  return _storage.read_bytes(path)
 
 
 def get_step_metadata(path: _storage.PathLike) -> StepMetadata:
@@ -126,4 +133,4 @@ def get_step_metadata(path: _storage.PathLike) -> StepMetadata:
   file = directory / _metadata.CHECKPOINT_METADATA_FILE
   if not _storage.is_file(file):
     raise ValueError(f'Step metadata not found at {file}')
-  return parse_step_metadata(_storage.read_bytes(file), file)
+  return parse_step_metadata(_read(file), file)
