@@ -20,12 +20,13 @@ import inspect
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = ['ChainedFuture', 'CommitFuture', 'CommitFutureAwaitingContractedSignals', 'Future',
            'NoopFuture', 'get_remaining_time']
 
 
+@runtime_checkable
 class Future(Protocol):
   """Anything with ``result(timeout=None)`` that waits for work already under way
   (``concurrent.futures.Future``, tensorstore futures, the classes below)."""

@@ -125,11 +125,13 @@ def fully_replicated_host_local_array_to_global_array(arr: jax.Array) -> jax.Arr
   shards = sorted(arr.addressable_shards, key=lambda shard: shard.device.id)
   data = [shard.data for shard in shards]
   global_shape = data[0].shape
+  # Orbax picks the spec from the shard's shape before dropping a pmap axis (a pmap scalar gets
+  # P(None)); the same spec gives the same sharding file.
+  spec = jax.sharding.PartitionSpec(None) if global_shape else jax.sharding.PartitionSpec()
   if global_shape != arr.shape:  # pmap output: each device holds (1, *shape).
     data = [d[0] for d in data]
     global_shape = global_shape[1:]
   mesh = jax.sharding.Mesh(np.array(jax.devices()), axis_names=('x',))
-  spec = jax.sharding.PartitionSpec(None) if global_shape else jax.sharding.PartitionSpec()
   return jax.make_array_from_single_device_arrays(
       global_shape, jax.sharding.NamedSharding(mesh, spec), data)
 
