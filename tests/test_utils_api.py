@@ -159,7 +159,7 @@ def test_chained_and_noop_futures_as_orbax_s():
   for lib in (ocp, orbax):
     pool = concurrent.futures.ThreadPoolExecutor(2)
     futures = [pool.submit(time.sleep, 0.01), lib.future.NoopFuture()]
-    assert lib.future.ChainedFuture(futures, lambda: done.append(lib)).result() is None
+    assert lib.future.ChainedFuture(futures, lambda lib=lib: done.append(lib)).result() is None
     slow = pool.submit(time.sleep, 2)
     with pytest.raises(TimeoutError, match='completed 0/1'):
       lib.future.ChainedFuture([slow], lambda: None).result(timeout=0.05)
