@@ -111,6 +111,6 @@ def resolve(result_paths: list[_tree.Path], checkpoint_paths: list[_tree.Path],
   if missing:
     raise _errors.MissingKeysError(
         f'The target asks for {len(missing)} entr{"y" if len(missing) == 1 else "ies"} the '
-        f'checkpoint does not hold: {missing}. Pass partial_restore=True (or transforms={{}}) '
-        'to keep the target values for them.')
+        f'checkpoint does not hold: {missing}. Pass transforms={{}} (or Transform(use_fallback='
+        'True)) to keep the target values for them.')
   return sources
