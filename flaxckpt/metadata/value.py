@@ -31,8 +31,6 @@ class Metadata:
   def __eq__(self, other: object) -> bool:
     return isinstance(other, Metadata)
 
-  __hash__ = None
-
 
 @dataclasses.dataclass(frozen=True)
 class StorageMetadata:
@@ -63,8 +61,6 @@ class ArrayMetadata(Metadata):
             and self.sharding == other.sharding and self.dtype == other.dtype
             and self.storage == other.storage)
 
-  __hash__ = None
-
   @classmethod
   def from_shape_dtype_struct(cls, s: jax.ShapeDtypeStruct, name: str | None = None,
                               directory: pathlib.Path | None = None) -> ArrayMetadata:
@@ -83,8 +79,6 @@ class ScalarMetadata(ArrayMetadata):
   def __eq__(self, other: object) -> bool:
     return isinstance(other, ScalarMetadata) and self.dtype == other.dtype
 
-  __hash__ = None
-
 
 @dataclasses.dataclass
 class StringMetadata(Metadata):
@@ -92,8 +86,6 @@ class StringMetadata(Metadata):
 
   def __eq__(self, other: object) -> bool:
     return isinstance(other, StringMetadata)
-
-  __hash__ = None
 
 
 def is_value_metadata(x: Any) -> bool:
