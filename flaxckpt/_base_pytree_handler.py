@@ -48,7 +48,7 @@ class BasePyTreeCheckpointHandler(PyTreeCheckpointHandler):
   def restore(self, directory: pathlib.Path,  # type: ignore[override]
               args: BasePyTreeRestoreArgs | None = None) -> Any:
     args = args or BasePyTreeRestoreArgs()
-    extra = {'partial_restore': True} if args.partial_restore else {}
+    extra: dict[str, Any] = {'partial_restore': True} if args.partial_restore else {}
     return super().restore(directory, PyTreeRestore(item=args.item,
                                                     restore_args=args.restore_args, **extra))
 

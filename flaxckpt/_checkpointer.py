@@ -99,10 +99,10 @@ class Checkpointer(AbstractCheckpointer):
     Raises:
       CheckpointExistsError: ``directory`` exists and ``force`` is False.
     """
-    args = self._adapt(legacy_item, args, legacy_kwargs, for_save=True)
-    self._save(directory, args, force, custom_metadata)
+    self._save(directory, self._adapt(legacy_item, args, legacy_kwargs, for_save=True), force,
+               custom_metadata)
 
-  def _save(self, directory: _storage.PathLike, args: CheckpointArgs, force: bool,
+  def _save(self, directory: _storage.PathLike, args: CheckpointArgs | None, force: bool,
             custom_metadata: dict[str, Any] | None,
             on_commit: Callable[[], None] | None = None) -> None:
     """The save itself; ``on_commit`` runs once the checkpoint is committed (managers apply
@@ -280,17 +280,17 @@ class AsyncCheckpointer(Checkpointer):
     self._barrier_sync_fn = async_options.barrier_sync_fn
     self._thread: threading.Thread | None = None
     self._error: BaseException | None = None
-    self._pending_path = None
+    self._pending_path: Any = None
 
   def save(self, directory: _storage.PathLike, *legacy_item: Any,
            args: CheckpointArgs | None = None, force: bool = False,
            custom_metadata: dict[str, Any] | None = None, **legacy_kwargs: Any) -> None:
     """Starts a save; returns once the caller's arrays have been copied to host memory."""
     self.wait_until_finished()
-    args = self._adapt(legacy_item, args, legacy_kwargs, for_save=True)
-    self._save(directory, args, force, custom_metadata)
+    self._save(directory, self._adapt(legacy_item, args, legacy_kwargs, for_save=True), force,
+               custom_metadata)
 
-  def _save(self, directory: _storage.PathLike, args: CheckpointArgs, force: bool,
+  def _save(self, directory: _storage.PathLike, args: CheckpointArgs | None, force: bool,
             custom_metadata: dict[str, Any] | None,
             on_commit: Callable[[], None] | None = None) -> None:
     self.wait_until_finished()
@@ -402,12 +402,12 @@ class _LegacyHandler(CheckpointHandler):
     self.wrapped = handler
     self.typestr = handler_typestr(handler)
 
-  def save(self, directory, args: _LegacyArgs) -> None:  # type: ignore[override]
-    self.wrapped.save(directory, *args.args, **args.kwargs)  # type: ignore[call-arg]
+  def save(self, directory, args: _LegacyArgs) -> None:
+    self.wrapped.save(directory, *args.args, **args.kwargs)
 
-  def restore(self, directory, args: _LegacyArgs | None = None) -> Any:  # type: ignore[override]
+  def restore(self, directory, args: _LegacyArgs | None = None) -> Any:
     args = args or _LegacyArgs((), {})
-    return self.wrapped.restore(directory, *args.args, **args.kwargs)  # type: ignore[call-arg]
+    return self.wrapped.restore(directory, *args.args, **args.kwargs)
 
   def metadata(self, directory) -> Any:
     return self.wrapped.metadata(directory)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from typing import Any
 
@@ -93,7 +94,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
 
   def async_save(self, directory: pathlib.Path, args: Composite) -> Writer:
     directory = _storage.as_path(directory)
-    writers = []
+    writers: list[tuple[Any, CheckpointHandler, Writer]] = []
     for name, item_args in args.items():
       if item_args is None:
         continue
@@ -103,8 +104,8 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
       if isinstance(handler, AsyncCheckpointHandler):
         writers.append((item_dir, handler, handler.async_save(item_dir, args=item_args)))
       else:
-        writers.append((item_dir, handler, lambda h=handler, d=item_dir, a=item_args:
-                        h.save(d, args=a)))
+        writers.append((item_dir, handler, functools.partial(handler.save, item_dir,
+                                                             args=item_args)))
 
     def write() -> None:
       for _, _, writer in writers:

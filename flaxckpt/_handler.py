@@ -28,11 +28,11 @@ class CheckpointHandler(abc.ABC):
   typestr: str = ''
 
   @abc.abstractmethod
-  def save(self, directory: pathlib.Path, args: CheckpointArgs) -> None:
+  def save(self, directory: pathlib.Path, args: Any) -> None:
     """Writes the item into ``directory`` (which exists and is empty)."""
 
   @abc.abstractmethod
-  def restore(self, directory: pathlib.Path, args: CheckpointArgs | None = None) -> Any:
+  def restore(self, directory: pathlib.Path, args: Any = None) -> Any:
     """Reads the item from ``directory``."""
 
   def metadata(self, directory: pathlib.Path) -> Any:
@@ -52,10 +52,10 @@ class AsyncCheckpointHandler(CheckpointHandler):
   """A handler whose writes can run on a background thread."""
 
   @abc.abstractmethod
-  def async_save(self, directory: pathlib.Path, args: CheckpointArgs) -> Writer:
+  def async_save(self, directory: pathlib.Path, args: Any) -> Writer:
     """Copies what must be copied from the caller, returns the rest of the save to run later."""
 
-  def save(self, directory: pathlib.Path, args: CheckpointArgs) -> None:
+  def save(self, directory: pathlib.Path, args: Any) -> None:
     self.async_save(directory, args)()
 
 

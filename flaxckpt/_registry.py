@@ -101,7 +101,7 @@ class DefaultCheckpointHandlerRegistry(CheckpointHandlerRegistry):
       try:
         handler = handler()
       except TypeError as e:
-        raise ValueError(f'The handler {handler.__name__} for item={item} and '
+        raise ValueError(f'The handler {handler!r} for item={item} and '
                          f'args_type={args_type} cannot be constructed without arguments; '
                          'pass an instance.') from e
     if not isinstance(handler, CheckpointHandler):

@@ -194,7 +194,8 @@ class CommitFileTemporaryPath(TemporaryPath):
   @classmethod
   def from_temporary(cls, temporary_path: _storage.PathLike, *,
                      file_options: FileOptions | None = None) -> CommitFileTemporaryPath:
-    return cls(temporary_path, temporary_path, file_options=file_options)
+    path = _storage.as_path(temporary_path)
+    return cls(path, path, file_options=file_options)
 
   def create_sync(self) -> pathlib.Path:
     # A checkpoint being replaced (force=True) is removed first, as Orbax does: the commit file
