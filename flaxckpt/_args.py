@@ -37,12 +37,18 @@ class PyTreeRestore(CheckpointArgs):
       even ``{}``, lets target entries missing from the checkpoint keep their target value.
     verify_checksums: check every whole chunk read against the crc32c recorded at save
       (``ChecksumError`` on a mismatch); checkpoints without checksums restore unchecked.
+    partial_restore: restore only the keys ``item`` holds; target keys the checkpoint lacks
+      keep their target value.
+    legacy_transform_fn: Orbax's older transform hook, ``fn(item, structure, param_infos)``
+      returning the result tree and its param infos; not combinable with ``transforms``.
   """
   item: Any = None
   restore_args: Any = None
   transforms: Mapping[str, Any] | None = None
   strict: bool = True
   verify_checksums: bool = True
+  partial_restore: bool = False
+  legacy_transform_fn: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

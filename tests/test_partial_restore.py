@@ -5,9 +5,7 @@ the same files, in both directions."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -44,20 +42,7 @@ def _save(lib: str, path, state) -> None:
     ckptr.save(path, args=LIBS[lib].args.PyTreeSave(state))
 
 
-@dataclasses.dataclass(frozen=True)
-class _PendingPyTreeRestore(ocp.args.PyTreeRestore):
-  """PyTreeRestore with the two fields H1 adds to flaxckpt/_args.py (used until they land)."""
-  partial_restore: bool = False
-  legacy_transform_fn: Any = None
-
-
-_HAS_FIELDS = {'partial_restore', 'legacy_transform_fn'} <= {
-    f.name for f in dataclasses.fields(ocp.args.PyTreeRestore)}
-
-
 def _restore(lib: str, path, **kwargs):
-  if lib == 'flaxckpt' and not _HAS_FIELDS:
-    return ocp.PyTreeCheckpointHandler().restore(path, _PendingPyTreeRestore(**kwargs))
   with LIBS[lib].PyTreeCheckpointer() as ckptr:
     return ckptr.restore(path, args=LIBS[lib].args.PyTreeRestore(**kwargs))
 
