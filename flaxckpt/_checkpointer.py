@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,8 +22,11 @@ from flaxckpt._handler import (AbstractCheckpointer, AsyncCheckpointHandler, Che
                                CheckpointHandler, args_type_for)
 from flaxckpt._handler import typestr as handler_typestr
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpointHandler
+from flaxckpt.metadata import StepMetadata, read_step_metadata
 from flaxckpt.options import AsyncOptions, FileOptions, MultiprocessingOptions
 from flaxckpt.path import atomicity
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -133,8 +137,21 @@ class Checkpointer(AbstractCheckpointer):
     with _gc_paused():
       return self._handler.restore(path, args=args)
 
-  def metadata(self, directory: _storage.PathLike) -> Any:
-    return self._handler.metadata(_storage.as_path(directory))
+  def metadata(self, directory: _storage.PathLike) -> StepMetadata:
+    """The step's ``StepMetadata`` (commit times, custom metadata, handler names), with the
+    handler's description of the item as ``item_metadata``; no array data is read.
+
+    A damaged ``_CHECKPOINT_METADATA`` leaves the step fields empty (with a warning naming it):
+    the item's own metadata does not depend on it.
+    """
+    path = _storage.as_path(directory)
+    item_metadata = self._handler.metadata(path)
+    try:
+      return read_step_metadata(path, item_metadata)
+    except (_errors.NotACheckpointError, _errors.LimitExceededError,
+            _errors.UnsafeCheckpointError) as e:
+      logger.warning('Ignoring the step metadata of %s: %s', path, e)
+      return StepMetadata(item_metadata=item_metadata)
 
   def wait_until_finished(self) -> None:
     """Nothing to wait for: saves are synchronous."""

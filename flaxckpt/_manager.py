@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from flaxckpt import _policies, _registry, _safe_json, _steps, _storage
+from flaxckpt import _errors, _policies, _registry, _safe_json, _steps, _storage
 from flaxckpt import logging as logging_lib
 from flaxckpt._args import Composite, JsonSave
 from flaxckpt._checkpointer import AsyncCheckpointer, Checkpointer
@@ -34,6 +34,7 @@ from flaxckpt._handler import CheckpointArgs, CheckpointHandler, args_type_for
 from flaxckpt._json_handler import JsonCheckpointHandler
 from flaxckpt._policies import CheckpointInfo
 from flaxckpt._steps import is_locked, validate_step
+from flaxckpt.metadata import StepMetadata, read_step_metadata
 from flaxckpt.options import AsyncOptions, FileOptions, MultiprocessingOptions
 from flaxckpt.path import step as step_lib
 
@@ -754,10 +755,16 @@ class CheckpointManager:
 
   def metadata(self, step: int | None = None) -> Any:
     """Without ``step``: the run metadata given to the constructor (this or an earlier run),
-    or {}. With ``step``: that step's ``_CHECKPOINT_METADATA`` as a dict."""
+    or {} (the mapping the reference docs promise). With ``step``: that step's
+    ``ocp.metadata.StepMetadata``, its ``item_metadata`` as ``item_metadata(step)`` gives it."""
     if step is not None:
-      path = self._step_dir(validate_step(step)) / '_CHECKPOINT_METADATA'
-      return _safe_json.read(path) if _storage.is_file(path) else {}
+      step = validate_step(step)
+      item_metadata = self.item_metadata(step)
+      try:
+        return read_step_metadata(self._step_dir(step), item_metadata)
+      except (_errors.NotACheckpointError, _errors.LimitExceededError) as e:
+        logger.warning('Ignoring the step metadata of step %d: %s', step, e)
+        return StepMetadata(item_metadata=item_metadata)
     folder = self._root / _ROOT_METADATA_DIR
     for name, key in ((_ROOT_METADATA_FILE, 'custom_metadata'),
                       (_LEGACY_ROOT_METADATA_FILE, None)):

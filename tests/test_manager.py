@@ -316,6 +316,27 @@ def test_root_metadata_and_reached_preemption(tmp_path):
   assert mngr.all_steps() == []  # The metadata folder is not a step.
 
 
+def test_step_metadata_of_a_manager_step_matches_orbax(tmp_path):
+  """``metadata(step)`` is the step's StepMetadata, as Orbax's manager reads it from our files."""
+  import orbax.checkpoint as orbax
+  with ocp.CheckpointManager(tmp_path, item_names=('state', 'extra')) as mngr:
+    mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave({'w': np.ones(2)}),
+                                         extra=ocp.args.JsonSave({'lr': 0.1})),
+              custom_metadata={'run': 'r7'})
+    mngr.wait_until_finished()
+    ours = mngr.metadata(3)
+  assert isinstance(ours, ocp.metadata.StepMetadata)
+  assert ours.custom_metadata == {'run': 'r7'}
+  assert ours.commit_timestamp_nsecs >= ours.init_timestamp_nsecs > 0
+  assert ours.item_metadata['state']['w'].shape == (2,)
+  with orbax.CheckpointManager(tmp_path, item_names=('state', 'extra')) as theirs_mngr:
+    theirs = theirs_mngr.metadata(3)
+  assert theirs.custom_metadata == ours.custom_metadata
+  assert (theirs.init_timestamp_nsecs, theirs.commit_timestamp_nsecs) == (
+      ours.init_timestamp_nsecs, ours.commit_timestamp_nsecs)
+  assert set(theirs.item_handlers) == set(ours.item_handlers) == {'state', 'extra'}
+
+
 def test_wait_for_new_checkpoint_locks_the_step_against_retention(tmp_path):
   mngr = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(
       max_to_keep=1, enable_async_checkpointing=False))
