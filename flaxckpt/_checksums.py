@@ -41,7 +41,7 @@ def of_array(array: np.ndarray) -> int:
   array = np.ascontiguousarray(array)
   if array.dtype.byteorder == '>':
     array = array.astype(array.dtype.newbyteorder('<'))
-  return crc32c.crc32c(array.reshape(-1).view(np.uint8))
+  return crc32c.crc32c(array.reshape(-1).view(np.uint8).data)
 
 
 @functools.lru_cache(maxsize=4096)  # Trees repeat a few layouts many times.

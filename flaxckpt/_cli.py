@@ -217,7 +217,7 @@ def _short(value: Any) -> str:
   return text if len(text) <= 40 else text[:37] + '...'
 
 
-def _print_table(rows: list[tuple[str, ...]], out: TextIO, indent: str) -> None:
+def _print_table(rows: Sequence[tuple[str, ...]], out: TextIO, indent: str) -> None:
   rows = [tuple(printable(cell) for cell in row) for row in rows]  # Escaped, then aligned.
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   for row in rows:

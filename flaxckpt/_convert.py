@@ -7,6 +7,7 @@ msgpack file is written, so the peak is about one batch or the largest leaf.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 
@@ -59,7 +60,7 @@ def _write_msgpack(leaves: _leaf_source.LeafSource, target: pathlib.Path) -> Non
   """Streams the leaves into a new temporary file beside ``target``, then moves it into place
   (only if ``target`` is still free)."""
   from flaxckpt.legacy import _msgpack, _sidecar
-  state = _leaf_source.nest([(path, _msgpack.Deferred(lambda path=path: leaves.read(path)))
+  state = _leaf_source.nest([(path, _msgpack.Deferred(functools.partial(leaves.read, path)))
                              for path in leaves.paths])
   _storage.make_dirs(target.parent)
   partial = target.with_name(f'.{target.name}.partial')

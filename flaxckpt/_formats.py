@@ -78,8 +78,8 @@ def detect(path: _storage.PathLike) -> Found:
     return Found(Kind.MANAGER, location)
   if _storage.exists(location / _metadata.CHECKPOINT_METADATA_FILE) or _only_items(location):
     return Found(Kind.COMPOSITE, location)
-  if json_file(location) is not None:
-    return Found(Kind.JSON, json_file(location))
+  if (json_path := json_file(location)) is not None:
+    return Found(Kind.JSON, json_path)
   names = _storage.list_names(location)
   raise _errors.NotACheckpointError(
       f'{location}: not a checkpoint (expected a PyTree checkpoint with '

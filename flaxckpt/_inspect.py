@@ -237,7 +237,7 @@ def _local_time(seconds: float) -> str:
 
 
 def manager(root: pathlib.Path, best_metric: str | None, best_mode: str) -> Description:
-  steps = []
+  steps: list[Description] = []
   for step, path in _formats.manager_steps(root):
     try:
       metrics = _json_file(path / 'metrics' / 'metrics') or None
@@ -252,8 +252,8 @@ def manager(root: pathlib.Path, best_metric: str | None, best_mode: str) -> Desc
   for entry in steps:
     entry['latest'] = entry['step'] == latest
     entry['best'] = entry['step'] == best
-  description = {'format': 'manager', 'path': str(root), 'steps': steps, 'best_by': rule,
-                 'latest_step': latest, 'best_step': best}
+  description: Description = {'format': 'manager', 'path': str(root), 'steps': steps,
+                               'best_by': rule, 'latest_step': latest, 'best_step': best}
   if steps:
     description['latest'] = _describe(_formats.detect(steps[-1]['path']), None, 'max')
   return description
@@ -307,14 +307,14 @@ def _jsonable(value: Any) -> bool:
 
 
 def flax_dir(root: pathlib.Path) -> Description:
-  steps = []
+  steps: list[Description] = []
   for step, path in _formats.flax_dir_steps(root):
     kind = 'flax-msgpack' if _storage.is_file(path) else 'orbax-pytree'
     steps.append({'step': step, 'path': str(path), 'format': kind,
                   'saved': _commit_time(path) if kind == 'orbax-pytree'
                   else _saved_at(path, None)})
-  description = {'format': 'flax-dir', 'path': str(root), 'steps': steps,
-                 'latest_step': steps[-1]['step'] if steps else None}
+  description: Description = {'format': 'flax-dir', 'path': str(root), 'steps': steps,
+                               'latest_step': steps[-1]['step'] if steps else None}
   if steps:
     description['latest'] = _describe(_formats.detect(steps[-1]['path']), None, 'max')
   return description

@@ -56,7 +56,7 @@ def read_into(out: np.ndarray, where: Location) -> None:
   """Fills ``out`` with the ``length`` bytes at ``where`` (as many as ``out`` holds); refuses a
   file that is not a regular file (a FIFO would block) or that ends before them."""
   path, offset, length = where
-  view = memoryview(out.reshape(-1).view(np.uint8))
+  view = out.reshape(-1).view(np.uint8).data
   if length != len(view):
     raise _errors.NotACheckpointError(
         f'{path}: the value of {length} bytes at offset {offset} was to fill an array of '

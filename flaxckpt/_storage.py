@@ -441,7 +441,7 @@ def _lock_directory(directory: PathLike, timeout_secs: float) -> int | None:
   return fd
 
 
-def read_bytes(path: pathlib.Path, max_bytes: int | None = MAX_METADATA_FILE_BYTES) -> bytes:
+def read_bytes(path: PathLike, max_bytes: int | None = MAX_METADATA_FILE_BYTES) -> bytes:
   """A regular file's bytes (see ``open_regular``); metadata-sized unless ``max_bytes`` says
   otherwise (None: any size)."""
   with os.fdopen(open_regular(path, max_bytes), 'rb') as f:
@@ -472,7 +472,7 @@ def read_into_buffer(path: pathlib.Path) -> np.ndarray:
     slices = range(0, len(buffer), _READ_SLICE_BYTES)
 
     def read_slice(start: int) -> None:
-      view = memoryview(buffer[start:start + _READ_SLICE_BYTES])
+      view = buffer[start:start + _READ_SLICE_BYTES].data
       done = 0
       while done < len(view):
         count = os.preadv(fd, [view[done:]], start + done)
@@ -542,7 +542,7 @@ def sync_tree(path: pathlib.Path) -> None:
     _sync_path(path)
     _sync_path(os.path.dirname(os.path.abspath(path)))
     return
-  paths = []
+  paths: list[str] = []
   for root, _, files in os.walk(path):
     paths.extend(os.path.join(root, name) for name in files)
     paths.append(root)

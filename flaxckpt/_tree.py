@@ -83,7 +83,8 @@ def flatten(tree: Any) -> tuple[list[Leaf], Any]:
   if treedef not in _PATHS_BY_TREEDEF:
     if len(_PATHS_BY_TREEDEF) >= _PATHS_CACHE_SIZE:
       _PATHS_BY_TREEDEF.pop(next(iter(_PATHS_BY_TREEDEF)))
-    has_empty_nodes = full_treedef.num_leaves != treedef.num_leaves
+    # jaxlib ships no stub for PyTreeDef, so mypy does not know its attributes.
+    has_empty_nodes = full_treedef.num_leaves != treedef.num_leaves  # type: ignore[attr-defined]
     _PATHS_BY_TREEDEF[treedef] = None if has_empty_nodes else [
         (leaf.path, leaf.key_types) for leaf in leaves]
   return leaves, full_treedef

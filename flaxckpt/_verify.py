@@ -8,6 +8,7 @@ checkpoint needs memory for one batch, not for the whole state.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import pathlib
@@ -132,9 +133,9 @@ class _Checker:
       yield from self.step(path / name)
 
   def pytree(self, directory: pathlib.Path) -> Iterator[_Job]:
-    recorded = _checksums.Recorded(directory)
-    if self.guarded(directory, lambda: recorded.chunks) is None:
-      recorded = None  # Its damage is reported; everything else is read unchecked.
+    checksums = _checksums.Recorded(directory)
+    # Damaged checksums are reported; everything else is then read unchecked.
+    recorded = None if self.guarded(directory, lambda: checksums.chunks) is None else checksums
     meta = self.guarded(directory, lambda: _restore.read_tree_metadata(directory, recorded))
     if meta is None:
       return
@@ -144,14 +145,14 @@ class _Checker:
                         (_metadata.CHECKPOINT_METADATA_FILE, _check_checkpoint_metadata)):
       if _storage.exists(directory / name):
         file = directory / name
-        yield _Job(0, lambda file=file, check=check: self.guarded(
-            file, lambda: check(file, recorded)))
+        yield _Job(0, functools.partial(self.guarded, file,
+                                        functools.partial(check, file, recorded)))
     folder = directory / _metadata.ARRAY_METADATAS_DIR
     if _storage.is_dir(folder):
       for name in _storage.list_names(folder):
         file = folder / name
-        yield _Job(0, lambda file=file: self.guarded(file, lambda: _restore.read_side_file(
-            file, _metadata.parse_array_metadatas, recorded)))
+        yield _Job(0, functools.partial(self.guarded, file, functools.partial(
+            _restore.read_side_file, file, _metadata.parse_array_metadatas, recorded)))
     sums = recorded.chunks if recorded is not None else None
     arrays = [leaf for leaf in meta.leaves if _restore._is_stored_array(leaf)]
     try:
@@ -160,7 +161,7 @@ class _Checker:
       sizes = [0] * len(arrays)
     for batch in _batches(arrays, sizes):
       yield _Job(sum(size for _, size in batch),
-                 lambda batch=batch: self.read_arrays(reader, [leaf for leaf, _ in batch]))
+                 functools.partial(self.read_arrays, reader, [leaf for leaf, _ in batch]))
     others = [leaf for leaf in meta.leaves
               if not _restore._is_stored_array(leaf) and leaf.value_type != _metadata.STRING]
     if others:  # Empty values, and value types restore refuses.
@@ -179,7 +180,7 @@ class _Checker:
                    leaves: list[_metadata.LeafMetadata]) -> None:
     """Reads the string leaves up to the first failure (which usually holds for all of them)."""
     for leaf in leaves:
-      if self.guarded(directory, lambda leaf=leaf: reader.string(leaf)) is None:
+      if self.guarded(directory, functools.partial(reader.string, leaf)) is None:
         return
 
   def read_arrays(self, reader: Any, leaves: list[_metadata.LeafMetadata]) -> None:
@@ -232,8 +233,8 @@ class _Checker:
       self.report(directory, 'the multi-process arrays this checkpoint refers to are missing')
       return
     for subpath in subpaths:
-      self.guarded(directory / subpath, lambda subpath=subpath: _arrays.read_arrays(
-          directory, [subpath], use_ocdbt=False, use_zarr3=False,
+      self.guarded(directory / subpath, functools.partial(
+          _arrays.read_arrays, directory, [subpath], use_ocdbt=False, use_zarr3=False,
           missing_chunks_are_errors=True))
 
 
@@ -273,7 +274,7 @@ def _check_checkpoint_metadata(path: pathlib.Path,
 def _check_shardings(path: pathlib.Path, recorded: _checksums.Recorded | None) -> None:
   """Parses every sharding in ``_sharding``, as a restore without a target does."""
   for key, text in _restore.read_side_file(path, recorded=recorded).items():
-    _restore.parse_side_file(path, lambda text=text: _metadata.sharding_from_json(text),
+    _restore.parse_side_file(path, functools.partial(_metadata.sharding_from_json, text),
                              f'the sharding of entry {key!r}')
 
 

@@ -156,7 +156,8 @@ def _fill_value(value: Any, dtype: np.dtype) -> Any:
   if isinstance(value, str):
     value = _FLOAT_NAMES.get(value)
   if isinstance(value, list) and len(value) == 2 and dtype.kind == 'c':
-    value = complex(*(_FLOAT_NAMES.get(v, v) for v in value))
+    parts: list[Any] = [_FLOAT_NAMES.get(v, v) for v in value]  # JSON values, numbers or not.
+    value = complex(*parts)
   if not isinstance(value, (bool, int, float, complex)):
     return None
   try:

@@ -92,9 +92,11 @@ def read(directory: pathlib.Path, subpaths: list[str], references: list[Any]
              for sharding, reference in zip(shardings, references)]
   hosts = _arrays.read_arrays(directory, subpaths, use_ocdbt=False, use_zarr3=False,
                               missing_chunks_are_errors=True, regions=regions)
-  out = []
+  out: list[jax.Array | np.ndarray] = []
   for host, sharding, region in zip(hosts, shardings, regions):
     if isinstance(host, _arrays.Region):
+      # read_arrays returns a Region only for a RegionRequest, made only where there is a sharding.
+      assert region is not None and sharding is not None
       out.append(_restore.array_from_region(host, region.shape, sharding))
     else:
       out.append(host if sharding is None else jax.device_put(host, sharding))

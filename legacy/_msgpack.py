@@ -15,11 +15,15 @@ import math
 import struct
 import warnings
 from collections.abc import Callable
-from typing import IO, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import msgpack
 import numpy as np
+
+if TYPE_CHECKING:  # Typing-only names: what `write` needs of a file is a `write` method.
+  from _typeshed import SupportsWrite
+  from typing_extensions import Buffer
 
 ARRAY_EXT = 1
 COMPLEX_EXT = 2
@@ -77,7 +81,7 @@ def _array_ext(array: np.ndarray, code: int) -> tuple[bytes, memoryview]:
   """The encoding of ``array`` as ext ``code``: everything up to its data, and the data."""
   if not array.flags.c_contiguous:
     array = np.ascontiguousarray(array)
-  data = memoryview(array.reshape(-1).view(np.uint8))
+  data = array.reshape(-1).view(np.uint8).data
   inner = (b'\x93' + msgpack.packb(list(array.shape)) + msgpack.packb(array.dtype.name)
            + _bin_header(data.nbytes))
   return _ext_header(code, len(inner) + data.nbytes) + inner, data
@@ -114,7 +118,7 @@ class Deferred(NamedTuple):
 class _Writer:
   """Encodes one tree into a file: small encodings are buffered, array data written as is."""
 
-  def __init__(self, file: IO[bytes]):
+  def __init__(self, file: SupportsWrite[Buffer]):
     self._file = file
     self._buffer = bytearray()
     self._packer = msgpack.Packer(default=_ext_hook, strict_types=True)
@@ -161,7 +165,7 @@ class _Writer:
       self._buffer.clear()
 
 
-def write(file: IO[bytes], state: Any) -> None:
+def write(file: SupportsWrite[Buffer], state: Any) -> None:
   """Writes ``state`` (a flax state dict) to ``file`` as ``flax.serialization.msgpack_serialize``
   would encode it."""
   writer = _Writer(file)
@@ -231,9 +235,9 @@ def _dtype(name: str) -> np.dtype | None:
 class _Reader:
   """A msgpack decoder over one buffer whose arrays are views into that buffer."""
 
-  def __init__(self, buffer: np.ndarray | bytearray | bytes):
+  def __init__(self, buffer: np.ndarray | bytearray | bytes | memoryview):
     self._buffer = buffer
-    self._view = memoryview(buffer)
+    self._view = buffer.data if isinstance(buffer, np.ndarray) else memoryview(buffer)
     self._pos = 0
 
   def _take(self, size: int) -> int:

@@ -499,12 +499,12 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
                               _temporary_name(ckpt_path))
   _storage.check_name(tmp_name, 'the temporary name chosen by process 0')
   tmp_path = _storage.as_path(ckpt_path).with_name(tmp_name)
-  written = None
+  written = None  # Process 0's msgpack file, once written.
   try:
     if is_writer:
       written = _write_msgpack(_host_snapshot(state) if async_manager else state, tmp_path)
     if gda_arrays:
-      if is_writer:
+      if written is not None:
         _storage.make_new_dir(written.gda_path)
       _multihost.barrier('flaxckpt.legacy:save:gda_dir')
       _gda.write(tmp_path.with_name(tmp_name + MP_ARRAY_POSTFIX), gda_arrays)
@@ -513,7 +513,7 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
     if written is not None:
       written.discard()
     raise
-  if is_writer:
+  if written is not None:
     commit = lambda: _commit(written, ckpt_path, base_path, step, keep, overwrite,
                              keep_every_n_steps, bool(gda_arrays))
     if async_manager:
@@ -620,6 +620,7 @@ def _restore_gda_arrays(state: Any, target: Any, ckpt_path: str, step: int | flo
   found = _gda.placeholders(state, ckpt_path)
   if not found:
     return state
+  flat_target: dict[tuple[str, ...], Any]
   if found[0][0] == ():
     flat_target = {(): target}
   elif target is not None:
