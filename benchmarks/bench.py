@@ -68,8 +68,22 @@ Usage:  .venv/bin/python benchmarks/bench.py [--cases many,small,large,msgpack]
 """
 from __future__ import annotations
 
-import argparse, gc, importlib.metadata, inspect, json, math, os, platform, shutil, statistics
-import subprocess, sys, tempfile, time, traceback, warnings
+import argparse
+import gc
+import importlib.metadata
+import inspect
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,13 +139,15 @@ def make_tree(case: str, large_mib: float = 256.0, msgpack_mib: float = 512.0):
         d = max(8, round(1024 * math.sqrt(large_mib / 256)))
         return {"params": transformer_params(arr, d, 4),
                 "opt_state": {"momentum": transformer_params(arr, d, 4)}}
-    if case == "msgpack":  # flax TrainState + adam state; bytes ~= 3 * 208 * d**2 -> d = 928: ~512 MiB
+    # flax TrainState + adam state; bytes ~= 3 * 208 * d**2 -> d = 928: ~512 MiB
+    if case == "msgpack":
         import optax
         from flax.training.train_state import TrainState
         d = max(8, round(math.sqrt(msgpack_mib * MiB / 624)))
         params = transformer_params(arr, d, 9)  # 30 leaves
         adam = optax.ScaleByAdamState(count=jax.device_put(np.int32(MSGPACK_STEP)),
-                                      mu=transformer_params(arr, d, 9), nu=transformer_params(arr, d, 9))
+                                      mu=transformer_params(arr, d, 9),
+                                      nu=transformer_params(arr, d, 9))
         # what TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-3)) builds
         # after MSGPACK_STEP steps, without allocating zeros for mu/nu first
         return TrainState(step=MSGPACK_STEP, apply_fn=None, params=params, tx=optax.adam(1e-3),
@@ -140,7 +156,8 @@ def make_tree(case: str, large_mib: float = 256.0, msgpack_mib: float = 512.0):
 
 
 def tree_nbytes(tree) -> int:
-    return sum(x.nbytes if hasattr(x, "nbytes") else np.asarray(x).nbytes for x in jax.tree.leaves(tree))
+    return sum(x.nbytes if hasattr(x, "nbytes") else np.asarray(x).nbytes
+               for x in jax.tree.leaves(tree))
 
 
 def trees_equal(a, b) -> bool:
@@ -175,7 +192,8 @@ class Raw:
         offsets, end = [], 0
         for x in leaves:
             offsets.append(end)
-            end += -(-math.prod(np.shape(x)) * np.dtype(self._dtype(x)).itemsize // self.ALIGN) * self.ALIGN
+            nbytes = math.prod(np.shape(x)) * np.dtype(self._dtype(x)).itemsize
+            end += -(-nbytes // self.ALIGN) * self.ALIGN
         return offsets, end
 
     def save(self, path: Path, tree) -> None:
@@ -200,7 +218,8 @@ class Raw:
             f.readinto(buf)
         out = [np.frombuffer(buf, a.dtype, math.prod(a.shape), off).reshape(a.shape)
                for a, off in zip(leaves, offsets)]
-        out = [jax.device_put(x) if jax.dtypes.canonicalize_dtype(x.dtype) == x.dtype else x for x in out]
+        out = [jax.device_put(x) if jax.dtypes.canonicalize_dtype(x.dtype) == x.dtype else x
+               for x in out]
         return jax.block_until_ready(jax.tree.unflatten(treedef, out))
 
     def close(self) -> None:
@@ -254,8 +273,8 @@ class Legacy:
         self.name, self.mod = name, mod
 
     def abstract(self, tree):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x,
-                            tree)
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, tree)
 
     def save(self, path: Path, tree) -> None:
         with warnings.catch_warnings():  # flax: "Flax Checkpointing will soon be deprecated"
@@ -276,10 +295,11 @@ def load_legacy() -> dict:
     contender's error).
     """
     mods = {}
-    for name, modname in (("flax", "flax.training.checkpoints"), ("flaxckpt", "flaxckpt.legacy.checkpoints")):
+    for name, modname in (("flax", "flax.training.checkpoints"),
+                          ("flaxckpt", "flaxckpt.legacy.checkpoints")):
         try:
             mod = importlib.import_module(modname)  # flax's imports orbax.checkpoint
-            mod.save_checkpoint, mod.restore_checkpoint
+            _ = mod.save_checkpoint, mod.restore_checkpoint  # AttributeError if one is missing
             mods[name] = mod
         except Exception as e:  # drop-in under construction: skip, don't die
             mods[name] = e
@@ -296,7 +316,8 @@ def files_identical(a: Path, b: Path, chunk: int = 16 * MiB) -> str:
             x, y = fa.read(chunk), fb.read(chunk)
             if x != y:
                 n = min(len(x), len(y))
-                diff = np.flatnonzero(np.frombuffer(x, np.uint8, n) != np.frombuffer(y, np.uint8, n))
+                diff = np.flatnonzero(np.frombuffer(x, np.uint8, n)
+                                      != np.frombuffer(y, np.uint8, n))
                 first = int(diff[0]) if diff.size else n
                 return f"no (first difference at byte {off + first}; sizes {sa} vs {sb} bytes)"
             if not x:
@@ -308,8 +329,9 @@ def load_libs(no_orbax: bool) -> dict:
     mods = {}
     try:
         import flaxckpt as fc
-        fc.StandardCheckpointer, fc.args.StandardSave, fc.args.StandardRestore
-        fc.utils.to_shape_dtype_struct
+        # AttributeError if one is missing.
+        _ = (fc.StandardCheckpointer, fc.args.StandardSave, fc.args.StandardRestore,
+             fc.utils.to_shape_dtype_struct)
         mods["flaxckpt"] = fc
     except Exception as e:  # library under construction: skip, don't die
         print(f"NOTE: skipping flaxckpt ({type(e).__name__}: {e})")
@@ -364,7 +386,8 @@ def bench_contenders(contenders: dict, tree, workdir: Path, keep_warmup: bool = 
                 res[name] = _failure(name, e)
                 del state[name]
     for name, (_, _, _, saves, restores) in state.items():
-        res[name].update(save_ms=saves, restore_ms=restores, save_median_ms=statistics.median(saves),
+        res[name].update(save_ms=saves, restore_ms=restores,
+                         save_median_ms=statistics.median(saves),
                          restore_median_ms=statistics.median(restores))
     return res
 
@@ -387,8 +410,8 @@ def ratios(case: str, res: dict) -> list[dict]:
             verdict = None
             if tgt is not None and val is not None:
                 verdict = "PASS" if (val >= tgt if cmp_ == ">=" else val <= tgt) else "MISS"
-            rows.append({"op": op, "ratio": name, "value": val, "target": f"{cmp_}{tgt}x" if tgt else None,
-                         "verdict": verdict})
+            rows.append({"op": op, "ratio": name, "value": val,
+                         "target": f"{cmp_}{tgt}x" if tgt else None, "verdict": verdict})
     return rows
 
 
@@ -452,9 +475,12 @@ def bench_import(runs: int) -> dict:
         incr.append(r["incr"] * 1e3)
         orbax_mods.update(r["orbax"])
     diff = statistics.median(withfc) - statistics.median(base)
-    return {"runs": runs, "jax_flax_ms": statistics.median(base), "with_flaxckpt_ms": statistics.median(withfc),
+    return {"runs": runs, "jax_flax_ms": statistics.median(base),
+            "with_flaxckpt_ms": statistics.median(withfc),
             "diff_ms": diff, "in_process_ms": statistics.median(incr),
-            "in_process_verdict": "PASS" if statistics.median(incr) <= IMPORT_TARGET_MS else "MISS", "target_ms": IMPORT_TARGET_MS, "verdict": "PASS" if diff <= IMPORT_TARGET_MS else "MISS",
+            "in_process_verdict": "PASS" if statistics.median(incr) <= IMPORT_TARGET_MS else "MISS",
+            "target_ms": IMPORT_TARGET_MS,
+            "verdict": "PASS" if diff <= IMPORT_TARGET_MS else "MISS",
             "orbax_modules": sorted(orbax_mods)}
 
 
@@ -463,26 +489,34 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=",".join(CASES), help="comma list of " + ",".join(CASES))
-    p.add_argument("--repeats", type=int, help="repeats for every contender and case (overrides below)")
+    p.add_argument("--repeats", type=int,
+                   help="repeats for every contender and case (overrides below)")
     p.add_argument("--fc-repeats", type=int, default=5)
     p.add_argument("--raw-repeats", type=int, default=5)
     p.add_argument("--orbax-repeats", type=int, default=3)
-    p.add_argument("--orbax-many-repeats", type=int, default=2, help="Orbax repeats on the slow many-leaf case")
+    p.add_argument("--orbax-many-repeats", type=int, default=2,
+                   help="Orbax repeats on the slow many-leaf case")
     p.add_argument("--flax-repeats", type=int, default=3,
                    help="repeats of flax.training.checkpoints (case msgpack)")
-    p.add_argument("--case-repeats", default="", help="per-case override for all contenders, e.g. many=1,large=3")
+    p.add_argument("--case-repeats", default="",
+                   help="per-case override for all contenders, e.g. many=1,large=3")
     p.add_argument("--no-orbax", action="store_true", help="skip Orbax")
-    p.add_argument("--large-mib", type=float, default=256.0, help="size of the large case (default 256)")
-    p.add_argument("--msgpack-mib", type=float, default=512.0, help="size of the msgpack case (default 512)")
-    p.add_argument("--import-runs", type=int, default=5, help="subprocesses per import variant (0 = skip)")
-    p.add_argument("--dir", default=str(REPO / "bench_output"), help="scratch root (run dirs are wiped)")
+    p.add_argument("--large-mib", type=float, default=256.0,
+                   help="size of the large case (default 256)")
+    p.add_argument("--msgpack-mib", type=float, default=512.0,
+                   help="size of the msgpack case (default 512)")
+    p.add_argument("--import-runs", type=int, default=5,
+                   help="subprocesses per import variant (0 = skip)")
+    p.add_argument("--dir", default=str(REPO / "bench_output"),
+                   help="scratch root (run dirs are wiped)")
     p.add_argument("--json", help="also dump results to this JSON file")
     a = p.parse_args(argv)
     a.cases = [c.strip() for c in a.cases.split(",") if c.strip()]
     bad = set(a.cases) - set(CASES)
     if bad:
         p.error(f"unknown case(s): {', '.join(sorted(bad))}")
-    a.case_repeats = {k: int(v) for k, v in (kv.split("=") for kv in a.case_repeats.split(",") if kv)}
+    a.case_repeats = {k: int(v)
+                      for k, v in (kv.split("=") for kv in a.case_repeats.split(",") if kv)}
     return a
 
 
@@ -538,9 +572,11 @@ def run_msgpack_case(a, workdir: Path) -> dict:
         for d in warmups.values():
             shutil.rmtree(d, ignore_errors=True)
         rats = ratios(case, res)
-        notes = () if identical is None else (f"bytes identical: {identical}  (flaxckpt vs flax checkpoint file)",)
+        notes = () if identical is None else (
+            f"bytes identical: {identical}  (flaxckpt vs flax checkpoint file)",)
         print_case(case, tree, res, rats, notes)
-        out = {"leaves": len(jax.tree.leaves(tree)), "bytes": tree_nbytes(tree), "results": res, "ratios": rats,
+        out = {"leaves": len(jax.tree.leaves(tree)), "bytes": tree_nbytes(tree),
+               "results": res, "ratios": rats,
                "bytes_identical": None if identical is None else identical == "yes",
                "bytes_identical_detail": identical}
         del tree
@@ -571,7 +607,8 @@ def main(argv=None) -> None:
             vers[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             vers[dist] = "-"
-    vers["flaxckpt"] = getattr(mods.get("flaxckpt"), "__version__", "?") if "flaxckpt" in mods else "-"
+    vers["flaxckpt"] = (getattr(mods.get("flaxckpt"), "__version__", "?") if "flaxckpt" in mods
+                        else "-")
     print("env: " + ", ".join(f"{k} {v}" for k, v in vers.items()))
 
     root = Path(a.dir).resolve()
@@ -613,12 +650,15 @@ def main(argv=None) -> None:
             imp = bench_import(a.import_runs)
             print(f"  import jax, flax            {imp['jax_flax_ms']:8.1f} ms")
             print(f"  import jax, flax, flaxckpt  {imp['with_flaxckpt_ms']:8.1f} ms")
-            print(f"  flaxckpt import cost        {imp['diff_ms']:8.1f} ms   target <={IMPORT_TARGET_MS:.0f} ms "
+            target = f"target <={IMPORT_TARGET_MS:.0f} ms"
+            print(f"  flaxckpt import cost        {imp['diff_ms']:8.1f} ms   {target} "
                   f"{imp['verdict']}")
-            print(f"  in-process: import flaxckpt {imp['in_process_ms']:8.1f} ms   target <={IMPORT_TARGET_MS:.0f} ms "
-                  f"{imp['in_process_verdict']}  (same quantity, measured directly after jax+flax; less noisy)")
+            print(f"  in-process: import flaxckpt {imp['in_process_ms']:8.1f} ms   {target} "
+                  f"{imp['in_process_verdict']}  (same quantity, measured directly after jax+flax;"
+                  " less noisy)")
             mods_ = imp["orbax_modules"]
-            print(f"  orbax modules pulled in by import flaxckpt: {', '.join(mods_[:5]) + ('...' if len(mods_) > 5 else '') if mods_ else 'none'}")
+            shown = (", ".join(mods_[:5]) + ("..." if len(mods_) > 5 else "")) if mods_ else "none"
+            print(f"  orbax modules pulled in by import flaxckpt: {shown}")
         except Exception as e:
             imp = {"error": str(e)}
             print(f"  NOTE: import timing failed: {e}")

@@ -3,10 +3,10 @@ an address-space limit, inside a sandbox whose surroundings are watched.
 
 A ``Sandbox`` is a temporary folder with ``box/`` (where the checkpoint or run directory under
 test lives) and ``canary/`` beside it, holding a secret file and an empty folder that nothing
-may read, create, change or remove. ``run`` executes Python code in a subprocess (``JAX_PLATFORMS=cpu``,
-an ``RLIMIT_AS`` cap, a timeout) and returns how it ended: the exception's type and message, or
-the value the code assigned to ``result`` (its ``repr``), so a test can check that no canary
-bytes came back as data.
+may read, create, change or remove. ``run`` executes Python code in a subprocess
+(``JAX_PLATFORMS=cpu``, an ``RLIMIT_AS`` cap, a timeout) and returns how it ended: the
+exception's type and message, or the value the code assigned to ``result`` (its ``repr``), so a
+test can check that no canary bytes came back as data.
 """
 
 from __future__ import annotations

@@ -217,7 +217,7 @@ def _np():
   return numpy
 
 
-# --- operations (run in a subprocess; cwd is the sandbox root; may assign ``result``) --------------
+# --- operations (run in a subprocess; cwd is the sandbox root; may assign ``result``) -------------
 
 _CKPTR = '''
 import os, numpy as np

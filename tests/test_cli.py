@@ -147,7 +147,8 @@ def test_verify_intact_checkpoints_of_every_writer(tmp_path, set_flag):
 def test_verify_reports_each_damage_with_its_path(tmp_path, set_flag):
   tree = {'a': np.arange(1 << 18, dtype=np.float32), 'b': np.ones((16, 16))}
   ocp.StandardCheckpointer().save(tmp_path / 'ck', tree, force=True)
-  data_files = sorted((tmp_path / 'ck').glob('ocdbt.process_0/d/*'), key=lambda p: -p.stat().st_size)
+  data_files = sorted((tmp_path / 'ck').glob('ocdbt.process_0/d/*'),
+                      key=lambda p: -p.stat().st_size)
   flip_byte(data_files[0], 1000)  # Inside array 'a', which is stored out of line.
   result = run('verify', tmp_path / 'ck', '--progress')
   assert result.returncode == 1

@@ -122,8 +122,8 @@ def test_file_size_limit_fails_the_save_and_loses_nothing(tmp_path, kind):
 
 
 class _Injected:
-  """Makes the first call of ``_storage.<name>`` whose path (for ``rename`` and ``link_new``, the target)
-  matches raise ``error``; all other calls run unchanged."""
+  """Makes the first call of ``_storage.<name>`` whose path (for ``rename`` and ``link_new``, the
+  target) matches raise ``error``; all other calls run unchanged."""
 
   def __init__(self, monkeypatch, name: str, error: OSError, match=lambda path: True):
     self.fired = False

@@ -829,7 +829,8 @@ def test_async_checkpointer_saves_and_keeps_like_flax(tmp_path, set_flag):
   try:
     for step in (1, 2, 3):
       for name, module in MODULES.items():
-        path = module.save_checkpoint(tmp_path / name, jax.tree.map(lambda x: x + step, tree),
+        path = module.save_checkpoint(tmp_path / name,
+                                      jax.tree.map(lambda x, step=step: x + step, tree),
                                       step, keep=1, orbax_checkpointer=checkpointers[name])
         assert path == str(tmp_path / name / f'checkpoint_{step}')
     restored = checkpoints.restore_checkpoint(tmp_path / 'ours', _zeros_like(tree),

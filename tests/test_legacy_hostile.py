@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from flax.training import checkpoints as flax_ckpts
 
-import flaxckpt as ocp
 import hostile
 from flaxckpt import _checksums
 from flaxckpt.legacy import _sidecar, checkpoints

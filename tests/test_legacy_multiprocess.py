@@ -2,8 +2,9 @@
 
 Two processes (two CPU devices each) join one ``jax.distributed`` runtime on localhost and save
 the same tree with flax's module and with ours; each then restores both checkpoints with both
-modules, with the msgpack backend and with the Orbax one. The msgpack files must match flax's: the msgpack file byte for byte and the ``_gda`` zarr folders
-file for file. A ``_gda`` checkpoint written by flax 0.10.2 restores too.
+modules, with the msgpack backend and with the Orbax one. The msgpack files must match flax's:
+the msgpack file byte for byte and the ``_gda`` zarr folders file for file. A ``_gda`` checkpoint
+written by flax 0.10.2 restores too.
 """
 
 import pathlib
@@ -28,7 +29,8 @@ from flaxckpt.legacy import checkpoints as our_checkpoints
 
 flax.config.update('flax_use_orbax_checkpointing', False)
 mesh = Mesh(np.array(jax.devices()), ('x',))
-values = {'w': np.arange(32, dtype=np.float32).reshape(8, 4), 'b': np.linspace(0, 1, 4, dtype=np.float32)}
+values = {'w': np.arange(32, dtype=np.float32).reshape(8, 4),
+          'b': np.linspace(0, 1, 4, dtype=np.float32)}
 w = jax.make_array_from_callback((8, 4), NamedSharding(mesh, PartitionSpec('x')),
                                  lambda index: values['w'][index])
 b = jax.make_array_from_callback((4,), NamedSharding(mesh, PartitionSpec()),

@@ -251,7 +251,7 @@ def test_top_level_containers(tmp_path, writer, reader, tree):
   _assert_same(_restore(reader, tmp_path / 'ckpt'), _stored_form(tree))
 
 
-# --- flax TrainState with optax.adam ---------------------------------------------------------------
+# --- flax TrainState with optax.adam --------------------------------------------------------------
 
 
 class _Model(nn.Module):

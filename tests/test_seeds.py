@@ -1,8 +1,9 @@
 """The documented examples of Orbax and Flax, run with ``import flaxckpt as ocp``.
 
 Seeds (in /work/shared/seeds/):
-  000  Orbax "API Overview": CompositeCheckpointHandler + Checkpointer, Checkpointer/AsyncCheckpointer
-       constructions (the CheckpointManager parts are tested elsewhere).
+  000  Orbax "API Overview": CompositeCheckpointHandler + Checkpointer,
+       Checkpointer/AsyncCheckpointer constructions (the CheckpointManager parts are tested
+       elsewhere).
   001  Flax "Save and load checkpoints": the PyTreeCheckpointer/AsyncCheckpointer parts
        (CheckpointManager and flax.training.checkpoints parts are tested elsewhere).
   002  Orbax "PyTree handlers": StandardCheckpointHandler and PyTreeCheckpointHandler in full.

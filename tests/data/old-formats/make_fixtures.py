@@ -175,7 +175,6 @@ def write(out, era):
 
 def write_case(out, era, only):
   shims = _shim_old_jax() if _needs_shims() else []
-  import numpy as np
   import jax
   sys.path.insert(0, HERE)
   import state as S  # noqa: E402
