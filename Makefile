@@ -1,5 +1,5 @@
-# Developer entry points: `make demo`, `make test`, `make bench`, `make drill`, `make peers`,
-# `make notebooks`, `make docs`, `make clean`.
+# Developer entry points: `make demo`, `make test` (= `make lint typecheck` and pytest),
+# `make bench`, `make drill`, `make peers`, `make notebooks`, `make docs`, `make clean`.
 # Every target runs inside .venv, which is created on first use and re-synced
 # (pip install -e '.[test]') whenever setup.cfg or pyproject.toml changes.
 
@@ -8,14 +8,30 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 
-.PHONY: demo test bench drill peers notebooks docs clean $(VENV)
+TYPECHECK := build/typecheck
+
+.PHONY: demo test lint typecheck bench drill peers notebooks docs clean $(VENV)
 
 demo: $(VENV)
 	$(PY) -m flaxckpt.demo
 
-# Any non-zero pytest exit fails the target, including 5 (no tests collected).
-test: $(VENV)
+# Any finding of ruff or mypy, and any non-zero pytest exit (including 5, no tests collected),
+# fails the target.
+test: lint typecheck
 	$(PY) -m pytest -n 2 -q
+
+lint: $(VENV)
+	$(VENV)/bin/ruff check flaxckpt legacy tests benchmarks
+
+# mypy checks the package as pip installs it: setup.cfg maps legacy/ to flaxckpt.legacy, which
+# mypy cannot follow in the source tree, so it reads a tree of links with legacy/ in its place
+# (and reports legacy's findings under legacy/ again).
+typecheck: $(VENV)
+	rm -rf $(TYPECHECK)/flaxckpt && mkdir -p $(TYPECHECK)/flaxckpt
+	ln -s $(CURDIR)/flaxckpt/* $(TYPECHECK)/flaxckpt/
+	ln -s $(CURDIR)/legacy $(TYPECHECK)/flaxckpt/legacy
+	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
+	  -p flaxckpt > mypy.txt; rc=$$?; sed 's|^flaxckpt/legacy/|legacy/|' mypy.txt; exit $$rc
 
 bench: $(VENV)
 	mkdir -p build/bench
