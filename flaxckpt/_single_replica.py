@@ -21,7 +21,7 @@ import numpy as np
 
 from flaxckpt import _arrays, _errors, _multihost, _storage
 from flaxckpt._type_handlers import ArrayHandler, ParamInfo, check_input_arguments
-from flaxckpt._types import ArrayRestoreArgs, RestoreArgs, SaveArgs, normalize_dtype
+from flaxckpt._types import ArrayRestoreArgs, RestoreArgs, normalize_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +69,6 @@ class SingleReplicaArrayHandler(ArrayHandler):
     self.primary_replica_id = primary_replica_id or 0
     self.broadcast_memory_limit_bytes = broadcast_memory_limit_bytes
     self.broadcast_memory_scaling_factor = broadcast_memory_scaling_factor
-
-  async def serialize(self, values: Sequence[Any], infos: Sequence[ParamInfo],
-                      args: Sequence[SaveArgs] | None = None) -> Sequence[Any]:
-    return await ArrayHandler.serialize(self, values, infos, args)
 
   async def deserialize(self, infos: Sequence[ParamInfo],
                         args: Sequence[RestoreArgs] | None = None) -> Sequence[jax.Array]:

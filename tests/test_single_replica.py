@@ -74,8 +74,15 @@ def test_restore_reads_once_and_broadcasts_on_8_devices(single_replica_handler, 
                                                          tmp_path):
   devices = np.array(jax.devices()).reshape(2, 4)
   mesh = Mesh(devices, ('replica', 'data'))
-  saved = {key: jnp.asarray(value) for key, value in VALUES.items()}
-  ocp.PyTreeCheckpointer().save(tmp_path / 'ckpt', saved)  # Saving is unchanged.
+  saved = {key: jax.device_put(value, NamedSharding(mesh, P('data')))
+           for key, value in VALUES.items()}
+  ocp.PyTreeCheckpointer().save(tmp_path / 'ckpt', saved)
+  orbax.PyTreeCheckpointer().save(tmp_path / 'orbax', saved)
+  # Saving is unchanged: the same files as Orbax's, the saved shardings recorded.
+  assert sorted(p.name for p in (tmp_path / 'ckpt').iterdir()) == sorted(
+      [p.name for p in (tmp_path / 'orbax').iterdir()] + ['flaxckpt_checksums'])
+  assert ((tmp_path / 'ckpt' / '_sharding').read_text()
+          == (tmp_path / 'orbax' / '_sharding').read_text())
   restore_args = _restore_args(mesh, P('data'))
   restored = ocp.PyTreeCheckpointer().restore(
       tmp_path / 'ckpt', args=ocp.args.PyTreeRestore(restore_args=restore_args))

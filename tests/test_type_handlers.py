@@ -279,3 +279,43 @@ def test_orbax_restores_our_custom_leaves_and_we_restore_theirs(registries, tmp_
   assert ours['tree_metadata'] == theirs['tree_metadata']
   assert sorted(p.name for p in (tmp_path / 'ours').glob('*.point.json')) == sorted(
       p.name for p in (tmp_path / 'theirs').glob('*.point.json'))
+
+
+def test_register_standard_handlers_with_options_as_t5x_calls_it(registries, tmp_path):
+  ocp.type_handlers.register_standard_handlers_with_options(
+      use_ocdbt=False, ts_context=ocp.type_handlers.get_ts_context(use_ocdbt=False))
+  assert isinstance(ocp.type_handlers.get_type_handler(jax.Array), ocp.type_handlers.ArrayHandler)
+  assert isinstance(ocp.type_handlers.get_type_handler(float), ocp.type_handlers.ScalarHandler)
+  tree = {'w': jnp.arange(4.0), 'n': np.ones(2), 's': 1.5}
+  ocp.StandardCheckpointer().save(tmp_path / 'ckpt', tree)  # Still written natively.
+  with orbax.StandardCheckpointer() as theirs:
+    restored = theirs.restore(tmp_path / 'ckpt', jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                       sharding=jax.sharding.SingleDeviceSharding(
+                                           jax.devices()[0])), tree))
+  np.testing.assert_array_equal(restored['w'], tree['w'])
+
+
+# --- abstract target leaves ---------------------------------------------------------------------
+
+
+def test_restore_accepts_array_metadata_leaves_as_targets(tmp_path):
+  """Any leaf with shape and dtype (and a sharding, maybe ShardingMetadata) is a target, as
+  Orbax's ArrayMetadata is when code restores into ``checkpointer.metadata(path)``."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ('x', 'y'))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('y'))
+  tree = {'w': jax.device_put(jnp.arange(8.0), sharding), 'n': np.arange(3)}
+  ocp.StandardCheckpointer().save(tmp_path / 'ckpt', tree)
+  orbax_meta = orbax.metadata
+  target = {
+      'w': orbax_meta.ArrayMetadata(
+          name='w', directory=None, shape=(8,), dtype=np.dtype(np.float32),
+          sharding=orbax_meta.NamedShardingMetadata.from_jax_sharding(sharding)),
+      'n': orbax_meta.ArrayMetadata(name='n', directory=None, shape=(3,), sharding=None,
+                                    dtype=np.dtype(np.int64)),
+  }
+  restored = ocp.StandardCheckpointer().restore(tmp_path / 'ckpt', target)
+  assert isinstance(restored['w'], jax.Array) and restored['w'].sharding == sharding
+  np.testing.assert_array_equal(restored['w'], tree['w'])
+  assert isinstance(restored['n'], np.ndarray)  # No sharding: host memory, as Orbax does.
+  np.testing.assert_array_equal(restored['n'], tree['n'])
