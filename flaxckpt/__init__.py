@@ -37,6 +37,13 @@ __all__ = [
     'StandardCheckpointer', 'StructureMismatchError', 'Transform', 'UnsafeCheckpointError',
     'UnsupportedLeafError',
     'args', 'checkpoint_utils', 'multihost', 'test_utils', 'type_handlers', 'utils',
+    # Imported on first use (below).
+    'AbstractCheckpointer', 'ArrayCheckpointHandler', 'AsyncOptions', 'BasePyTreeCheckpointHandler',
+    'CheckpointHandlerRegistry', 'DefaultCheckpointHandlerRegistry', 'FileOptions', 'Future',
+    'MultiprocessingOptions', 'PLACEHOLDER', 'RestoreTransform', 'apply_transformations',
+    'merge_trees', 'aggregate_handlers', 'checkpoint_manager', 'checkpoint_managers',
+    'checkpointers', 'future', 'handlers', 'logging', 'metadata', 'options', 'path', 'step',
+    'transform_utils', 'tree',
 ]
 
 _LAZY_SUBMODULES = ('test_utils', 'legacy', 'aggregate_handlers', 'checkpoint_manager',
