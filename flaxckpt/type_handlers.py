@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -91,7 +90,7 @@ def register_standard_handlers_with_options(**kwargs: Any) -> None:
 
 def is_ocdbt_checkpoint(path: _storage.PathLike) -> bool:
   """Whether the checkpoint at ``path`` keeps its arrays in an OCDBT database."""
-  return os.path.exists(os.path.join(os.fspath(path), _arrays.OCDBT_MANIFEST))
+  return _storage.exists(_storage.as_path(path) / _arrays.OCDBT_MANIFEST)
 
 
 def is_supported_empty_value(value: Any, pytree_metadata_options: Any = None) -> bool:

@@ -180,6 +180,8 @@ def test_custom_leaf_round_trips_and_handler_sees_orbax_param_infos(registries, 
     assert info.is_ocdbt_checkpoint is True and info.value_typestr == POINT_TYPESTR
     assert isinstance(info.ts_context, ts.Context)
   assert (tmp_path / 'ckpt' / 'points.1.point.json').is_file()
+  assert ocp.type_handlers.is_ocdbt_checkpoint(tmp_path / 'ckpt')
+  assert orbax.type_handlers.is_ocdbt_checkpoint(tmp_path / 'ckpt')
   meta = json.loads((tmp_path / 'ckpt' / '_METADATA').read_text())['tree_metadata']
   assert meta["('anchor',)"]['value_metadata'] == {'value_type': POINT_TYPESTR,
                                                    'skip_deserialize': False}
