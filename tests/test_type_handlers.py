@@ -196,6 +196,11 @@ def test_custom_leaf_round_trips_and_handler_sees_orbax_param_infos(registries, 
   restored = ocp.PyTreeCheckpointer().restore(tmp_path / 'ckpt', item=target)
   _assert_restored(restored, tree)
 
+  # metadata() describes a custom leaf by its handler's own metadata, as Orbax's does.
+  described = ocp.PyTreeCheckpointer().metadata(tmp_path / 'ckpt').item_metadata
+  assert described['anchor'] == tree['anchor'].label
+  assert [described['points'][i] for i in range(2)] == [p.label for p in tree['points']]
+
 
 def test_unregistered_leaf_class_is_rejected_with_its_path(registries, tmp_path):
   with pytest.raises(ocp.UnsupportedLeafError, match="'anchor'.*Point"):

@@ -24,9 +24,10 @@ def read_tree_metadata(directory: pathlib.Path) -> TreeMetadata:
   """
   reader = _restore.open_reader(directory, verify_checksums=False)
   meta = reader.meta
+  described = _restore.handler_metadata(reader)  # Leaves of registered custom types.
   stored = [leaf for leaf in meta.leaves
             if leaf.value_type in (*_ARRAY_TYPES, _metadata.SCALAR)
-            and not _aggregate.is_aggregated(leaf)]
+            and not _aggregate.is_aggregated(leaf) and leaf.path not in described]
   infos = dict(zip([leaf.path for leaf in stored], _arrays.read_array_infos(
       directory, [leaf.name for leaf in stored], use_ocdbt=meta.use_ocdbt,
       use_zarr3=meta.use_zarr3)))
@@ -35,7 +36,9 @@ def read_tree_metadata(directory: pathlib.Path) -> TreeMetadata:
   entries = []
   for leaf in meta.leaves:
     value: Any
-    if leaf.path in infos:
+    if leaf.path in described:
+      value = described[leaf.path]
+    elif leaf.path in infos:
       info = infos[leaf.path]
       shape, dtype = info[0], info[1]
       if leaf.value_type == _metadata.SCALAR:
