@@ -156,7 +156,7 @@ def test_safe_json_measures_nesting_outside_strings():
   assert _safe_json.loads(b'{"a": [[1]]}', 'x.json') == {'a': [[1]]}
 
 
-# --- what a checkpoint directory may hold -----------------------------------------------------------
+# --- what a checkpoint directory may hold ---------------------------------------------------------
 
 
 def test_a_fifo_or_a_device_link_among_the_checksums_never_hangs_a_restore(sandbox):
@@ -337,7 +337,7 @@ def test_item_names_and_step_prefixes_that_leave_the_directory_are_refused(tmp_p
   assert not (tmp_path / 'run').exists() or list((tmp_path / 'run').iterdir()) == []
 
 
-# --- what a save writes through ---------------------------------------------------------------------
+# --- what a save writes through -------------------------------------------------------------------
 
 
 _FIXED_CLOCK = '''
@@ -384,8 +384,8 @@ for step in range(40):
     manager.wait_until_finished()
   except Exception as e:  # Another writer got there first: a clear error is allowed.
     failures += 1
-    assert isinstance(e, ocp.CheckpointError) or isinstance(e.__cause__, ocp.CheckpointError) \\
-        or isinstance(e, FileNotFoundError), repr(e)
+    clear = (ocp.CheckpointError, ocp.checkpoint_manager.StepAlreadyExistsError, FileNotFoundError)
+    assert isinstance(e, clear) or isinstance(e.__cause__, ocp.CheckpointError), repr(e)
 print(failures)
 '''
 
@@ -416,7 +416,6 @@ def test_cleanup_and_later_saves_leave_a_running_save_alone(tmp_path):
   """A save holds a lock on its temporary directory while it runs: a manager's cleanup and a
   later save to the same path remove only directories whose writer is gone."""
   import threading
-  from flaxckpt import _checkpointer
   gate, started = threading.Event(), threading.Event()
 
   class Slow(ocp.PyTreeCheckpointHandler):
@@ -450,7 +449,7 @@ def test_cleanup_and_later_saves_leave_a_running_save_alone(tmp_path):
   assert running.is_dir() and not dead.exists()
   gate.set()
   thread.join(60)
-  assert not _checkpointer._tmp_locks and len(errors) == 1  # The second save got there first.
+  assert len(errors) == 1  # The second save got there first.
   assert sorted(p.name for p in (tmp_path / 'run').iterdir()) == ['1']
   np.testing.assert_array_equal(ocp.StandardCheckpointer().restore(tmp_path / 'run' / '1')['w'],
                                 np.arange(4))

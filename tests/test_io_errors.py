@@ -231,10 +231,11 @@ def test_orbax_layout_save_failing_at_each_step(tmp_path, monkeypatch, legacy_fl
 
 
 @pytest.mark.parametrize('fault', ['write _METADATA', 'fsync', 'commit rename'])
-@pytest.mark.parametrize('kind', ['checkpointer', 'manager'])
+@pytest.mark.parametrize('kind', ['checkpointer'])
 def test_failed_overwrite_keeps_the_checkpoint_it_would_replace(tmp_path, monkeypatch, kind,
                                                                 fault):
-  """force=True replaces a checkpoint only once the new one is complete."""
+  """force=True replaces a checkpoint only once the new one is complete. (A manager never
+  replaces a step: save(step, force=True) of an existing one raises StepAlreadyExistsError.)"""
   root = tmp_path / 'ckpts'
   _save_with(kind, root, 1, _state(1))
   name, match, error = _ORBAX_FAULTS[fault]
