@@ -663,13 +663,13 @@ def test_metadata_shapes_and_dtypes_agree(tmp_path, writer):
           'd': [jnp.zeros((), jnp.int8)]}
   path = tmp_path / 'ckpt'
   _save(writer, path, tree)
-  ours = _pytree_checkpointer(FLAXCKPT).metadata(path)
-  theirs = orbax.PyTreeCheckpointHandler().metadata(path).tree
+  ours = _pytree_checkpointer(FLAXCKPT).metadata(path).item_metadata.tree
+  theirs = _pytree_checkpointer(ORBAX).metadata(path).item_metadata.tree
   flat_ours = jax.tree_util.tree_leaves_with_path(ours)
   flat_theirs = jax.tree_util.tree_leaves_with_path(theirs)
   assert [p for p, _ in flat_ours] == [p for p, _ in flat_theirs]
   for (path_, a), (_, b) in zip(flat_ours, flat_theirs):
-    assert isinstance(a, jax.ShapeDtypeStruct), path_
+    assert isinstance(a, ocp.metadata.ArrayMetadata), path_
     assert tuple(a.shape) == tuple(b.shape) and np.dtype(a.dtype) == np.dtype(b.dtype), path_
 
 
