@@ -35,20 +35,23 @@ class PyTreeRestore(CheckpointArgs):
     restore_args: a tree of ``RestoreArgs`` relative to the result tree.
     transforms: maps result keys (regexes over '/'-joined paths) to ``Transform``s; any dict,
       even ``{}``, lets target entries missing from the checkpoint keep their target value.
+    transforms_default_to_original: with ``transforms``, a result key no transform matches
+      comes from the checkpoint's same key (True) or keeps its target value (False).
     verify_checksums: check every whole chunk read against the crc32c recorded at save
       (``ChecksumError`` on a mismatch); checkpoints without checksums restore unchecked.
-    partial_restore: restore only the keys ``item`` holds; target keys the checkpoint lacks
-      keep their target value.
     legacy_transform_fn: Orbax's older transform hook, ``fn(item, structure, param_infos)``
       returning the result tree and its param infos; not combinable with ``transforms``.
+    partial_restore: restore only the keys ``item`` holds; target keys the checkpoint lacks
+      keep their target value.
   """
   item: Any = None
   restore_args: Any = None
   transforms: Mapping[str, Any] | None = None
+  transforms_default_to_original: bool = True
+  legacy_transform_fn: Any = None
+  partial_restore: bool = False
   strict: bool = True
   verify_checksums: bool = True
-  partial_restore: bool = False
-  legacy_transform_fn: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

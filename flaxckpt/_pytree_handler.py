@@ -100,7 +100,8 @@ class StandardCheckpointHandler(PyTreeCheckpointHandler):
              'StandardCheckpointHandler')
   _numpy_scalars_as_arrays = True
 
-  def restore(self, directory: pathlib.Path, args: StandardRestore | None = None) -> Any:
+  def restore(self, directory: pathlib.Path, args: Any = None) -> Any:
+    """Restores with ``StandardRestore`` args (None: the tree as stored)."""
     args = args or StandardRestore()
     return super().restore(directory, PyTreeRestore(item=args.item, strict=args.strict,
                                                     verify_checksums=args.verify_checksums))

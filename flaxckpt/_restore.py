@@ -49,7 +49,8 @@ def restore(directory: pathlib.Path, args: PyTreeRestore) -> Any:
   restore_args = _restore_args_by_path(args.restore_args)
   wanted = [leaf for leaf in target_leaves if not _tree.is_empty_node(leaf.value)]
   sources = _transforms.resolve([leaf.path for leaf in wanted],
-                                [leaf.path for leaf in meta.leaves], args.transforms)
+                                [leaf.path for leaf in meta.leaves], args.transforms,
+                                args.transforms_default_to_original)
   by_path = {leaf.path: leaf for leaf in meta.leaves}
   wants = [_Want.of(leaf, restore_args.get(leaf.path), args.strict and args.item is not None)
            for leaf in wanted]

@@ -40,7 +40,7 @@ def is_finalized(path: pathlib.Path, commit_file: bool = False) -> bool:
 def is_temporary(path: pathlib.Path, commit_file: bool = False) -> bool:
   """Whether ``path`` is an uncommitted checkpoint directory (the converse rule of
   ``is_finalized``; a symbolic link never is one)."""
-  if path.is_symlink() or not _storage.is_dir(path):
+  if _storage.is_link(path) or not _storage.is_dir(path):
     return False
   if commit_file or not _storage.renames_atomically(path):
     return not _storage.exists(path / _metadata.COMMIT_SUCCESS_FILE)

@@ -236,6 +236,39 @@ def is_dir(path: pathlib.Path) -> bool:
   return path.is_dir()
 
 
+def is_link(path: pathlib.Path) -> bool:
+  return path.is_symlink()
+
+
+def set_directory_modes(root: pathlib.Path, mode: int) -> None:
+  """Sets the permission bits of ``root`` and every directory under it, never following a
+  link (a link planted in the tree does not carry the change outside it)."""
+  for dirpath, _, _ in os.walk(root, followlinks=False):
+    if stat.S_ISDIR(os.lstat(dirpath).st_mode):
+      os.chmod(dirpath, mode)
+
+
+def copy_tree(source: pathlib.Path, target: pathlib.Path) -> None:
+  """Copies the directories and regular files under ``source`` into the new ``target``.
+
+  Raises:
+    UnsafeCheckpointError: ``source`` holds a link (never followed out of a checkpoint), a
+      FIFO, device or socket.
+  """
+  make_new_dir(target)
+  for name in list_names(source):
+    entry = source / name
+    if is_link(entry):
+      raise _errors.UnsafeCheckpointError(
+          f'{entry}: a symbolic link inside a checkpoint; refusing to follow it while copying.')
+    if is_dir(entry):
+      copy_tree(entry, target / name)
+      continue
+    with os.fdopen(open_regular(entry), 'rb') as src, \
+        open_for_write(target / name, exclusive=True) as dst:
+      shutil.copyfileobj(src, dst, 1 << 20)
+
+
 def is_file(path: pathlib.Path) -> bool:
   return path.is_file()
 

@@ -70,11 +70,13 @@ FROM_TARGET = Source(None)
 
 
 def resolve(result_paths: list[_tree.Path], checkpoint_paths: list[_tree.Path],
-            transforms: Mapping[str, Transform] | None) -> list[Source]:
+            transforms: Mapping[str, Transform] | None,
+            default_to_original: bool = True) -> list[Source]:
   """Finds the source of every result leaf.
 
   Without transforms every result path must exist in the checkpoint; with transforms (even an
-  empty dict) a path the checkpoint lacks keeps the target's value.
+  empty dict) a path the checkpoint lacks keeps the target's value, and with
+  ``default_to_original=False`` so does every path no transform matches.
 
   Raises:
     MissingKeysError: naming every result path the checkpoint does not hold.
@@ -100,7 +102,7 @@ def resolve(result_paths: list[_tree.Path], checkpoint_paths: list[_tree.Path],
       source = Source(by_key[original], transform.value_fn)
       break
     if source is None:
-      if key in by_key:
+      if key in by_key and (default_to_original or transforms is None):
         source = Source(by_key[key])
       elif transforms is not None:
         source = FROM_TARGET

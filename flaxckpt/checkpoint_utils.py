@@ -11,9 +11,7 @@ if a manager that ignores locks deletes the step meanwhile.
 from __future__ import annotations
 
 import contextlib
-import os
 import pathlib
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from flaxckpt import _errors, _storage
+from flaxckpt import _storage
 from flaxckpt._steps import LOCK_DIR
 from flaxckpt.path import step as step_lib
 from flaxckpt._types import ArrayRestoreArgs, RestoreArgs
@@ -58,27 +56,6 @@ def _wait_for_step(root: pathlib.Path, name_format: step_lib.NameFormat[step_lib
     time.sleep(seconds_to_sleep)
 
 
-def _copy_tree(source: pathlib.Path, target: pathlib.Path) -> None:
-  """Copies the directories and regular files under ``source`` to the new ``target``.
-
-  Raises:
-    UnsafeCheckpointError: ``source`` holds a symbolic link (never followed out of a step).
-  """
-  _storage.make_new_dir(target)
-  for name in _storage.list_names(source):
-    entry = source / name
-    if entry.is_symlink():
-      raise _errors.UnsafeCheckpointError(
-          f'{entry}: a symbolic link inside a checkpoint; refusing to follow it while '
-          'snapshotting the step.')
-    if _storage.is_dir(entry):
-      _copy_tree(entry, target / name)
-      continue
-    fd = _storage.open_regular(entry)
-    with os.fdopen(fd, 'rb') as src, _storage.open_for_write(target / name, exclusive=True) as dst:
-      shutil.copyfileobj(src, dst, 1 << 20)
-
-
 def _remove_snapshots(snapshot_dir: pathlib.Path) -> None:
   """Removes the step copies (entries named like steps) in ``snapshot_dir``."""
   if not _storage.is_dir(snapshot_dir):
@@ -104,7 +81,7 @@ def _hold(root: pathlib.Path, step: int, name_format: step_lib.NameFormat[step_l
       snapshot = _storage.as_path(snapshot_dir) / step_dir.name
       _storage.make_dirs(snapshot.parent)
       _storage.remove_tree(snapshot)  # Left by a reader that crashed.
-      _copy_tree(step_dir, snapshot)
+      _storage.copy_tree(step_dir, snapshot)
       _storage.remove_tree(snapshot / LOCK_DIR)
     yield
   finally:

@@ -95,7 +95,7 @@ def print_directory(directory: _storage.PathLike, level: int = 0) -> None:
   else:
     _logger.info('%s%s/', '..' * level, path.name)
   for name in _storage.list_names(path):
-    if _storage.is_dir(path / name) and not (path / name).is_symlink():
+    if _storage.is_dir(path / name) and not _storage.is_link(path / name):
       print_directory(path / name, level=level + 1)
     else:
       _logger.info('%s%s', '..' * (level + 1), name)

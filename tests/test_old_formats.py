@@ -223,7 +223,7 @@ def test_flax_checkpoint_into_a_target(case, copy_of, set_flag):
 @pytest.mark.parametrize('case', PYTREE_CASES)
 def test_metadata_describes_every_array_of_an_old_checkpoint(case, copy_of):
   path = copy_of(case)
-  described = ocp.PyTreeCheckpointer().metadata(path)
+  described = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
   expected = _expected(case)
   flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(
       state.canon(state._state_dict(expected)))}

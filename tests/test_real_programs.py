@@ -32,7 +32,7 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-# --- examples/gemma: NNX state, LatestN(1), CommitFileTemporaryPath --------------------------------
+# --- examples/gemma: NNX state, LatestN(1), CommitFileTemporaryPath -------------------------------
 
 class _Mlp(nnx.Module):
 

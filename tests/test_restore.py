@@ -248,10 +248,12 @@ def test_string_names_nesting_into_each_other_are_refused(tmp_path):
 def test_metadata_describes_arrays_without_reading_them(tmp_path):
   tree = {'w': jnp.ones((3, 4), jnp.bfloat16), 'n': np.arange(2), 'i': 3, 's': 'x', 'e': {}}
   ckptr = _save(tmp_path / 'c', tree)
-  meta = ckptr.metadata(tmp_path / 'c')
+  meta = ckptr.metadata(tmp_path / 'c').item_metadata
   assert meta['w'].shape == (3, 4) and meta['w'].dtype == jnp.bfloat16
+  assert isinstance(meta['w'], ocp.metadata.ArrayMetadata)
   assert meta['n'].shape == (2,) and meta['i'].shape == () and meta['i'].dtype == np.int64
-  assert meta['s'] is str and meta['e'] == {}
+  assert isinstance(meta['i'], ocp.metadata.ScalarMetadata)
+  assert isinstance(meta['s'], ocp.metadata.StringMetadata) and meta['e'] == {}
 
 
 def test_composite_without_names_accepts_any_items(tmp_path):

@@ -71,3 +71,30 @@ def test_transform_is_one_thing_and_placeholder_is_orbaxs():
       ocp.Transform(**kwargs)
   with pytest.raises(ValueError, match='without a multi_value_fn'):
     ocp.RestoreTransform(multi_value_fn_input_args={'a': ocp.RestoreArgs()})
+
+
+@pytest.mark.parametrize('default_to_original', [True, False])
+def test_restore_transforms_default_to_original_agrees_with_orbax(tmp_path, default_to_original):
+  """A result key no transform matches comes from the checkpoint, or (False) keeps its target
+  value; both libraries restore the same tree from the same file."""
+  saved = {'a': np.arange(3.0), 'b': np.full(2, 5.0), 'c': np.ones(4)}
+  orbax.PyTreeCheckpointer().save(tmp_path / 'ckpt', saved)
+  target = {'a': np.zeros(3), 'b': np.zeros(2), 'renamed': np.zeros(4)}
+  results = []
+  for lib in (ocp, orbax):
+    args = lib.args.PyTreeRestore(
+        target, restore_args=jax_free_restore_args(lib, target),
+        transforms={'renamed': lib.Transform(original_key='c')},
+        transforms_default_to_original=default_to_original)
+    results.append(lib.PyTreeCheckpointer().restore(tmp_path / 'ckpt', args=args))
+  ours, theirs = results
+  assert sorted(ours) == sorted(theirs) == ['a', 'b', 'renamed']
+  for key in ours:
+    np.testing.assert_array_equal(np.asarray(ours[key]), np.asarray(theirs[key]))
+  expected_a = saved['a'] if default_to_original else target['a']
+  np.testing.assert_array_equal(np.asarray(ours['a']), expected_a)
+  np.testing.assert_array_equal(np.asarray(ours['renamed']), saved['c'])
+
+
+def jax_free_restore_args(lib, target):
+  return {k: lib.RestoreArgs(restore_type=np.ndarray) for k in target}

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import abc
 import errno
-import os
 import pathlib
-import stat
 from typing import Any
 
 from flaxckpt import _errors, _metadata, _safe_json, _steps, _storage
 from flaxckpt.options import FileOptions
+from flaxckpt.utils import record_saved_duration  # noqa: F401  (Orbax exports it here)
 
 __all__ = ['AtomicRenameTemporaryPath', 'CommitFileTemporaryPath', 'TemporaryPath',
            'ValidationError', 'default_temporary_path_class', 'is_finalized']
@@ -102,7 +101,7 @@ class TemporaryPath(abc.ABC):
   def _apply_mode(self) -> None:
     """Gives every directory of the save ``FileOptions.path_permission_mode``."""
     if self._mode is not None:
-      _set_directory_modes(self._tmp_path, self._mode)
+      _storage.set_directory_modes(self._tmp_path, self._mode)
 
   def _write_commit_file(self, sync: bool) -> None:
     _storage.write_text(self._tmp_path / COMMIT_SUCCESS_FILE,
@@ -265,10 +264,3 @@ def check_finalized(path: pathlib.Path) -> None:
     raise _errors.IncompleteCheckpointError(
         f'{path}: no {COMMIT_SUCCESS_FILE} and no commit time in '
         f'{_metadata.CHECKPOINT_METADATA_FILE}; this save (written in place) never committed.')
-
-
-def _set_directory_modes(root: pathlib.Path, mode: int) -> None:
-  # TODO(H6): move into _storage (set_directory_modes) with the other file-system access.
-  for dirpath, _, _ in os.walk(root, followlinks=False):
-    if stat.S_ISDIR(os.lstat(dirpath).st_mode):
-      os.chmod(dirpath, mode)
