@@ -15,7 +15,8 @@ import functools
 import itertools
 import math
 import pathlib
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -47,6 +48,27 @@ _OCDBT_CONFIG = {  # Orbax's, except for the node compression (see _ocdbt_write_
     'max_decoded_node_bytes': 100_000_000,
     'version_tree_arity_log2': 4,
 }
+
+
+T = TypeVar('T')
+
+
+def in_batches(items: Sequence[T], size: Callable[[T], int], max_bytes: int | None
+               ) -> list[list[T]]:
+  """Consecutive items in groups of at most ``max_bytes`` by ``size`` (an item larger than that
+  is a group of its own); one group without a limit. Never empty: [[]] for no items."""
+  if max_bytes is None or not items:
+    return [list(items)]
+  batches: list[list[T]] = [[]]
+  held = 0
+  for item in items:
+    nbytes = size(item)
+    if batches[-1] and held + nbytes > max_bytes:
+      batches.append([])
+      held = 0
+    batches[-1].append(item)
+    held += nbytes
+  return batches
 
 
 class ArrayWrite(NamedTuple):

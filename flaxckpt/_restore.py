@@ -137,35 +137,6 @@ def _deserialize(handled: dict[_tree.Path, _Handled]) -> dict[_tree.Path, Any]:
   return out
 
 
-def metadata(directory: pathlib.Path) -> Any:
-  """The stored tree with ``jax.ShapeDtypeStruct`` leaves for arrays and scalars, read from
-  the array metadata alone (no array data)."""
-  reader = open_reader(directory, verify_checksums=False)
-  meta = reader.meta
-  described = handler_metadata(reader)
-  arrays = [leaf for leaf in meta.leaves if _is_stored_array(leaf) and leaf.path not in described]
-  infos = dict(zip([leaf.path for leaf in arrays], _arrays.read_array_infos(
-      directory, [leaf.name for leaf in arrays], use_ocdbt=meta.use_ocdbt,
-      use_zarr3=meta.use_zarr3)))
-  entries = []
-  for leaf in meta.leaves:
-    value: Any
-    if leaf.path in described:
-      value = described[leaf.path]
-    elif leaf.path in infos:
-      shape, dtype = infos[leaf.path]
-      value = jax.ShapeDtypeStruct(shape, dtype)
-    elif leaf.value_type == _metadata.STRING:
-      value = str
-    elif _aggregate.is_aggregated(leaf):  # Its value is at hand: describe it the same way.
-      stored = np.asarray(reader.aggregated(leaf))
-      value = jax.ShapeDtypeStruct(stored.shape, stored.dtype)
-    else:
-      value = _empty_value(leaf)
-    entries.append((leaf.path, leaf.key_types, value))
-  return _tree.build(entries)
-
-
 def handler_metadata(reader: _Reader) -> dict[_tree.Path, Any]:
   """What custom handlers' ``metadata`` says about the leaves saved with their typestr (none
   unless something was registered), by tree path."""

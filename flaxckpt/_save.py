@@ -39,7 +39,9 @@ class Prepared(NamedTuple):
   handler_futures: tuple[Any, ...] = ()
 
   def write(self) -> None:
-    *earlier, last = _in_batches(self.arrays, self.options.max_bytes_in_flight)
+    *earlier, last = _arrays.in_batches(
+        self.arrays, lambda a: sum(block.nbytes for _, block in a.blocks),
+        self.options.max_bytes_in_flight)
     sums: _checksums.Sums = {}
     for batch in earlier:  # Each commits before the next is staged; the last one merges.
       pending = _arrays.start_write(self.directory, batch,
@@ -87,24 +89,6 @@ class Prepared(NamedTuple):
       _storage.make_dirs(self.directory / _checksums.DIR)
       _storage.write_text(self.directory / _checksums.file_name(self.options.process_index),
                           _checksums.to_json(sums, files))
-
-
-def _in_batches(arrays: list[_arrays.ArrayWrite], max_bytes: int | None
-                ) -> list[list[_arrays.ArrayWrite]]:
-  """Consecutive arrays in groups of at most ``max_bytes`` (an array larger than that is a group
-  of its own); one group when there is no limit. Never empty: [[]] for no arrays."""
-  if max_bytes is None or not arrays:
-    return [arrays]
-  batches: list[list[_arrays.ArrayWrite]] = [[]]
-  held = 0
-  for array in arrays:
-    size = sum(block.nbytes for _, block in array.blocks)
-    if batches[-1] and held + size > max_bytes:
-      batches.append([])
-      held = 0
-    batches[-1].append(array)
-    held += size
-  return batches
 
 
 def _nest_by_slash(strings: dict[str, str]) -> dict[str, Any]:

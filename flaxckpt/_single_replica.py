@@ -100,7 +100,8 @@ class SingleReplicaArrayHandler(ArrayHandler):
       parts = [_abstract(info, arg, sharding)
                for info, arg, sharding in zip(infos, checked, replica_shardings)]
     out: list[jax.Array] = []
-    for group in _groups(parts, self.broadcast_memory_limit_bytes):
+    for group in _arrays.in_batches(range(len(parts)), lambda i: _per_device_bytes(parts[i]),
+                                    self.broadcast_memory_limit_bytes):
       out.extend(_broadcast([parts[i] for i in group], [shardings[i] for i in group],
                             self.replica_axis_index))
     return out
@@ -186,22 +187,6 @@ def _abstract(info: ParamInfo, arg: SingleReplicaArrayRestoreArgs,
 
 def _per_device_bytes(part: Any) -> int:
   return math.prod(part.sharding.shard_shape(part.shape)) * np.dtype(part.dtype).itemsize
-
-
-def _groups(parts: Sequence[Any], limit: int | None) -> list[list[int]]:
-  """Consecutive leaves in groups of at most ``limit`` bytes per device (a larger leaf alone)."""
-  if limit is None:
-    return [list(range(len(parts)))]
-  groups: list[list[int]] = [[]]
-  held = 0
-  for i, part in enumerate(parts):
-    size = _per_device_bytes(part)
-    if groups[-1] and held + size > limit:
-      groups.append([])
-      held = 0
-    groups[-1].append(i)
-    held += size
-  return groups
 
 
 def _sum_over_replicas(stacked: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
