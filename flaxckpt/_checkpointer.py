@@ -218,9 +218,9 @@ class Checkpointer(AbstractCheckpointer):
       json.dumps(custom_metadata)
     except (TypeError, ValueError) as e:
       raise TypeError(f'custom_metadata for {final} must be JSON-serializable: {e}') from e
-    if _storage.exists(final) and not force:
-      raise atomicity.exists_error(final)
     cls = self._temporary_path_class or atomicity.default_temporary_path_class(final)
+    if not force and cls.holds_checkpoint(final):
+      raise atomicity.exists_error(final)
     temp = cls.from_final(final, file_options=self._file_options)
     if temp.get() != final:  # Every process writes into the directory the primary names.
       name = _multihost.agree(f'tmp:{final}', temp.get().name, self._primary, self._prefix)

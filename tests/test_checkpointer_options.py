@@ -194,6 +194,31 @@ def test_crash_mid_save_in_place_leaves_an_incomplete_checkpoint(tmp_path):
       temporary_path_class=atomicity.CommitFileTemporaryPath)) as mngr:
     assert mngr.all_steps() == [1]
     assert mngr.latest_step() == 1
+    # The resumed run saves step 2 again: the dead save's directory is reclaimed, as Orbax does.
+    assert mngr.save(2, args=ocp.args.StandardSave({'w': np.full(4, 2.0)}))
+    mngr.wait_until_finished()
+    assert mngr.all_steps() == [1, 2]
+  np.testing.assert_array_equal(
+      orbax.CheckpointManager(root).restore(2, args=orbax.args.StandardRestore())['w'],
+      np.full(4, 2.0))
+
+
+def test_commit_file_save_never_takes_a_directory_a_live_save_is_writing(tmp_path):
+  """An unfinished in-place save whose writer is alive (it holds the directory's lock) is not
+  reclaimed: the second writer gets a clear error and the first one's files stay."""
+  path = tmp_path / 'ckpt'
+  first = atomicity.CommitFileTemporaryPath.from_final(path)
+  first.create_sync()  # What a Checkpointer writes first: metadata without a commit time.
+  (path / '_CHECKPOINT_METADATA').write_text('{"init_timestamp_nsecs": 1, '
+                                             '"commit_timestamp_nsecs": null}')
+  (path / 'partial').write_text('written by the first save')
+  ckptr = ocp.StandardCheckpointer(temporary_path_class=atomicity.CommitFileTemporaryPath)
+  with pytest.raises(ocp.CheckpointExistsError, match='writing this checkpoint in place'):
+    ckptr.save(path, args=ocp.args.StandardSave({'w': np.ones(2)}))
+  assert (path / 'partial').read_text() == 'written by the first save'
+  first.discard()
+  ckptr.save(path, args=ocp.args.StandardSave({'w': np.ones(2)}))
+  assert (path / 'commit_success.txt').exists()
 
 
 _TWO_PROCESSES = textwrap.dedent(r'''

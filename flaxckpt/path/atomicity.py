@@ -67,6 +67,11 @@ class TemporaryPath(abc.ABC):
     """The checkpoint's directory once committed."""
     return self._final_path
 
+  @classmethod
+  def holds_checkpoint(cls, final_path: pathlib.Path) -> bool:
+    """Whether something at ``final_path`` stands in a new save's way (without ``force``)."""
+    return _storage.exists(final_path)
+
   @abc.abstractmethod
   def create_sync(self) -> pathlib.Path:
     """Creates the (empty) directory the save writes into; returns it."""
@@ -196,18 +201,33 @@ class CommitFileTemporaryPath(TemporaryPath):
     path = _storage.as_path(temporary_path)
     return cls(path, path, file_options=file_options)
 
+  @classmethod
+  def holds_checkpoint(cls, final_path: pathlib.Path) -> bool:
+    """A save that died writing in place is no checkpoint: a new save may take its place."""
+    return _storage.exists(final_path) and is_finalized(final_path)
+
   def create_sync(self) -> pathlib.Path:
-    # A checkpoint being replaced (force=True) is removed first, as Orbax does: the commit file
-    # of the old one must not make the new, unfinished one look committed.
-    _storage.remove_tree(self._tmp_path)
-    _storage.make_new_dir(self._tmp_path)
-    return self._tmp_path
+    path = self._tmp_path
+    if _storage.exists(path):
+      if is_finalized(path):
+        # A checkpoint being replaced (force=True) is removed first, as Orbax does: the commit
+        # file of the old one must not make the new, unfinished one look committed.
+        _storage.remove_tree(path)
+      elif not _storage.remove_if_abandoned(path):  # A save that died here is reclaimed.
+        raise _errors.CheckpointExistsError(
+            f'{path}: another save is writing this checkpoint in place right now.')
+    # Locked while its writer lives, as a temporary directory is, so that a later save can
+    # tell a dead writer's directory from a live one's.
+    self._lock = _storage.make_new_locked_dir(path)
+    return path
 
   def finalize_sync(self, replace: bool = False) -> None:
     del replace  # The old checkpoint was removed when this save began.
     _storage.sync_tree(self._tmp_path)
     self._write_commit_file(sync=True)
     self._apply_mode()
+    _storage.release(self._lock)
+    self._lock = None
 
   @classmethod
   async def validate(cls, temporary_path: _storage.PathLike) -> None:
