@@ -93,6 +93,8 @@ class StorageOptions(NamedTuple):
   # With a limit, arrays are written in successive transactions of at most this many bytes
   # (one larger array alone), so a save holds one batch in memory at a time, not the state.
   max_bytes_in_flight: int | None = None
+  # The size OCDBT aims its data files at (0: no limit); None leaves tensorstore's default.
+  target_data_file_size: int | None = None
 
 
 def process_db_name(process_index: int) -> str:
@@ -114,6 +116,14 @@ def _ocdbt_spec(path: pathlib.Path, write_config: dict[str, Any] | None = None
   if write_config is not None:
     spec['config'] = write_config
   return spec
+
+
+def read_spec(directory: pathlib.Path, name: str, *, use_ocdbt: bool, use_zarr3: bool
+              ) -> dict[str, Any]:
+  """A tensorstore spec that opens the stored array ``name`` of the checkpoint at
+  ``directory`` (what Orbax's ``get_json_tspec_read`` describes)."""
+  base = _ocdbt_spec(directory) if use_ocdbt else _storage.kvstore_spec(directory)
+  return {'driver': 'zarr3' if use_zarr3 else 'zarr', 'kvstore': _array_kvstore(base, name)}
 
 
 def _array_kvstore(base: dict[str, Any], name: str) -> dict[str, Any]:
@@ -187,6 +197,8 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
     _storage.make_dirs(process_dir)
     config = _ocdbt_write_config(options.use_compression)
     base = _ocdbt_spec(process_dir, config)
+    if options.target_data_file_size is not None:
+      base['target_data_file_size'] = options.target_data_file_size
   else:
     base = _storage.kvstore_spec(directory, sync_each_write=False)
   txn = _tensorstore().Transaction(atomic=options.use_ocdbt)
@@ -342,9 +354,16 @@ def read_arrays(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | 
     source.close()
 
 
+class ArrayInfo(NamedTuple):
+  """What an array's zarr metadata declares."""
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  chunk_shape: tuple[int, ...] | None  # None where the metadata names none we can use.
+
+
 def read_array_infos(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | None,
-                     use_zarr3: bool) -> list[tuple[tuple[int, ...], np.dtype]]:
-  """(shape, dtype) of each array, from its zarr metadata only."""
+                     use_zarr3: bool) -> list[ArrayInfo]:
+  """The shape, dtype and chunk shape of each array, from its zarr metadata only."""
   if not names:
     return []
   use_ocdbt, base, context = _read_setup(directory, use_ocdbt)
@@ -369,10 +388,19 @@ def read_array_infos(directory: pathlib.Path, names: list[str], *, use_ocdbt: bo
   return infos
 
 
-def _array_info(raw: bytes, use_zarr3: bool) -> tuple[tuple[int, ...], np.dtype]:
+def _array_info(raw: bytes, use_zarr3: bool) -> ArrayInfo:
   meta = _zarr.parse_metadata_json(raw)
   dtype = meta['data_type'] if use_zarr3 else meta['dtype']
-  return _zarr.check_shape(tuple(meta['shape'])), _zarr.parse_dtype(dtype)
+  shape = _zarr.check_shape(tuple(meta['shape']))
+  if use_zarr3:
+    grid = meta.get('chunk_grid')
+    chunks = grid.get('configuration', {}).get('chunk_shape') if isinstance(grid, dict) else None
+  else:
+    chunks = meta.get('chunks')
+  if not (isinstance(chunks, list) and len(chunks) == len(shape)
+          and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in chunks)):
+    chunks = None  # What a reader would refuse is not described either.
+  return ArrayInfo(shape, _zarr.parse_dtype(dtype), None if chunks is None else tuple(chunks))
 
 
 # What a damaged zarr metadata file can raise when parsed (JSON and UTF-8 errors are

@@ -122,7 +122,7 @@ def pytree(directory: pathlib.Path) -> Description:
   for leaf in meta.leaves:
     name = _tree.path_str(leaf.path)
     if leaf.path in infos:
-      shape, dtype = infos[leaf.path]
+      shape, dtype, _ = infos[leaf.path]
       sharding = shardings.get(_metadata.sharding_key(leaf.name))
       leaves.append(_leaf(name, shape, dtype, sharding_summary(sharding, directory)))
     elif leaf.value_type == _metadata.STRING:
@@ -289,8 +289,8 @@ def msgpack_file(path: pathlib.Path) -> Description:
     elif isinstance(value, str) and value.startswith(_gda.PLACEHOLDER):
       subpath = _gda.placeholder_subpath(value, f'{path}: leaf {name!r}')
       gda_dir = pathlib.Path(str(path) + _gda.SUFFIX)
-      shape, dtype = _arrays.read_array_infos(gda_dir, [subpath], use_ocdbt=False,
-                                              use_zarr3=False)[0]
+      shape, dtype, _ = _arrays.read_array_infos(gda_dir, [subpath], use_ocdbt=False,
+                                                 use_zarr3=False)[0]
       leaves.append(_leaf(name, shape, dtype, f'multi-process array in {gda_dir.name}'))
     elif value is None or isinstance(value, dict):
       leaves.append(_leaf(name, None, None, value=repr(value), empty=True))
@@ -324,5 +324,5 @@ def gda(directory: pathlib.Path) -> Description:
   names = [name for name in _storage.list_names(directory) if _storage.is_dir(directory / name)]
   infos = _arrays.read_array_infos(directory, names, use_ocdbt=False, use_zarr3=False)
   return _with_totals({'format': 'flax-gda', 'path': str(directory),
-                       'leaves': [_leaf(name, shape, dtype) for name, (shape, dtype)
+                       'leaves': [_leaf(name, shape, dtype) for name, (shape, dtype, _)
                                   in zip(names, infos)]})

@@ -123,7 +123,14 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
     raise TypeError(f'custom_metadata for {directory} must be JSON-serializable: {e}') from e
   leaves, treedef = _tree.flatten(args.item)
   save_args = _save_args_by_path(args.save_args)
-  max_chunk = getattr(args, 'ocdbt_target_data_file_size', None) or _zarr.MAX_CHUNK_BYTES
+  target_file_size = getattr(args, 'ocdbt_target_data_file_size', None)
+  if target_file_size is not None:
+    if isinstance(target_file_size, bool) or not isinstance(target_file_size, int) or (
+        target_file_size < 0):
+      raise ValueError(f'ocdbt_target_data_file_size for {directory} must be an int >= 0 '
+                       f'(0: no limit), got {target_file_size!r}.')
+    options = options._replace(target_data_file_size=target_file_size)
+  max_chunk = target_file_size or _zarr.MAX_CHUNK_BYTES
   # Leaves sharing shape, dtype, sharding and SaveArgs share a plan (SaveArgs by identity: they
   # stay alive for the whole call).
   plans: dict[tuple[Any, ...], _ArrayPlan] = {}

@@ -376,7 +376,7 @@ class NumpyHandler(TypeHandler):
     out = []
     for info in infos:
       directory = _storage.as_path(info.parent_dir)
-      ((shape, dtype),) = _arrays.read_array_infos(
+      ((shape, dtype, _),) = _arrays.read_array_infos(
           directory, [info.name], use_ocdbt=info.is_ocdbt_checkpoint,
           use_zarr3=bool(info.use_zarr3))
       entry: Any

@@ -284,7 +284,7 @@ def _array_sizes(directory: pathlib.Path, meta: _metadata.TreeMetadata,
   shape of any size costs nothing here (reading it is what the bounds in ``_zarr`` refuse)."""
   infos = _arrays.read_array_infos(directory, [leaf.name for leaf in arrays],
                                    use_ocdbt=meta.use_ocdbt, use_zarr3=meta.use_zarr3)
-  return [math.prod(shape) * dtype.itemsize for shape, dtype in infos]
+  return [math.prod(info.shape) * info.dtype.itemsize for info in infos]
 
 
 def _batches(leaves: list[Any], sizes: list[int]) -> Iterator[list[tuple[Any, int]]]:

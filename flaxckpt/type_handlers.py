@@ -27,11 +27,35 @@ from flaxckpt._types import ArrayRestoreArgs, RestoreArgs, SaveArgs
 __all__ = [
     'ArrayHandler', 'ArrayRestoreArgs', 'NumpyHandler', 'ParamInfo', 'RestoreArgs', 'SaveArgs',
     'ScalarHandler', 'SingleReplicaArrayHandler', 'SingleReplicaArrayRestoreArgs',
-    'StringHandler', 'TypeHandler', 'check_input_arguments', 'get_ts_context',
+    'StringHandler', 'TypeHandler', 'check_input_arguments', 'get_json_tspec_read',
+    'get_ts_context',
     'get_type_handler', 'has_type_handler', 'is_ocdbt_checkpoint', 'is_supported_empty_value',
     'is_supported_type', 'register_standard_handlers_with_options', 'register_type_handler',
     'supported_types',
 ]
+
+
+def get_json_tspec_read(info: ParamInfo, use_ocdbt: bool, metadata_key: str | None = None,
+                        raise_array_data_missing_error: bool = True) -> dict[str, Any]:
+  """The tensorstore spec that reads the array ``info`` names (``info.parent_dir`` is the
+  checkpoint directory, ``info.name`` the array's name), for ``ts.open``; as Orbax's.
+
+  Args:
+    info: the array's ``ParamInfo``; ``use_zarr3`` picks the zarr version.
+    use_ocdbt: whether the checkpoint keeps its arrays in OCDBT.
+    metadata_key: the name of the zarr metadata file, where it is not the standard one.
+    raise_array_data_missing_error: False reads missing chunks as the fill value.
+  """
+  if info.parent_dir is None or not info.name:
+    raise ValueError(f'get_json_tspec_read needs a ParamInfo with parent_dir and name, got '
+                     f'{info!r}.')
+  spec = _arrays.read_spec(_storage.as_path(info.parent_dir), info.name, use_ocdbt=use_ocdbt,
+                           use_zarr3=bool(info.use_zarr3))
+  spec.update({'recheck_cached_data': False, 'recheck_cached_metadata': False,
+               'fill_missing_data_reads': not raise_array_data_missing_error})
+  if metadata_key is not None:
+    spec['metadata_key'] = metadata_key
+  return spec
 
 
 def register_type_handler(ty: Any, handler: TypeHandler,

@@ -272,3 +272,31 @@ def test_primary_host_prefix_and_barrier_sync_fn_in_two_processes(tmp_path):
   restored = orbax.PyTreeCheckpointer().restore(tmp_path / 'c', args=orbax.args.PyTreeRestore(
       restore_args={'w': orbax.RestoreArgs(restore_type=np.ndarray)}))
   np.testing.assert_array_equal(restored['w'], np.arange(8, dtype=np.float32))
+
+
+def _data_files(path) -> list[int]:
+  return sorted(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path)
+                for name in names if os.path.basename(root) == 'd')
+
+
+def test_ocdbt_target_data_file_size_splits_the_data_files(tmp_path):
+  """PyTreeSave(ocdbt_target_data_file_size=) bounds OCDBT's data files as in Orbax (the
+  optimized-checkpointing guide's knob); both libraries read the result."""
+  tree = {f'a{i}': np.random.default_rng(i).random((64, 1024), np.float32) for i in range(8)}
+  for size in (None, 300_000):
+    path = tmp_path / f'size-{size}'
+    ocp.PyTreeCheckpointer().save(path, args=ocp.args.PyTreeSave(
+        tree, ocdbt_target_data_file_size=size))
+    files = _data_files(path)
+    if size is None:
+      assert max(files) >= 8 * 64 * 1024 * 4  # One file holds all 2 MiB.
+    else:
+      assert len(files) >= 4 and max(files) <= 2 * size, files
+    for lib in (ocp, orbax):
+      restored = lib.PyTreeCheckpointer().restore(path)
+      for key, value in tree.items():
+        np.testing.assert_array_equal(np.asarray(restored[key]), value)
+  with pytest.raises(ValueError, match='ocdbt_target_data_file_size .* must be an int >= 0'):
+    ocp.PyTreeCheckpointer().save(tmp_path / 'bad', args=ocp.args.PyTreeSave(
+        tree, ocdbt_target_data_file_size=-1))
+  assert not (tmp_path / 'bad').exists()

@@ -22,6 +22,7 @@ def _tree():
   sharded = jax.device_put(jnp.arange(8.0).reshape(2, 4),
                            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('x')))
   return {'params': {'w': sharded, 'b': jnp.ones(3, jnp.bfloat16)}, 'np': np.arange(2),
+          'np0': np.array(1.5),
           'step': 3, 'lr': 0.5, 'name': 'run', 'empty': {}, 'none': None}
 
 
@@ -46,6 +47,9 @@ def test_tree_metadata_agrees_with_orbax(tmp_path, writer):
     assert a.name == b.name and a.directory == path, keypath
     if isinstance(a, ocp.metadata.ArrayMetadata):
       assert (a.shape, a.dtype) == (b.shape, b.dtype), keypath
+      assert [(m.chunk_shape, m.write_shape) if m else None for m in (a.storage, b.storage)
+              ] == [(b.storage.chunk_shape, b.storage.write_shape) if b.storage else None] * 2, (
+                  keypath)  # Chunk and write shapes, numpy leaves included.
       assert (a.sharding is None) == (b.sharding is None), keypath
       if a.sharding is not None:
         assert a.sharding.to_jax_sharding() == b.sharding.to_jax_sharding()

@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as orbax
 import pytest
 import tensorstore as ts
+from etils import epath
 
 import flaxckpt as ocp
 from flaxckpt import _type_handlers
@@ -326,3 +327,23 @@ def test_restore_accepts_array_metadata_leaves_as_targets(tmp_path):
   np.testing.assert_array_equal(restored['w'], tree['w'])
   assert isinstance(restored['n'], np.ndarray)  # No sharding: host memory, as Orbax does.
   np.testing.assert_array_equal(restored['n'], tree['n'])
+
+
+@pytest.mark.parametrize('use_ocdbt', [True, False])
+@pytest.mark.parametrize('use_zarr3', [False, True])
+def test_get_json_tspec_read_opens_the_stored_arrays(tmp_path, use_ocdbt, use_zarr3):
+  """The debug guide's pattern: a ParamInfo, get_json_tspec_read and ts.open read one array of
+  a checkpoint as stored; Orbax's own spec reads the same files."""
+  tree = {'a': np.arange(12, dtype=np.int32).reshape(3, 4), 'b': {'c': np.ones(5, np.float32)}}
+  path = tmp_path / 'ckpt'
+  ocp.PyTreeCheckpointer(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3).save(path, tree)
+  for lib in (ocp, orbax):
+    info = lib.type_handlers.ParamInfo(name='b.c', parent_dir=epath.Path(path),
+                                       use_zarr3=use_zarr3, is_ocdbt_checkpoint=use_ocdbt)
+    spec = lib.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
+    context = lib.type_handlers.get_ts_context(use_ocdbt=use_ocdbt)
+    array = ts.open(spec, context=context).result().read().result()
+    np.testing.assert_array_equal(array, tree['b']['c'])
+  with pytest.raises(ValueError, match='needs a ParamInfo with parent_dir and name'):
+    ocp.type_handlers.get_json_tspec_read(ocp.type_handlers.ParamInfo(name='', parent_dir=path),
+                                          use_ocdbt=True)

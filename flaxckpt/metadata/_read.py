@@ -39,15 +39,14 @@ def read_tree_metadata(directory: pathlib.Path) -> TreeMetadata:
     if leaf.path in described:
       value = described[leaf.path]
     elif leaf.path in infos:
-      info = infos[leaf.path]
-      shape, dtype = info[0], info[1]
+      shape, dtype, zarr_chunks = infos[leaf.path]
       if leaf.value_type == _metadata.SCALAR:
         value = ScalarMetadata(name=leaf.name, directory=directory, dtype=dtype)
       else:
         write_shape, chunk_shape = layouts.get(leaf.name, (leaf.write_shape, None))
-        if len(info) > 2:  # The zarr chunk shape, where _arrays reports it.
-          chunk_shape = tuple(info[2])
-        storage = StorageMetadata(chunk_shape, write_shape) if chunk_shape or write_shape else None
+        chunk_shape = zarr_chunks if zarr_chunks is not None else chunk_shape
+        storage = (StorageMetadata(chunk_shape, write_shape)
+                   if chunk_shape is not None or write_shape is not None else None)
         value = ArrayMetadata(
             name=leaf.name, directory=directory, shape=tuple(shape), dtype=dtype,
             sharding=shardings.get(leaf) if leaf.value_type == _metadata.JAX_ARRAY else None,
