@@ -23,7 +23,8 @@ from flaxckpt._handler import (AbstractCheckpointer, AsyncCheckpointHandler, Che
 from flaxckpt._handler import typestr as handler_typestr
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpointHandler
 from flaxckpt.metadata import StepMetadata, read_step_metadata
-from flaxckpt.options import AsyncOptions, FileOptions, MultiprocessingOptions
+from flaxckpt.options import (AsyncOptions, AtomicityOptions, FileOptions,
+                              MultiprocessingOptions)
 from flaxckpt.path import atomicity
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class Checkpointer(AbstractCheckpointer):
       renames where the storage has them, else a commit file.
     checkpoint_metadata_store: accepted for Orbax call sites; ``_CHECKPOINT_METADATA`` is always
       written before a save returns.
+    atomicity_options: ``AtomicityOptions``: the commit protocol as a mode, where
+      ``temporary_path_class`` is not given.
 
   Example:
     >>> ckptr = flaxckpt.Checkpointer(flaxckpt.StandardCheckpointHandler())
@@ -70,8 +73,11 @@ class Checkpointer(AbstractCheckpointer):
                multiprocessing_options: MultiprocessingOptions | None = None,
                file_options: FileOptions | None = None,
                temporary_path_class: type[atomicity.TemporaryPath] | None = None,
-               checkpoint_metadata_store: Any = None):
+               checkpoint_metadata_store: Any = None,
+               atomicity_options: AtomicityOptions | None = None):
     del checkpoint_metadata_store
+    temporary_path_class = atomicity.temporary_path_class_for(temporary_path_class,
+                                                              atomicity_options)
     if not isinstance(handler, CheckpointHandler):
       raise TypeError(f'Checkpointer needs a CheckpointHandler, got {type(handler).__name__}.')
     if (args_type_for(handler, for_save=True) is None
@@ -276,8 +282,8 @@ class AsyncCheckpointer(Checkpointer):
       ``TimeoutError``; overrides ``async_options.timeout_secs``.
     async_options: the timeout, ``post_finalization_callback`` (run on the background thread
       after each commit) and ``barrier_sync_fn`` (the barrier of the commit).
-    multiprocessing_options, file_options, temporary_path_class, checkpoint_metadata_store:
-      as for ``Checkpointer``.
+    multiprocessing_options, file_options, temporary_path_class, checkpoint_metadata_store,
+    atomicity_options: as for ``Checkpointer``.
   """
 
   def __init__(self, handler: CheckpointHandler, timeout_secs: float | None = None, *,
@@ -285,10 +291,12 @@ class AsyncCheckpointer(Checkpointer):
                multiprocessing_options: MultiprocessingOptions | None = None,
                file_options: FileOptions | None = None,
                temporary_path_class: type[atomicity.TemporaryPath] | None = None,
-               checkpoint_metadata_store: Any = None):
+               checkpoint_metadata_store: Any = None,
+               atomicity_options: AtomicityOptions | None = None):
     super().__init__(handler, multiprocessing_options=multiprocessing_options,
                      file_options=file_options, temporary_path_class=temporary_path_class,
-                     checkpoint_metadata_store=checkpoint_metadata_store)
+                     checkpoint_metadata_store=checkpoint_metadata_store,
+                     atomicity_options=atomicity_options)
     async_options = async_options or AsyncOptions()
     self._timeout = timeout_secs or async_options.timeout_secs
     if self._timeout <= 0:

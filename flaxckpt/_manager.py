@@ -15,11 +15,12 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -436,12 +437,16 @@ class CheckpointManager:
       self._infos = [i for i in self._infos if i.step != step]
     if not self._is_primary():  # Every process forgets the step; the primary deletes it.
       return
+    delete: Callable[[], None] = functools.partial(_steps.delete, path)
+    if self._options.todelete_subdir is not None:
+      trash = self._root / self._options.todelete_subdir
+      delete = functools.partial(_steps.move_aside, path, trash / path.name)
     if self._deleter is None:
-      _steps.delete(path)
+      delete()
     else:
       with self._lock:
         self._deletions = [f for f in self._deletions if not f.done() or f.exception()]
-        self._deletions.append(self._deleter.submit(_steps.delete, path))
+        self._deletions.append(self._deleter.submit(delete))
 
   def delete(self, step: int) -> None:
     """Deletes ``step`` (nothing happens with ``read_only``).

@@ -12,9 +12,11 @@ import datetime
 from collections.abc import Callable, Container, Iterable
 from typing import Any
 
-from flaxckpt import _policies
+from flaxckpt import _policies, _storage
 from flaxckpt._steps import validate_step
-from flaxckpt.options import AsyncOptions, FileOptions, MultiprocessingOptions
+from flaxckpt.options import (AsyncOptions, AtomicityOptions, FileOptions,
+                              MultiprocessingOptions)
+from flaxckpt.path import atomicity
 from flaxckpt.path import step as step_lib
 
 
@@ -47,8 +49,12 @@ class CheckpointManagerOptions:
     cleanup_tmp_directories: delete the directories of saves that never committed, at start.
     save_on_steps: steps that are saved whatever the interval.
     single_host_load_and_broadcast: process 0 lists the steps and the others take its list.
+    todelete_subdir: instead of deleting a step, move it into this sub-directory of the root
+      (``<root>/<todelete_subdir>/<step name>``, replacing an older copy there).
+    todelete_full_path: Orbax's soft-delete location inside a GCS bucket; refused here (no GCS).
     enable_background_delete: delete old steps on a background thread;
       ``wait_until_finished`` and ``close`` wait for the deletions.
+    num_deletion_threads: accepted for Orbax call sites; one thread deletes.
     read_only: never write or delete anything; saves return False.
     enable_async_checkpointing: save on a background thread (the default).
     async_options: ``AsyncOptions`` of background saves (its ``timeout_secs`` wins over
@@ -60,6 +66,9 @@ class CheckpointManagerOptions:
     save_root_metadata: write the run's ``metadata`` under the root.
     temporary_path_class: how a save is made atomic (``ocp.path.atomicity``);
       ``CommitFileTemporaryPath`` steps count once they hold ``commit_success.txt``.
+    atomicity_options: ``AtomicityOptions``: the same choice as a mode, where
+      ``temporary_path_class`` is not given.
+    enable_per_process_directory_creation: Orbax's per-process directories; only False.
     save_decision_policy: decides which steps are saved (replaces the options above).
     preservation_policy: decides which steps are kept; not to be combined with
       ``max_to_keep``, ``keep_period``, ``keep_time_interval`` or ``keep_latest``.
@@ -86,7 +95,10 @@ class CheckpointManagerOptions:
   cleanup_tmp_directories: bool = False
   save_on_steps: Container[int] | None = None
   single_host_load_and_broadcast: bool = False
+  todelete_subdir: str | None = None
+  todelete_full_path: str | None = None
   enable_background_delete: bool = False
+  num_deletion_threads: int | None = None
   read_only: bool = False
   enable_async_checkpointing: bool = True
   async_options: AsyncOptions | None = None
@@ -95,12 +107,14 @@ class CheckpointManagerOptions:
   should_save_fn: Callable[[int, int | None], bool] | None = None
   file_options: FileOptions = dataclasses.field(default_factory=FileOptions)
   save_root_metadata: bool = True
+  atomicity_options: AtomicityOptions | None = None
   temporary_path_class: type | None = None
   save_decision_policy: _policies.SaveDecisionPolicy | None = None
   preservation_policy: _policies.PreservationPolicy | None = None
   prevent_write_metrics: bool = False
   enable_should_save_is_saving_in_progress_check: bool = True
   lightweight_initialize: bool = False
+  enable_per_process_directory_creation: bool = False
   async_timeout_secs: float = 600
 
   def __post_init__(self) -> None:
@@ -121,6 +135,22 @@ class CheckpointManagerOptions:
                                                               datetime.timedelta):
       raise TypeError('CheckpointManagerOptions.keep_time_interval must be a '
                       f'datetime.timedelta, got {type(self.keep_time_interval).__name__}.')
+    if self.todelete_subdir is not None and self.todelete_full_path is not None:
+      raise ValueError('CheckpointManagerOptions: todelete_subdir and todelete_full_path cannot '
+                       'both be set.')
+    if self.todelete_subdir is not None:
+      _storage.check_entry_name(self.todelete_subdir, 'todelete_subdir')
+    if self.todelete_full_path is not None:
+      raise NotImplementedError('CheckpointManagerOptions.todelete_full_path soft-deletes inside '
+                                'a GCS bucket, which flaxckpt does not write to; use '
+                                'todelete_subdir to keep deleted steps.')
+    if self.enable_per_process_directory_creation:
+      raise NotImplementedError('CheckpointManagerOptions.enable_per_process_directory_creation '
+                                'is not supported: the primary process creates every directory.')
+    if self.read_only:
+      self.todelete_subdir = None  # Nothing is deleted or moved (Orbax drops it too).
+    self.temporary_path_class = atomicity.temporary_path_class_for(self.temporary_path_class,
+                                                                   self.atomicity_options)
     if self.save_on_steps is not None:
       steps: Iterable[int] = self.save_on_steps  # type: ignore[assignment]
       self.save_on_steps = frozenset(validate_step(s) for s in steps)

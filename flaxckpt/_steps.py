@@ -160,6 +160,16 @@ def delete(path: pathlib.Path) -> None:
   _storage.remove_tree(doomed)
 
 
+def move_aside(path: pathlib.Path, destination: pathlib.Path) -> None:
+  """Moves the checkpoint at ``path`` to ``destination`` (its parent is created; an older copy
+  there is replaced), so that a deleted step stays readable outside the listing."""
+  _storage.make_dirs(destination.parent)
+  _storage.check_inside(destination.parent, path.parent, 'the todelete_subdir')
+  if _storage.exists(destination):
+    delete(destination)
+  _storage.rename(path, destination)
+
+
 def recover_replaced(root: pathlib.Path) -> None:
   """Puts back checkpoints that a ``force=True`` save had moved aside when it was cut off
   before the new checkpoint took their name."""

@@ -7,10 +7,12 @@ variant.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable, Set
 from typing import Any
 
-__all__ = ['AsyncOptions', 'FileOptions', 'MultiprocessingOptions']
+__all__ = ['AsyncOptions', 'AtomicityMode', 'AtomicityOptions', 'FileOptions',
+           'MultiprocessingOptions']
 
 # ``barrier_sync_fn(key=..., timeout_ms=...)``: Orbax's signature for a custom barrier.
 BarrierSyncFn = Callable[..., Any]
@@ -60,3 +62,23 @@ class FileOptions:
   """
   path_permission_mode: int | None = None
   skip_sync_file_validations: bool = False
+
+
+class AtomicityMode(str, enum.Enum):
+  """How a save becomes a checkpoint (see ``flaxckpt.path.atomicity``)."""
+  AUTO = 'auto'  # Atomic renames where the storage has them, else a commit file.
+  COMMIT_FILE = 'commit_file'  # ``CommitFileTemporaryPath``: in place, commit_success.txt last.
+  ATOMIC_RENAME = 'atomic_rename'  # ``AtomicRenameTemporaryPath``: a temporary directory, renamed.
+
+
+@dataclasses.dataclass(frozen=True)
+class AtomicityOptions:
+  """The commit protocol of saves, as a mode instead of a ``temporary_path_class``.
+
+  Attributes:
+    mode: an ``AtomicityMode``.
+    allow_legacy_atomic_rename: accepted for Orbax call sites; flaxckpt always reads
+      checkpoints committed by a rename, with or without ``commit_success.txt``.
+  """
+  mode: AtomicityMode = AtomicityMode.AUTO
+  allow_legacy_atomic_rename: bool = False

@@ -247,3 +247,64 @@ def test_restore_gives_none_for_a_known_item_the_step_lacks(tmp_path):
   theirs.save(0, args=orbax.args.Composite(state=_save_args(orbax, 0)))
   assert theirs.restore(0).get('dataset') is None  # Orbax leaves it out; .get gives None.
   theirs.close()
+
+
+@pytest.mark.parametrize('lib', [ocp, orbax], ids=['flaxckpt', 'orbax'])
+def test_todelete_subdir_keeps_deleted_steps_aside_as_orbax(tmp_path, lib):
+  """Retention moves old steps into <root>/<todelete_subdir>/ instead of deleting them; the
+  moved steps still restore, and neither library lists them as steps."""
+  options = lib.CheckpointManagerOptions(max_to_keep=1, todelete_subdir='trash',
+                                         enable_async_checkpointing=False)
+  with lib.CheckpointManager(tmp_path, options=options) as mngr:
+    for step in range(3):
+      mngr.save(step, args=lib.args.StandardSave({'w': np.full(2, float(step))}))
+    assert mngr.all_steps() == [2]
+  assert sorted(os.listdir(tmp_path / 'trash')) == ['0', '1']
+  restored = ocp.StandardCheckpointer().restore(tmp_path / 'trash' / '1' / 'default')
+  np.testing.assert_array_equal(restored['w'], np.full(2, 1.0))
+  for reader in (ocp, orbax):
+    assert reader.CheckpointManager(tmp_path).all_steps() == [2]
+
+
+def test_todelete_options_refuse_what_is_not_supported():
+  with pytest.raises(ValueError, match='cannot both be set'):
+    ocp.CheckpointManagerOptions(todelete_subdir='a', todelete_full_path='b')
+  with pytest.raises(NotImplementedError, match='GCS'):
+    ocp.CheckpointManagerOptions(todelete_full_path='trash/')
+  with pytest.raises(ValueError, match="todelete_subdir '../outside' is not a plain name"):
+    ocp.CheckpointManagerOptions(todelete_subdir='../outside')
+
+
+class _Recording(ocp.StandardCheckpointHandler):
+  """Records the directory each save writes into."""
+  written: list = []
+
+  def save(self, directory, args):
+    self.written.append(directory)
+    return super().save(directory, args)
+
+  def async_save(self, directory, args):
+    self.written.append(directory)
+    return super().async_save(directory, args)
+
+
+@pytest.mark.parametrize('mode, in_place', [('commit_file', True), ('atomic_rename', False)])
+def test_atomicity_options_pick_the_commit_protocol_as_orbax(tmp_path, mode, in_place):
+  """AtomicityOptions(mode=...) chooses what temporary_path_class would, for the manager and
+  for a Checkpointer (in place, or in a temporary directory renamed at the commit); Orbax
+  restores the result."""
+  _Recording.written.clear()
+  atomicity_options = ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode(mode))
+  options = ocp.CheckpointManagerOptions(atomicity_options=atomicity_options)
+  with ocp.CheckpointManager(tmp_path / 'run', options=options,
+                             item_handlers=_Recording()) as mngr:
+    mngr.save(1, args=ocp.args.StandardSave({'w': np.ones(2)}))
+  ckptr = ocp.Checkpointer(_Recording(), atomicity_options=atomicity_options)
+  ckptr.save(tmp_path / 'single', args=ocp.args.StandardSave({'w': np.ones(2)}))
+  step_dir, single_dir = (d if d.name != 'default' else d.parent for d in _Recording.written)
+  assert (step_dir == tmp_path / 'run' / '1') == in_place, step_dir
+  assert (single_dir == tmp_path / 'single') == in_place, single_dir
+  assert orbax.options.AtomicityMode(mode).value == mode  # The same spelling as Orbax's.
+  np.testing.assert_array_equal(
+      orbax.CheckpointManager(tmp_path / 'run').restore(1, args=orbax.args.StandardRestore())['w'],
+      np.ones(2))

@@ -22,7 +22,7 @@ import pathlib
 from typing import Any
 
 from flaxckpt import _errors, _metadata, _safe_json, _steps, _storage
-from flaxckpt.options import FileOptions
+from flaxckpt.options import AtomicityMode, AtomicityOptions, FileOptions
 from flaxckpt.utils import record_saved_duration  # noqa: F401  (Orbax exports it here)
 
 __all__ = ['AtomicRenameTemporaryPath', 'CommitFileTemporaryPath', 'TemporaryPath',
@@ -242,6 +242,18 @@ class CommitFileTemporaryPath(TemporaryPath):
     if not _storage.exists(path / COMMIT_SUCCESS_FILE):
       raise ValidationError(f'{path}: expected {cls.__name__} to contain '
                             f'{COMMIT_SUCCESS_FILE!r} once committed.')
+
+
+def temporary_path_class_for(temporary_path_class: type[TemporaryPath] | None,
+                             atomicity_options: AtomicityOptions | None
+                             ) -> type[TemporaryPath] | None:
+  """The class a save uses: ``temporary_path_class`` if given, else the one
+  ``atomicity_options.mode`` names (None: chosen per path by ``default_temporary_path_class``)."""
+  if temporary_path_class is not None or atomicity_options is None:
+    return temporary_path_class
+  mode = AtomicityMode(atomicity_options.mode)
+  return {AtomicityMode.COMMIT_FILE: CommitFileTemporaryPath,
+          AtomicityMode.ATOMIC_RENAME: AtomicRenameTemporaryPath}.get(mode)
 
 
 def default_temporary_path_class(final_path: pathlib.Path) -> type[TemporaryPath]:
