@@ -26,9 +26,16 @@ if TYPE_CHECKING:
   import tensorstore as ts
 
 
+@functools.cache
 def _tensorstore():
   """tensorstore, imported on first use: it is a large extension module that ``import
-  flaxckpt`` should not pay for."""
+  flaxckpt`` should not pay for.
+
+  jax's tensorstore serialization module comes with it (1 ms more): code written for Orbax,
+  whose import loads it, reaches ``jax.experimental.array_serialization.serialization``
+  (its ``TS_CONTEXT``) without importing it, as Orbax's own guides do.
+  """
+  import jax.experimental.array_serialization.serialization  # noqa: F401
   import tensorstore
   return tensorstore
 
