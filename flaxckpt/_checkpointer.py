@@ -282,8 +282,8 @@ class AsyncCheckpointer(Checkpointer):
       ``TimeoutError``; overrides ``async_options.timeout_secs``.
     async_options: the timeout, ``post_finalization_callback`` (run on the background thread
       after each commit) and ``barrier_sync_fn`` (the barrier of the commit).
-    multiprocessing_options, file_options, temporary_path_class, checkpoint_metadata_store,
-    atomicity_options: as for ``Checkpointer``.
+    multiprocessing_options, file_options, temporary_path_class, atomicity_options:
+      as for ``Checkpointer`` (and ``checkpoint_metadata_store``).
   """
 
   def __init__(self, handler: CheckpointHandler, timeout_secs: float | None = None, *,
