@@ -1,8 +1,12 @@
 """The one place that touches storage.
 
-Handlers and checkpointers call these functions instead of ``os``/``shutil``, so that a new
-backend (``gs://`` and ``s3://`` through tensorstore kvstores) only has to be added here. Today
-only local paths are supported.
+Handlers and checkpointers call these functions instead of ``os``/``shutil``, so that a
+backend only has to be added here. Two stand behind the same functions: local paths
+(``pathlib.Path``), and ``gs://``/``s3://`` objects through tensorstore's kvstores
+(``_remote.RemotePath``, made by ``as_storage_path``). ``exists``, ``is_dir``, ``is_file``,
+``is_link``, ``list_names``, ``read_bytes``, ``read_text``, ``write_bytes``, ``write_text``,
+``make_dirs``, ``remove``, ``remove_tree``, ``kvstore_spec`` and ``renames_atomically`` accept
+either; the rest are local only. The public API still takes local paths only (``as_path``).
 
 Everything a checkpoint holds is untrusted (docs/security.md), so this module is also where
 that is enforced: names read from files become paths only through ``check_name``; reads open
@@ -32,8 +36,11 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from flaxckpt import _errors
+from flaxckpt._storage import _remote
+from flaxckpt._storage._remote import RemotePath
 
 PathLike = str | os.PathLike
+StoragePath = pathlib.Path | RemotePath
 
 # The largest file read whole into memory as metadata (JSON side files, checksum files, msgpack
 # sidecars). _METADATA of a million leaves is about 300 MB; anything larger is not metadata, and a
@@ -47,7 +54,11 @@ _SCHEMES = ('gs://', 's3://', 'http://', 'https://')
 
 
 def as_path(path: PathLike) -> pathlib.Path:
-  """Returns an absolute local path; refuses remote URLs with a clear message."""
+  """Returns an absolute local path; refuses remote URLs with a clear message.
+
+  The object-store backend exists (``as_storage_path``), but the checkpointers, handlers and
+  managers are not wired to it yet, so the public API keeps refusing URLs here until they are.
+  """
   text = os.fspath(path)
   if text.startswith(_SCHEMES):
     raise NotImplementedError(
@@ -55,15 +66,29 @@ def as_path(path: PathLike) -> pathlib.Path:
   return pathlib.Path(os.path.abspath(text))
 
 
-def renames_atomically(path: pathlib.Path) -> bool:
+def as_storage_path(path: PathLike | RemotePath) -> StoragePath:
+  """A ``RemotePath`` for ``gs://`` and ``s3://`` URLs, else an absolute local path.
+
+  Raises:
+    NotImplementedError: an ``http(s)://`` URL.
+    ValueError: a malformed ``gs://``/``s3://`` URL (see ``RemotePath``).
+  """
+  if isinstance(path, RemotePath):
+    return path
+  text = os.fspath(path)
+  if text.startswith(('gs://', 's3://')):
+    return RemotePath.parse(text)
+  return as_path(text)
+
+
+def renames_atomically(path: StoragePath) -> bool:
   """Whether a directory renamed to ``path`` appears whole or not at all.
 
-  True for local filesystems. Object stores (``gs://``, ``s3://``, once supported) answer
-  False: there a checkpoint is written in place and counts as committed only once its
-  ``commit_success.txt`` exists, which the primary process writes last.
+  True for local filesystems. Object stores (``gs://``, ``s3://``) answer False: there a
+  checkpoint is written in place and counts as committed only once its ``commit_success.txt``
+  exists, which the primary process writes last.
   """
-  del path  # Every path supported today is local.
-  return True
+  return not isinstance(path, RemotePath)
 
 
 def check_name(name: str, what: str) -> str:
@@ -228,15 +253,22 @@ def _statx() -> Any:
   return function
 
 
-def exists(path: pathlib.Path) -> bool:
+def exists(path: StoragePath) -> bool:
+  if isinstance(path, RemotePath):
+    return _remote.exists(path)
   return path.exists()
 
 
-def is_dir(path: pathlib.Path) -> bool:
+def is_dir(path: StoragePath) -> bool:
+  """A directory; on an object store, a prefix with objects under it (or a bucket)."""
+  if isinstance(path, RemotePath):
+    return _remote.is_dir(path)
   return path.is_dir()
 
 
-def is_link(path: pathlib.Path) -> bool:
+def is_link(path: StoragePath) -> bool:
+  if isinstance(path, RemotePath):
+    return False  # Object stores have no links.
   return path.is_symlink()
 
 
@@ -269,15 +301,25 @@ def copy_tree(source: pathlib.Path, target: pathlib.Path) -> None:
       shutil.copyfileobj(src, dst, 1 << 20)
 
 
-def is_file(path: pathlib.Path) -> bool:
+def is_file(path: StoragePath) -> bool:
+  if isinstance(path, RemotePath):
+    return _remote.is_file(path)
   return path.is_file()
 
 
-def list_names(path: pathlib.Path) -> list[str]:
+def list_names(path: StoragePath) -> list[str]:
+  """The sorted names of the entries of a directory (on an object store: the objects and
+  prefixes right under it)."""
+  if isinstance(path, RemotePath):
+    return _remote.list_names(path)
   return sorted(os.listdir(path))
 
 
-def make_dirs(path: pathlib.Path) -> None:
+def make_dirs(path: StoragePath) -> None:
+  """Creates a directory and its parents; nothing to do on an object store, where a prefix
+  exists once an object lies under it."""
+  if isinstance(path, RemotePath):
+    return
   path.mkdir(parents=True, exist_ok=True)
 
 
@@ -303,15 +345,18 @@ def _describe(path: pathlib.Path) -> str:
     return 'an entry'
 
 
-def remove_tree(path: pathlib.Path) -> None:
+def remove_tree(path: StoragePath) -> None:
   """Deletes a directory tree; missing paths are fine. A symbolic link (or a file) at ``path``
-  is itself removed, never what it points to."""
+  is itself removed, never what it points to. On an object store: the object ``path`` and every
+  object under its prefix."""
   remove(path)
 
 
-def remove(path: pathlib.Path) -> None:
+def remove(path: StoragePath) -> None:
   """Deletes a file or a directory tree; missing paths are fine."""
-  if path.is_dir() and not path.is_symlink():
+  if isinstance(path, RemotePath):
+    _remote.remove_tree(path)
+  elif path.is_dir() and not path.is_symlink():
     shutil.rmtree(path, ignore_errors=True)
   else:
     with contextlib.suppress(FileNotFoundError):
@@ -474,9 +519,12 @@ def _lock_directory(directory: PathLike, timeout_secs: float) -> int | None:
   return fd
 
 
-def read_bytes(path: PathLike, max_bytes: int | None = MAX_METADATA_FILE_BYTES) -> bytes:
-  """A regular file's bytes (see ``open_regular``); metadata-sized unless ``max_bytes`` says
-  otherwise (None: any size)."""
+def read_bytes(path: PathLike | RemotePath, max_bytes: int | None = MAX_METADATA_FILE_BYTES
+               ) -> bytes:
+  """A regular file's (or object's) bytes (see ``open_regular``); metadata-sized unless
+  ``max_bytes`` says otherwise (None: any size)."""
+  if isinstance(path, RemotePath):
+    return _remote.read_bytes(path, max_bytes)
   with os.fdopen(open_regular(path, max_bytes), 'rb') as f:
     return f.read()
 
@@ -546,13 +594,17 @@ def _open_writable(path: pathlib.Path, exclusive: bool) -> int:
     raise
 
 
-def read_text(path: pathlib.Path, max_bytes: int | None = MAX_METADATA_FILE_BYTES) -> str:
+def read_text(path: StoragePath, max_bytes: int | None = MAX_METADATA_FILE_BYTES) -> str:
   return read_bytes(path, max_bytes).decode('utf-8')
 
 
-def write_bytes(path: pathlib.Path, data: bytes, sync: bool = False,
+def write_bytes(path: StoragePath, data: bytes, sync: bool = False,
                 exclusive: bool = False) -> None:
-  """Writes a file, never through a symbolic link (see ``open_for_write``)."""
+  """Writes a file, never through a symbolic link (see ``open_for_write``). An object is
+  durable once written (``sync`` changes nothing there)."""
+  if isinstance(path, RemotePath):
+    _remote.write_bytes(path, data, exclusive)
+    return
   with open_for_write(path, exclusive) as f:
     f.write(data)
     if sync:
@@ -560,7 +612,7 @@ def write_bytes(path: pathlib.Path, data: bytes, sync: bool = False,
       os.fsync(f.fileno())
 
 
-def write_text(path: pathlib.Path, text: str, sync: bool = False) -> None:
+def write_text(path: StoragePath, text: str, sync: bool = False) -> None:
   write_bytes(path, text.encode('utf-8'), sync=sync)
 
 
@@ -607,13 +659,17 @@ def _sync_path(path: str | pathlib.Path) -> None:
     os.close(fd)
 
 
-def kvstore_spec(path: pathlib.Path, sync_each_write: bool = True) -> dict[str, Any]:
-  """A tensorstore kvstore spec for a directory (always ends with '/').
+def kvstore_spec(path: StoragePath, sync_each_write: bool = True) -> dict[str, Any]:
+  """A tensorstore kvstore spec for a directory (always ends with '/'); for an object store,
+  a ``gcs`` or ``s3`` spec (see ``_remote.kvstore_spec``).
 
   Writes into a save's temporary directory pass ``sync_each_write=False``: the checkpointer
   fsyncs the whole tree once before the commit rename, which is as durable and saves
-  tensorstore's per-write fsyncs (a fifth of a small checkpoint's save time).
+  tensorstore's per-write fsyncs (a fifth of a small checkpoint's save time). Objects are
+  durable once written, so it changes nothing there.
   """
+  if isinstance(path, RemotePath):
+    return _remote.kvstore_spec(path)
   spec: dict[str, Any] = {'driver': 'file', 'path': str(path).rstrip('/') + '/'}
   if not sync_each_write:
     spec['file_io_sync'] = False

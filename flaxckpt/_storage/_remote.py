@@ -1,0 +1,314 @@
+"""The object-store backend: ``gs://bucket/key`` and ``s3://bucket/key`` through tensorstore's
+own ``gcs`` and ``s3`` kvstores (no other client library).
+
+An object store has objects under keys and no directories: a "directory" ``gs://b/run/1`` is
+the prefix ``run/1/``, which exists while some object lies under it. Configuration comes from
+the standard environment, read each time a spec is built (tensorstore 0.1.86 does not read
+``AWS_ENDPOINT_URL`` itself, and an S3 spec without an endpoint goes to AWS):
+
+- S3: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (an S3-compatible server, addressed
+  path-style), ``AWS_REGION`` or ``AWS_DEFAULT_REGION``, credentials from ``AWS_ACCESS_KEY_ID``/
+  ``AWS_SECRET_ACCESS_KEY`` when set, else the default AWS chain (``AWS_PROFILE``, profile files,
+  instance metadata).
+- GCS: Google application default credentials; ``TENSORSTORE_GCS_HTTP_URL`` for another server
+  (read by tensorstore once per process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+from typing import Any
+
+from flaxckpt import _errors
+
+SCHEMES = ('gs', 's3')
+# How long one request (a small object's read or write, a listing) may take before it fails
+# with a TimeoutError naming the URL; tensorstore retries transient failures meanwhile.
+REQUEST_TIMEOUT_SECS = 300.0
+_DEFAULT_S3_REGION = 'us-east-1'  # Used with a custom endpoint when no region is set.
+_BUCKET = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')
+_NO_VALUE = b'\x02'  # tensorstore's storage generation of a missing key: "must not exist yet".
+
+
+@dataclasses.dataclass(frozen=True)
+class RemotePath(os.PathLike):
+  """An immutable ``gs://bucket/key`` or ``s3://bucket/key`` path, used where a local
+  ``pathlib.Path`` is used: ``/``, ``.name``, ``.parent``, ``.with_name``, ``str()``/
+  ``os.fspath`` give the URL. ``key`` has no leading or trailing '/'; '' is the bucket itself.
+
+  Raises:
+    ValueError: an unknown scheme, an empty or malformed bucket, a '..' or NUL in the key.
+  """
+  scheme: str
+  bucket: str
+  key: str = ''
+
+  def __post_init__(self) -> None:
+    if self.scheme not in SCHEMES:
+      raise ValueError(f'{self.scheme}://: not an object-store scheme; expected gs:// or s3://.')
+    if not _BUCKET.fullmatch(self.bucket or ''):
+      raise ValueError(f'{self.scheme}://{self.bucket}: the bucket name is empty or malformed; '
+                       f'expected {self.scheme}://BUCKET/KEY.')
+    object.__setattr__(self, 'key', _clean_key(self.key, f'{self.scheme}://{self.bucket}'))
+
+  @classmethod
+  def parse(cls, url: str) -> RemotePath:
+    """``RemotePath`` of ``gs://bucket/key`` or ``s3://bucket/key``."""
+    scheme, sep, rest = url.partition('://')
+    if not sep:
+      raise ValueError(f'{url}: not a URL; expected gs://BUCKET/KEY or s3://BUCKET/KEY.')
+    bucket, _, key = rest.partition('/')
+    return cls(scheme, bucket, key)
+
+  def __truediv__(self, name: str | os.PathLike) -> RemotePath:
+    text = os.fspath(name)
+    if not isinstance(text, str) or text.startswith('/'):
+      raise ValueError(f'{self}: cannot join {text!r}, which is not a relative name.')
+    return RemotePath(self.scheme, self.bucket, f'{self.key}/{text}' if self.key else text)
+
+  @property
+  def name(self) -> str:
+    return self.key.rpartition('/')[2]
+
+  @property
+  def parent(self) -> RemotePath:
+    return RemotePath(self.scheme, self.bucket, self.key.rpartition('/')[0])
+
+  def with_name(self, name: str) -> RemotePath:
+    if not self.key:
+      raise ValueError(f'{self} has an empty name.')
+    if not name or '/' in name or name in ('.', '..'):
+      raise ValueError(f'Invalid name {name!r}')
+    return self.parent / name
+
+  def __str__(self) -> str:
+    return f'{self.scheme}://{self.bucket}/{self.key}' if self.key else \
+        f'{self.scheme}://{self.bucket}'
+
+  def __fspath__(self) -> str:
+    return str(self)
+
+  def __repr__(self) -> str:
+    return f'RemotePath({str(self)!r})'
+
+
+def _clean_key(key: str, where: str) -> str:
+  parts = [part for part in key.split('/') if part not in ('', '.')]
+  if any(part == '..' for part in parts) or '\x00' in key:
+    raise ValueError(f'{where}/{key}: refusing a key with a NUL or a \'..\' component; object '
+                     'keys are plain relative paths.')
+  return '/'.join(parts)
+
+
+def kvstore_spec(path: RemotePath) -> dict[str, Any]:
+  """The tensorstore kvstore spec of the "directory" ``path`` (its ``path`` ends with '/', or
+  is '' for the bucket), with the S3 endpoint, region and credentials from the environment."""
+  spec = _bucket_spec(path.scheme, path.bucket)
+  spec['path'] = path.key + '/' if path.key else ''
+  return spec
+
+
+def _bucket_spec(scheme: str, bucket: str) -> dict[str, Any]:
+  if scheme == 'gs':
+    return {'driver': 'gcs', 'bucket': bucket}
+  spec: dict[str, Any] = {'driver': 's3', 'bucket': bucket}
+  endpoint = os.environ.get('AWS_ENDPOINT_URL_S3') or os.environ.get('AWS_ENDPOINT_URL')
+  region = os.environ.get('AWS_REGION') or os.environ.get('AWS_DEFAULT_REGION')
+  if endpoint:  # tensorstore addresses a custom endpoint path-style: ENDPOINT/BUCKET/KEY.
+    spec['endpoint'] = endpoint.rstrip('/')
+    region = region or _DEFAULT_S3_REGION
+  if region:  # Without it (and without an endpoint) tensorstore asks AWS for the bucket's.
+    spec['aws_region'] = region
+  # Keys in the environment: use them, without the default chain's look at profile files.
+  spec['aws_credentials'] = {'type': 'environment' if os.environ.get('AWS_ACCESS_KEY_ID')
+                             else 'default'}
+  return spec
+
+
+@functools.lru_cache(maxsize=32)
+def _open_cached(spec_json: str) -> Any:
+  import tensorstore as ts
+  return ts.KvStore.open(json.loads(spec_json)).result()
+
+
+def _store(path: RemotePath) -> Any:
+  """The bucket's kvstore (keys are full object keys), reused while the settings are the same."""
+  return _open_cached(json.dumps(_bucket_spec(path.scheme, path.bucket), sort_keys=True))
+
+
+def _endpoint(path: RemotePath) -> str:
+  if path.scheme == 'gs':
+    return os.environ.get('TENSORSTORE_GCS_HTTP_URL') or 'https://storage.googleapis.com'
+  return _bucket_spec(path.scheme, path.bucket).get('endpoint', 'AWS S3')
+
+
+def _wait(future: Any, path: RemotePath, what: str) -> Any:
+  """``future``'s result, with tensorstore's errors turned into ones that name the URL and
+  what to set."""
+  try:
+    return future.result(timeout=REQUEST_TIMEOUT_SECS)
+  except TimeoutError as e:
+    raise TimeoutError(
+        f'{path}: no answer from {_endpoint(path)} in {REQUEST_TIMEOUT_SECS:g} s while '
+        f'{what}.') from e
+  except ValueError as e:
+    message = str(e)
+    detail = message.split(' [', 1)[0]
+    if message.startswith('NOT_FOUND'):
+      raise FileNotFoundError(
+          f'{path}: the bucket {path.bucket!r} does not exist on {_endpoint(path)} ({detail}) '
+          f'while {what}; create it, or check the URL and {_where_set(path)}.') from e
+    if message.startswith(('PERMISSION_DENIED', 'UNAUTHENTICATED')):
+      raise PermissionError(
+          f'{path}: access denied by {_endpoint(path)} ({detail}) while {what}; '
+          f'{_credentials_hint(path)}.') from e
+    raise OSError(f'{path}: {what} failed: {detail}') from e
+
+
+def _where_set(path: RemotePath) -> str:
+  if path.scheme == 's3':
+    return 'AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (the server) and AWS_REGION'
+  return 'TENSORSTORE_GCS_HTTP_URL (the server, when not Google Cloud Storage)'
+
+
+def _credentials_hint(path: RemotePath) -> str:
+  if path.scheme == 's3':
+    return ('set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for '
+            'temporary keys), or AWS_PROFILE, to credentials allowed to use this bucket')
+  return ('set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run '
+          '`gcloud auth application-default login`, with an account allowed to use this bucket')
+
+
+def _key_range(prefix: str) -> Any:
+  """All keys that start with ``prefix`` (which ends with '/')."""
+  import tensorstore as ts
+  return ts.KvStore.KeyRange(prefix.encode(), prefix[:-1].encode() + b'0')  # '0' follows '/'.
+
+
+def _prefix(path: RemotePath) -> str:
+  return path.key + '/' if path.key else ''
+
+
+def _object_key(path: RemotePath) -> bytes:
+  if not path.key:
+    raise IsADirectoryError(f'{path}: a bucket, not an object.')
+  return path.key.encode()
+
+
+def is_file(path: RemotePath) -> bool:
+  """Whether an object is stored under ``path``'s key."""
+  if not path.key:
+    return False
+  found = _wait(_store(path).read(_object_key(path), byte_range=slice(0, 0)), path,
+                'checking whether the object exists')
+  return found.state == 'value'
+
+
+def is_dir(path: RemotePath) -> bool:
+  """Whether objects are stored under the prefix ``key/`` (the bucket itself: always)."""
+  if not path.key:
+    return True
+  return bool(_list(path))
+
+
+def exists(path: RemotePath) -> bool:
+  return is_file(path) or is_dir(path)
+
+
+def _list(path: RemotePath) -> list[bytes]:
+  """The keys under ``path``'s prefix, the prefix stripped."""
+  prefix = _prefix(path)
+  store = _store(path)
+  future = (store.list(_key_range(prefix), strip_prefix_length=len(prefix.encode())) if prefix
+            else store.list())
+  return _wait(future, path, 'listing the objects under it')
+
+
+def list_names(path: RemotePath) -> list[str]:
+  """The sorted names of the objects and "directories" right under ``path``.
+
+  Raises:
+    FileNotFoundError: nothing lies under ``path`` (a bucket may be empty).
+  """
+  keys = _list(path)
+  if not keys and path.key:
+    raise FileNotFoundError(f'{path}: no objects under this prefix.')
+  return sorted({key.decode('utf-8', 'surrogateescape').split('/', 1)[0] for key in keys})
+
+
+def read_bytes(path: RemotePath, max_bytes: int | None) -> bytes:
+  """An object's bytes; one larger than ``max_bytes`` is refused after reading one byte past
+  the limit, never whole.
+
+  Raises:
+    FileNotFoundError: no object is stored under ``path``.
+    LimitExceededError: it holds more than ``max_bytes``.
+  """
+  store, key = _store(path), _object_key(path)
+  if max_bytes is not None:
+    try:
+      past = _wait(store.read(key, byte_range=slice(max_bytes, max_bytes + 1)), path,
+                   'reading it')
+    except OSError as e:
+      if not str(e.__cause__).startswith('OUT_OF_RANGE'):
+        raise
+      past = None  # No byte past the limit: it is small enough.
+    if past is not None and past.state == 'value':
+      _refuse_size(path, max_bytes)
+  found = _wait(store.read(key), path, 'reading it')
+  if found.state != 'value':
+    raise FileNotFoundError(f'{path}: no such object.')
+  if max_bytes is not None and len(found.value) > max_bytes:  # Replaced meanwhile.
+    _refuse_size(path, max_bytes)
+  return found.value
+
+
+def _refuse_size(path: RemotePath, max_bytes: int) -> None:
+  raise _errors.LimitExceededError(
+      f'{path}: more than the {max_bytes} bytes this object may hold when read as metadata; '
+      'the checkpoint is damaged or hostile.')
+
+
+def write_bytes(path: RemotePath, data: bytes, exclusive: bool = False) -> None:
+  """Stores ``data`` as the object ``path`` (durable once this returns); with ``exclusive``,
+  only if no object is stored there yet.
+
+  Raises:
+    UnsafeCheckpointError: ``exclusive`` and an object is already stored at ``path``.
+  """
+  store, key = _store(path), _object_key(path)
+  # The write is conditional on no object being there (S3 If-None-Match, GCS
+  # ifGenerationMatch=0); the look first also catches it where a server ignores the condition
+  # (fake-gcs-server does).
+  if exclusive and is_file(path):
+    _refuse_existing(path)
+  stamp = _wait(store.write(key, data, if_equal=_NO_VALUE if exclusive else None), path,
+                'writing it')
+  if exclusive and stamp.generation == b'':  # The condition did not hold.
+    _refuse_existing(path)
+
+
+def _refuse_existing(path: RemotePath) -> None:
+  raise _errors.UnsafeCheckpointError(
+      f'{path}: an object already exists there, where this save was about to create a new '
+      'one; another writer may be saving to the same path.')
+
+
+def write_text(path: RemotePath, text: str) -> None:
+  write_bytes(path, text.encode('utf-8'))
+
+
+def remove_tree(path: RemotePath) -> None:
+  """Deletes the object ``path`` and every object under the prefix ``key/``; missing ones are
+  fine. Refuses the bucket itself."""
+  import tensorstore as ts
+  if not path.key:
+    raise ValueError(f'{path}: refusing to delete everything in a bucket.')
+  store = _store(path)
+  _wait(store.delete_range(_key_range(_prefix(path))), path, 'deleting the objects under it')
+  key = _object_key(path)
+  _wait(store.delete_range(ts.KvStore.KeyRange(key, key + b'\x00')), path, 'deleting it')
