@@ -5,9 +5,10 @@ Orbax's format, so either library reads what the other writes.
 """
 
 import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
-from flaxckpt import args, checkpoint_utils, multihost, type_handlers, utils
+from flaxckpt import args, multihost, utils
 from flaxckpt._checkpointer import (AsyncCheckpointer, Checkpointer, PyTreeCheckpointer,
                                     StandardCheckpointer)
 from flaxckpt._composite_handler import CompositeCheckpointHandler
@@ -17,11 +18,14 @@ from flaxckpt._errors import (AsyncSaveError, BarrierTimeoutError, CheckpointErr
                               NameCollisionError, NotACheckpointError, StructureMismatchError,
                               UnsafeCheckpointError, UnsupportedLeafError)
 from flaxckpt._handler import AsyncCheckpointHandler, CheckpointHandler
-from flaxckpt._manager import CheckpointManager, CheckpointManagerOptions
 from flaxckpt._json_handler import JsonCheckpointHandler
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler, StandardCheckpointHandler
 from flaxckpt._transforms import Transform
 from flaxckpt._types import ArrayRestoreArgs, RestoreArgs, SaveArgs
+
+if _TYPE_CHECKING:  # Imported on first use (see _LAZY_NAMES); spelled out for type checkers.
+  from flaxckpt import checkpoint_utils, type_handlers
+  from flaxckpt._manager import CheckpointManager, CheckpointManagerOptions
 
 __version__ = '0.1.0'
 
@@ -47,11 +51,15 @@ __all__ = [
 ]
 
 _LAZY_SUBMODULES = ('test_utils', 'legacy', 'aggregate_handlers', 'checkpoint_manager',
+                    'checkpoint_utils', 'type_handlers',
                     'checkpoint_managers', 'checkpointers', 'future', 'handlers', 'logging',
                     'metadata', 'options', 'path', 'step', 'transform_utils', 'tree')
 
 # Top-level names defined in submodules, imported on first use: {name: module}.
 _LAZY_NAMES = {
+    # The manager, its options and policies: only code that manages steps pays for them.
+    'CheckpointManager': 'flaxckpt._manager',
+    'CheckpointManagerOptions': 'flaxckpt._manager',
     'AbstractCheckpointer': 'flaxckpt._handler',
     'ArrayCheckpointHandler': 'flaxckpt.handlers',
     'BasePyTreeCheckpointHandler': 'flaxckpt.handlers',
@@ -69,7 +77,8 @@ _LAZY_NAMES = {
 
 
 def __getattr__(name: str) -> _Any:
-  """Imports the less used submodules (and the names they define) only when first used."""
+  """Imports the manager and the less used submodules (and the names they define) only when
+  first used, which keeps ``import flaxckpt`` cheap."""
   if name in _LAZY_SUBMODULES:
     return _importlib.import_module(f'flaxckpt.{name}')
   if name in _LAZY_NAMES:
