@@ -135,7 +135,7 @@ def read_spec(directory: pathlib.Path, name: str, *, use_ocdbt: bool, use_zarr3:
 
 def _array_kvstore(base: dict[str, Any], name: str) -> dict[str, Any]:
   """The kvstore spec of one array's folder/prefix inside ``base``."""
-  if base['driver'] == 'file':
+  if base['driver'] in ('file', 'gcs', 's3'):
     return {**base, 'path': base['path'] + name + '/'}
   return {**base, 'path': name + '/'}
 
@@ -436,12 +436,15 @@ def _read_setup(directory: pathlib.Path, use_ocdbt: bool | None
 def _open_source(directory: pathlib.Path, base: dict[str, Any], use_ocdbt: bool,
                  context: ts.Context) -> Any:
   ts = _tensorstore()
-  if use_ocdbt:
+  local = not _storage.is_remote(directory)
+  # On an object store every value is read through tensorstore's kvstore (OCDBT's own lookups
+  # included): the index reader and the direct reads below open local files.
+  if use_ocdbt and local:
     index = _sources.OcdbtIndexSource.load(ts, directory, _storage.kvstore_spec(directory))
     if index is not None:
       return index
   kv = ts.KvStore.open(base, context=context).result()
-  return _sources.KvSource(kv, None if use_ocdbt else directory)
+  return _sources.KvSource(kv, None if use_ocdbt or not local else directory)
 
 
 def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str], source: Any,

@@ -34,7 +34,7 @@ def convert(source: _storage.PathLike, destination: _storage.PathLike, to: str,
   """
   if to not in TARGETS:
     raise ValueError(f'Unknown target format {to!r}; expected one of {", ".join(TARGETS)}.')
-  target = _storage.as_path(destination)
+  target = _storage.as_local_path(destination)
   _refuse_existing(target)
   leaves = _leaf_source.LeafSource(source)
   wanted = 'flax-msgpack' if to == 'msgpack' else 'orbax-pytree'

@@ -59,7 +59,7 @@ def detect(path: _storage.PathLike) -> Found:
     FileNotFoundError: nothing is at ``path``.
     NotACheckpointError: ``path`` is a directory that holds none of the known layouts.
   """
-  location = _storage.as_path(path)
+  location = _storage.as_local_path(path)
   if not _storage.exists(location):
     raise FileNotFoundError(f'{location}: no such file or directory.')
   if _storage.is_file(location):

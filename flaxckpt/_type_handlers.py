@@ -516,9 +516,9 @@ class StringHandler(TypeHandler):
     return STRING
 
   def _spec(self, info: ParamInfo) -> dict[str, Any]:
-    directory = _storage.as_path(info.parent_dir)
+    base = _storage.kvstore_spec(_storage.as_path(info.parent_dir))
     return {'driver': 'json', 'json_pointer': '/' + info.name,
-            'kvstore': {'driver': 'file', 'path': str(directory / self._filename)}}
+            'kvstore': {**base, 'path': base['path'] + self._filename}}
 
   async def metadata(self, infos: Sequence[ParamInfo]) -> Sequence[Any]:
     from flaxckpt.metadata import value

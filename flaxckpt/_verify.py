@@ -46,7 +46,7 @@ def verify(path: _storage.PathLike, progress: Progress | None = None) -> list[Pr
     found = _formats.detect(path)
     _check_surroundings(found.path)
   except Exception as e:  # Whatever stops the checks is the problem reported.
-    location = _storage.as_path(path)
+    location = _storage.as_local_path(path)
     return [Problem(str(location), _one_line(e, location))]
   try:
     jobs = list(checker.jobs(found))

@@ -78,7 +78,7 @@ def _hold(root: pathlib.Path, step: int, name_format: step_lib.NameFormat[step_l
   snapshot = None
   try:
     if snapshot_dir is not None:
-      snapshot = _storage.as_path(snapshot_dir) / step_dir.name
+      snapshot = _storage.as_local_path(snapshot_dir) / step_dir.name
       _storage.make_dirs(snapshot.parent)
       _storage.remove_tree(snapshot)  # Left by a reader that crashed.
       _storage.copy_tree(step_dir, snapshot)
@@ -110,7 +110,7 @@ def wait_for_new_checkpoint(checkpoint_dir: _storage.PathLike, *, until_step: in
   ``step_name_format`` overrides ``step_prefix`` and ``step_format_fixed_length``.
   """
   del set_immutable, ignore_snapshot_errors  # Copies are plain files; errors are raised.
-  root = _storage.as_path(checkpoint_dir)
+  root = _storage.as_local_path(checkpoint_dir)
   name_format = _name_format(step_prefix, step_format_fixed_length, step_name_format)
   while True:
     step = _wait_for_step(root, name_format, until_step, seconds_to_sleep, timeout)
@@ -129,7 +129,7 @@ def unlock_existing_checkpoints(checkpoint_dir: _storage.PathLike,
                                 step_name_format: step_lib.NameFormat[step_lib.Metadata]
                                 | None = None) -> None:
   """Removes the ``LOCKED`` marker of every step (after a reader crashed holding one)."""
-  root = _storage.as_path(checkpoint_dir)
+  root = _storage.as_local_path(checkpoint_dir)
   for metadata in _name_format(step_prefix, step_format_fixed_length,
                                step_name_format).find_all(root):
     _storage.remove_tree(metadata.path / LOCK_DIR)
@@ -158,10 +158,10 @@ def checkpoints_iterator(checkpoint_dir: _storage.PathLike, *, min_interval_secs
       evaluate(root / '_SNAPSHOTS' / str(step))
   """
   del set_immutable, ignore_snapshot_errors  # Copies are plain files; errors are raised.
-  root = _storage.as_path(checkpoint_dir)
+  root = _storage.as_local_path(checkpoint_dir)
   name_format = _name_format(step_prefix, step_format_fixed_length, step_name_format)
   if snapshot_dir is not None:
-    _remove_snapshots(_storage.as_path(snapshot_dir))
+    _remove_snapshots(_storage.as_local_path(snapshot_dir))
   last = None
   while True:
     step = _wait_for_step(root, name_format, None if last is None else last + 1,

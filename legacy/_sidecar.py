@@ -97,7 +97,7 @@ class ChecksummingFile:
 
 def _path(ckpt_path: str) -> pathlib.Path:
   directory, name = os.path.split(ckpt_path)
-  return _storage.as_path(os.path.join(directory, f'.{name}{SUFFIX}'))
+  return _storage.as_local_path(os.path.join(directory, f'.{name}{SUFFIX}'))
 
 
 def fits_prefix(prefix: str) -> bool:
@@ -157,7 +157,7 @@ def _checkpoint_of(name: str) -> tuple[str, bool] | None:
 def remove_orphans(directory: str, prefix: str) -> None:
   """Deletes sidecars whose checkpoint file is gone, and temporary sidecars whose checkpoint is
   gone or that no writer has touched for ``STALE_TMP_SECONDS`` (a writer killed mid-write)."""
-  root = _storage.as_path(directory)
+  root = _storage.as_local_path(directory)
   names = set(_storage.list_names(root)) if _storage.is_dir(root) else set()
   for name in names:
     found = _checkpoint_of(name)

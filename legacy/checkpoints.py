@@ -140,7 +140,7 @@ def _step_of(path: str) -> float | None:
 
 
 def _names(directory: str) -> list[str]:
-  path = _storage.as_path(directory)
+  path = _storage.as_local_path(directory)
   return _storage.list_names(path) if _storage.is_dir(path) else []
 
 
@@ -178,7 +178,7 @@ def available_steps(ckpt_dir: str | os.PathLike, prefix: str = 'checkpoint_',
 
 
 def _is_orbax_checkpoint(path: str) -> bool:
-  root = _storage.as_path(path)
+  root = _storage.as_local_path(path)
   return any(_storage.exists(root / name) for name in
              (ORBAX_CKPT_FILENAME, ORBAX_METADATA_FILENAME, ORBAX_MANIFEST_OCDBT))
 
@@ -193,7 +193,7 @@ def _paths(ckpt_dir: str | os.PathLike, step: int | float, prefix: str) -> tuple
                      'checkpoints with it could not be listed back.')
   ckpt_dir = safe_normpath(os.fspath(ckpt_dir))
   ckpt_path = _checkpoint_path(ckpt_dir, step, prefix)
-  directory = _storage.as_path(ckpt_dir)
+  directory = _storage.as_local_path(ckpt_dir)
   if _storage.exists(directory) and not _storage.is_dir(directory):
     raise NotADirectoryError(f'Checkpoint directory {ckpt_dir} is a file; expected a directory '
                              'to hold checkpoints.')
@@ -233,7 +233,7 @@ def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overw
   writer of ours left are removed.
   """
   directory, prefix = os.path.split(base_path)
-  _steps.recover_replaced(_storage.as_path(directory))  # A replace that was cut off.
+  _steps.recover_replaced(_storage.as_local_path(directory))  # A replace that was cut off.
   paths = _all_checkpoints(directory, prefix)
   if overwrite and ckpt_path in paths:
     cut = paths.index(ckpt_path) + 1
@@ -251,8 +251,8 @@ def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overw
       _delete_checkpoint(path)
   for name in _names(directory):  # Deletions a crash cut short.
     if name.startswith(prefix) and name.endswith(_steps.DELETING_SUFFIX):
-      _storage.remove(_storage.as_path(os.path.join(directory, name)))
-  _remove_abandoned_temporaries(_storage.as_path(directory), prefix,
+      _storage.remove(_storage.as_local_path(os.path.join(directory, name)))
+  _remove_abandoned_temporaries(_storage.as_local_path(directory), prefix,
                                 _step_of(os.path.basename(ckpt_path)) or 0)
   if _sidecar.fits_prefix(prefix):
     _sidecar.remove_orphans(directory, prefix)
@@ -263,12 +263,12 @@ def _delete_checkpoint(path: str) -> None:
   listed name goes first (an Orbax directory is moved aside, then removed). A link standing at
   a checkpoint's name is removed itself, never what it points to."""
   logger.info('Removing checkpoint at %s', path)
-  checkpoint = _storage.as_path(path)
+  checkpoint = _storage.as_local_path(path)
   if _storage.is_dir(checkpoint) and not checkpoint.is_symlink():
     _steps.delete(checkpoint)
   else:
     _storage.remove(checkpoint)
-  _storage.remove(_storage.as_path(path + MP_ARRAY_POSTFIX))
+  _storage.remove(_storage.as_local_path(path + MP_ARRAY_POSTFIX))
   _sidecar.remove(path)
 
 
@@ -383,13 +383,13 @@ def _commit(written: _Temporary, ckpt_path: str, base_path: str, step: int | flo
   directory's commit lock. Without ``overwrite`` the step is checked again under the lock and
   nothing existing is replaced: a concurrent writer that got there first makes this one raise
   ``InvalidCheckpointError``."""
-  final = _storage.as_path(ckpt_path)
+  final = _storage.as_local_path(ckpt_path)
   try:
     with _commit_lock(os.path.dirname(os.fspath(final))):
       if not overwrite:
         _check_not_outdated(ckpt_path, base_path, step)
       if has_gda:
-        gda_final = _storage.as_path(ckpt_path + MP_ARRAY_POSTFIX)
+        gda_final = _storage.as_local_path(ckpt_path + MP_ARRAY_POSTFIX)
         _storage.remove_tree(gda_final)  # The old step's, or a commit's that was cut off.
         _storage.rename(written.gda_path, gda_final)
       if overwrite:
@@ -447,7 +447,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, target: PyTree, step: int | flo
   if not overwrite:
     _check_not_outdated(ckpt_path, base_path, step)
   state = serialization.to_state_dict(target)
-  tmp_path = _storage.as_path(ckpt_path).with_name(_temporary_name(ckpt_path))
+  tmp_path = _storage.as_local_path(ckpt_path).with_name(_temporary_name(ckpt_path))
 
   def write_and_commit(state: Any) -> None:
     written = _write_msgpack(state, tmp_path)
@@ -498,7 +498,7 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
   tmp_name = _multihost.agree(f'flaxckpt.legacy:tmp:{os.path.basename(ckpt_path)}',
                               _temporary_name(ckpt_path))
   _storage.check_name(tmp_name, 'the temporary name chosen by process 0')
-  tmp_path = _storage.as_path(ckpt_path).with_name(tmp_name)
+  tmp_path = _storage.as_local_path(ckpt_path).with_name(tmp_name)
   written = None  # Process 0's msgpack file, once written.
   try:
     if is_writer:
@@ -529,7 +529,7 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
 def _check_entry(ckpt_path: str, ckpt_dir: str) -> None:
   """Refuses a checkpoint found in ``ckpt_dir`` that is a link leading outside it."""
   try:
-    _storage.check_inside(_storage.as_path(ckpt_path), _storage.as_path(ckpt_dir),
+    _storage.check_inside(_storage.as_local_path(ckpt_path), _storage.as_local_path(ckpt_dir),
                           'the checkpoint')
   except _errors.UnsafeCheckpointError as e:
     raise _errors.UnsafeCheckpointError(
@@ -540,14 +540,14 @@ def _resolve(ckpt_dir: str, step: int | float | None, prefix: str) -> str | None
   """The checkpoint path to restore, or None when there is none (flax then returns target)."""
   if step is not None:
     ckpt_path = _checkpoint_path(ckpt_dir, step, prefix)
-    if not _storage.exists(_storage.as_path(ckpt_path)):
-      if _storage.is_file(_storage.as_path(ckpt_dir)):
+    if not _storage.exists(_storage.as_local_path(ckpt_path)):
+      if _storage.is_file(_storage.as_local_path(ckpt_dir)):
         raise ValueError(f'Matching checkpoint not found: {ckpt_path}. {ckpt_dir} is a '
                          'checkpoint file; with step= pass the directory that holds it.')
       raise ValueError(f'Matching checkpoint not found: {ckpt_path}')
     _check_entry(ckpt_path, ckpt_dir)
     return ckpt_path
-  directory = _storage.as_path(ckpt_dir)
+  directory = _storage.as_local_path(ckpt_dir)
   if not _storage.exists(directory):
     logger.warning('No checkpoint directory at %s; returning the target unchanged.', ckpt_dir)
     return None
@@ -588,7 +588,7 @@ def _from_state_dict(target: Any, state: Any, ckpt_path: str) -> Any:
 
 
 def _read_msgpack(ckpt_path: str, verify_checksums: bool) -> Any:
-  path = _storage.as_path(ckpt_path)
+  path = _storage.as_local_path(ckpt_path)
   if _storage.is_dir(path):
     raise _errors.NotACheckpointError(
         f'{ckpt_path} is a directory but not an Orbax checkpoint (it has no _METADATA, '
@@ -645,7 +645,7 @@ def _restore_gda_arrays(state: Any, target: Any, ckpt_path: str, step: int | flo
     wanted.append((key, subpath, reference))
   if not wanted:
     return state
-  gda_dir = _storage.as_path(ckpt_path + MP_ARRAY_POSTFIX)
+  gda_dir = _storage.as_local_path(ckpt_path + MP_ARRAY_POSTFIX)
   if ckpt_path.startswith('gs://') and not _storage.exists(gda_dir / COMMIT_SUCCESS_FILE):
     raise errors.MPARestoreDataCorruptedError(step, ckpt_path)
   if not _storage.is_dir(gda_dir):

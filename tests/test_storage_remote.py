@@ -62,10 +62,13 @@ def test_remote_path_refuses_escaping_joins():
       path / name
 
 
-def test_as_path_still_refuses_urls():
+def test_as_path_takes_urls_and_as_local_path_refuses_them():
   for url in ('gs://b/x', 's3://b/x'):
+    assert _storage.as_path(url) == RemotePath.parse(url)
     with pytest.raises(NotImplementedError, match='remote storage is not supported yet'):
-      _storage.as_path(url)
+      _storage.as_local_path(url)
+  with pytest.raises(NotImplementedError, match='remote storage is not supported yet'):
+    _storage.as_path('https://host/x')
 
 
 def test_s3_spec_from_the_environment(monkeypatch):

@@ -6,7 +6,8 @@ backend only has to be added here. Two stand behind the same functions: local pa
 (``_remote.RemotePath``, made by ``as_storage_path``). ``exists``, ``is_dir``, ``is_file``,
 ``is_link``, ``list_names``, ``read_bytes``, ``read_text``, ``write_bytes``, ``write_text``,
 ``make_dirs``, ``remove``, ``remove_tree``, ``kvstore_spec`` and ``renames_atomically`` accept
-either; the rest are local only. The public API still takes local paths only (``as_path``).
+either; the rest are local only. ``as_path`` (the checkpointers, handlers, managers) takes
+URLs; ``as_local_path`` (legacy functions, ``checkpoint_utils``, the CLI) still refuses them.
 
 Everything a checkpoint holds is untrusted (docs/security.md), so this module is also where
 that is enforced: names read from files become paths only through ``check_name``; reads open
@@ -54,15 +55,30 @@ _SCHEMES = ('gs://', 's3://', 'http://', 'https://')
 
 
 def as_path(path: PathLike) -> pathlib.Path:
-  """Returns an absolute local path; refuses remote URLs with a clear message.
+  """An absolute local path, or a ``RemotePath`` for a ``gs://``/``s3://`` URL (typed as a
+  ``pathlib.Path``: a ``RemotePath`` answers the part of its interface the storage functions
+  and the checkpointers use).
 
-  The object-store backend exists (``as_storage_path``), but the checkpointers, handlers and
-  managers are not wired to it yet, so the public API keeps refusing URLs here until they are.
+  Raises:
+    NotImplementedError: an ``http(s)://`` URL.
   """
+  if isinstance(path, RemotePath):
+    return path  # type: ignore[return-value]
+  text = os.fspath(path)
+  if text.startswith(('gs://', 's3://')):
+    return RemotePath.parse(text)  # type: ignore[return-value]
+  return as_local_path(text)
+
+
+def as_local_path(path: PathLike) -> pathlib.Path:
+  """An absolute local path, for the callers not yet wired to object stores (legacy
+  functions, ``checkpoint_utils``, the CLI's commands); refuses URLs with a clear message."""
   text = os.fspath(path)
   if text.startswith(_SCHEMES):
     raise NotImplementedError(
-        f'{text}: remote storage is not supported yet; only local paths are.')
+        f'{text}: remote storage is not supported yet by this function; Checkpointer, '
+        'AsyncCheckpointer '
+        'and CheckpointManager take gs:// and s3:// URLs, this function only local paths.')
   return pathlib.Path(os.path.abspath(text))
 
 
@@ -79,6 +95,12 @@ def as_storage_path(path: PathLike | RemotePath) -> StoragePath:
   if text.startswith(('gs://', 's3://')):
     return RemotePath.parse(text)
   return as_path(text)
+
+
+def is_remote(path: StoragePath) -> bool:
+  """Whether ``path`` is on an object store: no directories, locks, links, fsyncs or
+  permission bits there, and nothing to open by descriptor."""
+  return isinstance(path, RemotePath)
 
 
 def renames_atomically(path: StoragePath) -> bool:
@@ -145,7 +167,10 @@ def check_tree(directory: pathlib.Path, root: pathlib.Path | None = None) -> Non
   outside ``root`` (``directory`` itself by default). ``directory`` must lie inside ``root``.
 
   Links that stay inside are allowed and not descended into (their target is scanned anyway).
+  An object store holds only objects (no links, FIFOs or devices): nothing to check there.
   """
+  if isinstance(directory, RemotePath):
+    return
   real_root = os.path.realpath(root if root is not None else directory)
   if root is not None:
     check_inside(directory, root)
@@ -174,7 +199,10 @@ def check_inside(path: pathlib.Path, root: pathlib.Path, what: str = 'this entry
                  ) -> pathlib.Path:
   """Returns ``path``, an entry below ``root`` (a step of a manager, an item of a step, a file
   a checkpoint names), after refusing it when links make it lead outside ``root``; ``what``
-  says which entry it is."""
+  says which entry it is. Keys on an object store cannot lead outside their prefix (names
+  read from files still pass ``check_name``)."""
+  if isinstance(path, RemotePath):
+    return path
   target = os.path.realpath(path)
   if not _is_within(target, os.path.realpath(root)):
     raise _errors.UnsafeCheckpointError(
@@ -537,8 +565,10 @@ def map_readonly(path: pathlib.Path) -> np.ndarray | bytes:
 
 
 
-def read_head(path: pathlib.Path, size: int) -> bytes:
-  """The first ``size`` bytes of a regular file (fewer if it is shorter)."""
+def read_head(path: StoragePath, size: int) -> bytes:
+  """The first ``size`` bytes of a regular file or object (fewer if it is shorter)."""
+  if isinstance(path, RemotePath):
+    return _remote.read_head(path, size)
   with os.fdopen(open_regular(path), 'rb') as f:
     return f.read(size)
 

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import os
+import pathlib
 import re
 from typing import Any
 
@@ -84,6 +85,13 @@ class RemotePath(os.PathLike):
     if not name or '/' in name or name in ('.', '..'):
       raise ValueError(f'Invalid name {name!r}')
     return self.parent / name
+
+  def relative_to(self, other: RemotePath) -> pathlib.PurePosixPath:
+    """The key below ``other`` as a relative path (as ``pathlib``'s ``relative_to``)."""
+    if (other.scheme, other.bucket) != (self.scheme, self.bucket) or not (
+        not other.key or self.key == other.key or self.key.startswith(other.key + '/')):
+      raise ValueError(f'{self} is not below {other}.')
+    return pathlib.PurePosixPath(self.key[len(other.key):].lstrip('/') or '.')
 
   def __str__(self) -> str:
     return f'{self.scheme}://{self.bucket}/{self.key}' if self.key else \
@@ -264,6 +272,19 @@ def read_bytes(path: RemotePath, max_bytes: int | None) -> bytes:
     raise FileNotFoundError(f'{path}: no such object.')
   if max_bytes is not None and len(found.value) > max_bytes:  # Replaced meanwhile.
     _refuse_size(path, max_bytes)
+  return found.value
+
+
+def read_head(path: RemotePath, size: int) -> bytes:
+  """The first ``size`` bytes of an object (fewer if it is shorter).
+
+  Raises:
+    FileNotFoundError: no object is stored under ``path``.
+  """
+  found = _wait(_store(path).read(_object_key(path), byte_range=slice(0, size)), path,
+                'reading its first bytes')
+  if found.state != 'value':
+    raise FileNotFoundError(f'{path}: no such object.')
   return found.value
 
 

@@ -203,11 +203,21 @@ class CommitFileTemporaryPath(TemporaryPath):
 
   @classmethod
   def holds_checkpoint(cls, final_path: pathlib.Path) -> bool:
-    """A save that died writing in place is no checkpoint: a new save may take its place."""
+    """A save that died writing in place is no checkpoint: a new save may take its place. On
+    an object store only ``commit_success.txt`` commits a checkpoint."""
+    if _storage.is_remote(final_path):
+      return _storage.exists(final_path / COMMIT_SUCCESS_FILE)
     return _storage.exists(final_path) and is_finalized(final_path)
 
   def create_sync(self) -> pathlib.Path:
     path = self._tmp_path
+    if _storage.is_remote(path):
+      # An object store: nothing to create or lock; the save writes its objects in place. What
+      # stands there (a checkpoint being replaced, or a save that died: no commit file) goes
+      # first, so that no object of it outlives this save or makes it look committed. Writers
+      # cannot be told dead from alive there: two saves to one path at once are not supported.
+      _storage.remove_tree(path)
+      return path
     if _storage.exists(path):
       if is_finalized(path):
         # A checkpoint being replaced (force=True) is removed first, as Orbax does: the commit
@@ -223,6 +233,9 @@ class CommitFileTemporaryPath(TemporaryPath):
 
   def finalize_sync(self, replace: bool = False) -> None:
     del replace  # The old checkpoint was removed when this save began.
+    if _storage.is_remote(self._tmp_path):
+      self._write_commit_file(sync=False)  # Objects are durable once written.
+      return
     _storage.sync_tree(self._tmp_path)
     self._write_commit_file(sync=True)
     self._apply_mode()
