@@ -131,3 +131,24 @@ def test_manager_retention_and_fresh_process(root):
                           timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split() == ['3', '496.0', "{'loss':", '0.25}']
+
+
+@pytest.mark.parametrize('url', ['s3://bucket/run', 'gs://bucket/run'])
+def test_what_is_still_local_only_refuses_urls_by_name(tmp_path, url, monkeypatch):
+  """Legacy checkpoints, checkpoint_utils and the CLI take local paths only in this release:
+  each says so, naming the URL, and never creates a local 's3:' or 'gs:' folder."""
+  from flaxckpt import _cli
+  from flaxckpt.legacy import checkpoints
+  monkeypatch.chdir(tmp_path)
+  match = f'{url}: remote storage is not supported yet by this function'
+  for call in (lambda: checkpoints.latest_checkpoint(url),
+               lambda: checkpoints.available_steps(url),
+               lambda: checkpoints.save_checkpoint(url, {'w': np.ones(2)}, step=1),
+               lambda: checkpoints.restore_checkpoint(url, None),
+               lambda: next(iter(ocp.checkpoint_utils.checkpoints_iterator(url, timeout=0))),
+               lambda: ocp.checkpoint_utils.wait_for_new_checkpoint(url, timeout=0).__enter__()):
+    with pytest.raises(NotImplementedError, match=match):
+      call()
+  for command in (['inspect', url], ['verify', url], ['diff', url, str(tmp_path)]):
+    assert _cli.main(command) != 0
+  assert os.listdir(tmp_path) == []
