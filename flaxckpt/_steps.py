@@ -183,7 +183,25 @@ def recover_replaced(root: pathlib.Path) -> None:
 
 
 def is_locked(step_dir: pathlib.Path) -> bool:
+  """Whether a reader holds ``step_dir``: a ``LOCKED`` directory inside it (on an object
+  store, objects under the ``<step>/LOCKED/`` prefix)."""
   return _storage.is_dir(step_dir / LOCK_DIR)
+
+
+def lock(step_dir: pathlib.Path) -> None:
+  """Marks ``step_dir`` as being read: an empty ``LOCKED`` directory; on an object store, where
+  a prefix exists only while an object lies under it, the empty object ``<step>/LOCKED/lock``
+  (an empty ``LOCKED/`` object, as gfile leaves on GCS, is not listed under its own prefix by
+  tensorstore's S3 kvstore)."""
+  if _storage.is_remote(step_dir):
+    _storage.write_bytes(step_dir / LOCK_DIR / 'lock', b'')
+  else:
+    _storage.make_dirs(step_dir / LOCK_DIR)
+
+
+def unlock(step_dir: pathlib.Path) -> None:
+  """Removes the ``LOCKED`` marker of ``step_dir`` and anything under it; missing is fine."""
+  _storage.remove_tree(step_dir / LOCK_DIR)
 
 
 def validate_step(step: object) -> int:

@@ -6,6 +6,11 @@ A step handed out by ``wait_for_new_checkpoint`` / ``checkpoints_iterator`` is l
 with it. With ``snapshot_dir``, it is also copied to ``<snapshot_dir>/<step name>`` for that
 time (and the copy deleted afterwards), as Orbax 0.12 does, so a reader can use the copy even
 if a manager that ignores locks deletes the step meanwhile.
+
+Roots may be ``gs://`` and ``s3://`` URLs: the steps are listed afresh at every poll, only
+those holding ``commit_success.txt`` count, and the lock is an empty object under
+``<step>/LOCKED/``. ``snapshot_dir`` stays local-only (a bucket root with it raises
+``NotImplementedError``).
 """
 
 from __future__ import annotations
@@ -19,8 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from flaxckpt import _storage
-from flaxckpt._steps import LOCK_DIR
+from flaxckpt import _steps, _storage
 from flaxckpt.path import step as step_lib
 from flaxckpt._types import ArrayRestoreArgs, RestoreArgs
 
@@ -56,6 +60,21 @@ def _wait_for_step(root: pathlib.Path, name_format: step_lib.NameFormat[step_lib
     time.sleep(seconds_to_sleep)
 
 
+def _root(checkpoint_dir: _storage.PathLike, snapshot_dir: _storage.PathLike | None
+          ) -> pathlib.Path:
+  """The root: a local path, or a ``RemotePath`` for a bucket URL; ``snapshot_dir`` must be
+  a local path, and is refused with a bucket root (copying a step out of a bucket is not
+  supported yet)."""
+  root = _storage.as_path(checkpoint_dir)
+  if snapshot_dir is not None:
+    if _storage.is_remote(root):
+      raise NotImplementedError(
+          f'{checkpoint_dir}: snapshot_dir is not supported yet with a gs:// or s3:// root; '
+          'leave it out (the step is locked while it is read).')
+    _storage.as_local_path(snapshot_dir)
+  return root
+
+
 def _remove_snapshots(snapshot_dir: pathlib.Path) -> None:
   """Removes the step copies (entries named like steps) in ``snapshot_dir``."""
   if not _storage.is_dir(snapshot_dir):
@@ -73,8 +92,7 @@ def _hold(root: pathlib.Path, step: int, name_format: step_lib.NameFormat[step_l
           snapshot_dir: _storage.PathLike | None) -> Iterator[None]:
   """Locks ``step`` (and copies it into ``snapshot_dir``) while the block runs."""
   step_dir = name_format.find_step(root, step).path
-  lock = step_dir / LOCK_DIR
-  _storage.make_dirs(lock)
+  _steps.lock(step_dir)
   snapshot = None
   try:
     if snapshot_dir is not None:
@@ -82,10 +100,10 @@ def _hold(root: pathlib.Path, step: int, name_format: step_lib.NameFormat[step_l
       _storage.make_dirs(snapshot.parent)
       _storage.remove_tree(snapshot)  # Left by a reader that crashed.
       _storage.copy_tree(step_dir, snapshot)
-      _storage.remove_tree(snapshot / LOCK_DIR)
+      _storage.remove_tree(snapshot / _steps.LOCK_DIR)
     yield
   finally:
-    _storage.remove_tree(lock)
+    _steps.unlock(step_dir)
     if snapshot is not None:
       _storage.remove_tree(snapshot)
 
@@ -110,7 +128,7 @@ def wait_for_new_checkpoint(checkpoint_dir: _storage.PathLike, *, until_step: in
   ``step_name_format`` overrides ``step_prefix`` and ``step_format_fixed_length``.
   """
   del set_immutable, ignore_snapshot_errors  # Copies are plain files; errors are raised.
-  root = _storage.as_local_path(checkpoint_dir)
+  root = _root(checkpoint_dir, snapshot_dir)
   name_format = _name_format(step_prefix, step_format_fixed_length, step_name_format)
   while True:
     step = _wait_for_step(root, name_format, until_step, seconds_to_sleep, timeout)
@@ -129,10 +147,10 @@ def unlock_existing_checkpoints(checkpoint_dir: _storage.PathLike,
                                 step_name_format: step_lib.NameFormat[step_lib.Metadata]
                                 | None = None) -> None:
   """Removes the ``LOCKED`` marker of every step (after a reader crashed holding one)."""
-  root = _storage.as_local_path(checkpoint_dir)
+  root = _root(checkpoint_dir, None)
   for metadata in _name_format(step_prefix, step_format_fixed_length,
                                step_name_format).find_all(root):
-    _storage.remove_tree(metadata.path / LOCK_DIR)
+    _steps.unlock(metadata.path)
 
 
 def checkpoints_iterator(checkpoint_dir: _storage.PathLike, *, min_interval_secs: float = 0,
@@ -158,7 +176,7 @@ def checkpoints_iterator(checkpoint_dir: _storage.PathLike, *, min_interval_secs
       evaluate(root / '_SNAPSHOTS' / str(step))
   """
   del set_immutable, ignore_snapshot_errors  # Copies are plain files; errors are raised.
-  root = _storage.as_local_path(checkpoint_dir)
+  root = _root(checkpoint_dir, snapshot_dir)
   name_format = _name_format(step_prefix, step_format_fixed_length, step_name_format)
   if snapshot_dir is not None:
     _remove_snapshots(_storage.as_local_path(snapshot_dir))

@@ -135,7 +135,7 @@ def test_manager_retention_and_fresh_process(root):
 
 @pytest.mark.parametrize('url', ['s3://bucket/run', 'gs://bucket/run'])
 def test_what_is_still_local_only_refuses_urls_by_name(tmp_path, url, monkeypatch):
-  """Legacy checkpoints, checkpoint_utils and the CLI take local paths only in this release:
+  """Legacy checkpoints and the CLI take local paths only in this release:
   each says so, naming the URL, and never creates a local 's3:' or 'gs:' folder."""
   from flaxckpt import _cli
   from flaxckpt.legacy import checkpoints
@@ -144,11 +144,109 @@ def test_what_is_still_local_only_refuses_urls_by_name(tmp_path, url, monkeypatc
   for call in (lambda: checkpoints.latest_checkpoint(url),
                lambda: checkpoints.available_steps(url),
                lambda: checkpoints.save_checkpoint(url, {'w': np.ones(2)}, step=1),
-               lambda: checkpoints.restore_checkpoint(url, None),
-               lambda: next(iter(ocp.checkpoint_utils.checkpoints_iterator(url, timeout=0))),
-               lambda: ocp.checkpoint_utils.wait_for_new_checkpoint(url, timeout=0).__enter__()):
+               lambda: checkpoints.restore_checkpoint(url, None)):
     with pytest.raises(NotImplementedError, match=match):
       call()
   for command in (['inspect', url], ['verify', url], ['diff', url, str(tmp_path)]):
     assert _cli.main(command) != 0
   assert os.listdir(tmp_path) == []
+
+
+def _step_dir(url, step):
+  return _storage.as_storage_path(f'{url}/{step}')
+
+
+def test_checkpoints_iterator_follows_a_writer(root):
+  """A manager in a thread saves steps while the iterator polls the bucket: each committed step
+  comes once, in order, locked while it is read (retention leaves it alone then); a step
+  without commit_success.txt never comes."""
+  import threading
+  from flaxckpt import _steps
+  acks = {step: threading.Event() for step in range(4)}
+  saved = {step: threading.Event() for step in range(4)}
+  errors = []
+
+  def write():
+    try:
+      options = ocp.CheckpointManagerOptions(max_to_keep=1)
+      with ocp.CheckpointManager(root, options=options) as manager:
+        for step in range(4):
+          manager.save(step, args=ocp.args.JsonSave({'step': step}))
+          manager.wait_until_finished()
+          saved[step].set()
+          assert acks[step].wait(60), f'step {step} never reached the reader'
+    except BaseException as e:  # noqa: BLE001 - reported by the test below.
+      errors.append(e)
+      for event in (*acks.values(), *saved.values()):
+        event.set()
+
+  writer = threading.Thread(target=write)
+  writer.start()
+  seen = []
+  try:
+    for step in ocp.checkpoint_utils.checkpoints_iterator(root, seconds_to_sleep=0.05,
+                                                          timeout=3):
+      seen.append(step)
+      assert _steps.is_locked(_step_dir(root, step))
+      assert _storage.exists(_step_dir(root, step) / 'commit_success.txt')
+      if step == 0:  # Uncommitted, and newer than every step the writer saves.
+        _storage.write_text(_step_dir(root, 50) / 'default' / 'x', 'uncommitted')
+      acks[step].set()
+      if step == 1:  # Step 2 saved while 1 is read: max_to_keep=1 must spare locked 1.
+        assert saved[2].wait(60)
+        assert _storage.exists(_step_dir(root, 1) / 'commit_success.txt')
+  finally:
+    for event in acks.values():
+      event.set()
+    writer.join(120)
+  assert not errors, errors
+  assert seen == [0, 1, 2, 3]
+  assert not _steps.is_locked(_step_dir(root, 3))
+  assert '50' in _names(root)
+
+
+def test_wait_for_new_checkpoint_on_a_bucket(root):
+  import threading
+  import time
+  from flaxckpt import _steps
+  wait = ocp.checkpoint_utils.wait_for_new_checkpoint
+  started = time.monotonic()
+  with wait(root, seconds_to_sleep=0.05, timeout=0.3) as step:
+    assert step == -1
+  assert time.monotonic() - started < 30
+  with ocp.CheckpointManager(root) as manager:
+    manager.save(0, args=ocp.args.JsonSave({'step': 0}))
+    manager.wait_until_finished()
+    _storage.write_text(_step_dir(root, 5) / 'default' / 'x', 'uncommitted')
+    with wait(root, until_step=1, seconds_to_sleep=0.05, timeout=0.3) as step:
+      assert step == -1
+    with wait(root, seconds_to_sleep=0.05, timeout=5) as step:
+      assert step == 0
+      assert _steps.is_locked(_step_dir(root, 0))
+    assert not _steps.is_locked(_step_dir(root, 0))
+
+    def save_later():
+      time.sleep(0.5)
+      manager.save(1, args=ocp.args.JsonSave({'step': 1}))
+      manager.wait_until_finished()
+
+    writer = threading.Thread(target=save_later)
+    writer.start()
+    try:
+      with wait(root, until_step=1, seconds_to_sleep=0.05, timeout=60) as step:
+        assert step == 1
+        assert _steps.is_locked(_step_dir(root, 1))
+    finally:
+      writer.join(60)
+    assert not _steps.is_locked(_step_dir(root, 1))
+    calls = iter([False, True])
+    with wait(root, until_step=2, seconds_to_sleep=0.05, timeout=0.1,
+              timeout_fn=lambda: next(calls)) as step:
+      assert step == -1
+  ocp.checkpoint_utils.unlock_existing_checkpoints(root)
+  with pytest.raises(NotImplementedError, match=f'{root}: snapshot_dir is not supported'):
+    with wait(root, timeout=0, snapshot_dir='snapshots'):
+      pass
+  with pytest.raises(NotImplementedError, match=f'{root}: snapshot_dir is not supported'):
+    next(iter(ocp.checkpoint_utils.checkpoints_iterator(root, timeout=0,
+                                                        snapshot_dir='snapshots')))
