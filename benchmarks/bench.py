@@ -47,6 +47,14 @@ Cases (float32 jax.Arrays, standard normal values from a fixed seed):
          ``count`` and a Python int ``step`` (92 leaves; ``--msgpack-mib``
          rescales it).  Contenders raw, flax and flaxckpt (no Orbax).
 
+Object-store cases (only with ``--object-store``; see ``object_store.py``): cases
+``s3-256MiB``/``gs-256MiB`` (``--object-mib`` for other sizes, e.g. 256,1024) save the
+``large`` tree with flaxckpt's StandardCheckpointer to ``s3://``/``gs://`` on moto's S3 server /
+fake-gcs-server on loopback (started for these cases, stopped afterwards, on failure too) and
+restore it; the ``raw`` floor puts one object per leaf and gets them back, all requests in flight
+at once, through ``flaxckpt._storage.kvstore_spec`` of the same directory, same server, same run.
+Target: ``flaxckpt/raw`` <= 1.25 (at least 0.8x raw throughput).
+
 How to read the ratios:
   orbax/flaxckpt   Orbax time divided by flaxckpt time: speed-up, higher is better.
   flaxckpt/raw     flaxckpt time divided by the raw floor: overhead, lower is
@@ -111,6 +119,18 @@ TARGETS = {
 # (numerator, denominator) contender pairs whose median times are divided, per case
 RATIO_PAIRS = {"msgpack": (("flax", "flaxckpt"), ("flaxckpt", "raw"))}
 DEFAULT_RATIO_PAIRS = (("orbax", "flaxckpt"), ("flaxckpt", "raw"))
+# Object-store cases (``--object-store``): named "<scheme>-<MiB>MiB", e.g. "s3-256MiB"; their
+# targets and ratio pairs are looked up under the kind "object" (issue 19: >= 0.8x raw kvstore
+# throughput, i.e. time ratio <= 1.25).
+OBJECT_SCHEMES = ("s3", "gs")
+TARGETS.update({("object", "save", "flaxckpt/raw"): ("<=", 1.25),
+                ("object", "restore", "flaxckpt/raw"): ("<=", 1.25)})
+RATIO_PAIRS["object"] = (("flaxckpt", "raw"),)
+
+
+def case_kind(case: str) -> str:
+    """The kind ``object`` for an object-store case (``s3-256MiB``), else the case itself."""
+    return "object" if case.partition("-")[0] in OBJECT_SCHEMES and "-" in case else case
 IMPORT_TARGET_MS = 50.0
 
 
@@ -350,13 +370,15 @@ def timed(fn, *a):
     return (time.perf_counter() - t0) * 1e3, out
 
 
-def bench_contenders(contenders: dict, tree, workdir: Path, keep_warmup: bool = False) -> dict:
+def bench_contenders(contenders: dict, tree, workdir: Path, keep_warmup: bool = False,
+                     remove=shutil.rmtree) -> dict:
     """Times every contender on ``tree``; ``contenders`` maps name -> (contender, repeats).
 
     Repeats are interleaved in rounds (round i runs repeat i of each contender that has one),
     so a slow phase of a shared machine hits every contender alike instead of one of them.
     A contender that fails gets ``{"error": ...}`` and drops out. ``keep_warmup``: leave each
-    warm-up checkpoint in ``workdir / name / "warmup"`` (the caller removes them).
+    warm-up checkpoint in ``workdir / name / "warmup"`` (the caller removes them). ``remove``
+    deletes a checkpoint (a remote one on an object store).
     """
     res, state = {}, {}
     for name, (c, reps) in contenders.items():
@@ -366,7 +388,7 @@ def bench_contenders(contenders: dict, tree, workdir: Path, keep_warmup: bool = 
             c.save(warm, tree)  # warm-up (untimed) + correctness check
             ok = trees_equal(tree, c.restore(warm, abstract))
             if not keep_warmup:
-                shutil.rmtree(warm)
+                remove(warm)
             state[name] = (c, reps, abstract, [], [])
             res[name] = {"reps": reps, "check": "ok" if ok else "MISMATCH"}
         except Exception as e:
@@ -381,7 +403,7 @@ def bench_contenders(contenders: dict, tree, workdir: Path, keep_warmup: bool = 
                 ms, out = timed(c.restore, path, abstract)
                 restores.append(ms)
                 del out
-                shutil.rmtree(path)
+                remove(path)
             except Exception as e:
                 res[name] = _failure(name, e)
                 del state[name]
@@ -400,13 +422,14 @@ def _failure(name: str, e: Exception) -> dict:
 
 def ratios(case: str, res: dict) -> list[dict]:
     rows = []
-    for num, den in RATIO_PAIRS.get(case, DEFAULT_RATIO_PAIRS):
+    kind = case_kind(case)
+    for num, den in RATIO_PAIRS.get(kind, DEFAULT_RATIO_PAIRS):
         for op in ("save", "restore"):
             name = f"{num}/{den}"
             a, b = res.get(num, {}), res.get(den, {})
             val = (a[f"{op}_median_ms"] / b[f"{op}_median_ms"]
                    if f"{op}_median_ms" in a and f"{op}_median_ms" in b else None)
-            cmp_, tgt = TARGETS.get((case, op, name), (None, None))
+            cmp_, tgt = TARGETS.get((kind, op, name), (None, None))
             verdict = None
             if tgt is not None and val is not None:
                 verdict = "PASS" if (val >= tgt if cmp_ == ">=" else val <= tgt) else "MISS"
@@ -510,11 +533,24 @@ def parse_args(argv=None):
     p.add_argument("--dir", default=str(REPO / "bench_output"),
                    help="scratch root (run dirs are wiped)")
     p.add_argument("--json", help="also dump results to this JSON file")
+    p.add_argument("--object-store", nargs="?", const="s3,gs", default="",
+                   help="also run the object-store cases (off by default: starting the servers "
+                        "and the uploads take ~1-2 min): flaxckpt vs raw tensorstore kvstore "
+                        "put/get on moto's S3 server and fake-gcs-server on loopback; optional "
+                        "comma list of s3,gs (default both)")
+    p.add_argument("--object-mib", default="256",
+                   help="state sizes of the object-store cases, comma list (default 256; "
+                        "256,1024 adds the 1 GiB state)")
     a = p.parse_args(argv)
     a.cases = [c.strip() for c in a.cases.split(",") if c.strip()]
     bad = set(a.cases) - set(CASES)
     if bad:
         p.error(f"unknown case(s): {', '.join(sorted(bad))}")
+    a.object_store = [s.strip() for s in a.object_store.split(",") if s.strip()]
+    bad = set(a.object_store) - set(OBJECT_SCHEMES)
+    if bad:
+        p.error(f"unknown object store(s): {', '.join(sorted(bad))}")
+    a.object_mib = [float(m) for m in a.object_mib.split(",") if m.strip()]
     a.case_repeats = {k: int(v)
                       for k, v in (kv.split("=") for kv in a.case_repeats.split(",") if kv)}
     return a
@@ -586,6 +622,50 @@ def run_msgpack_case(a, workdir: Path) -> dict:
         flax.config.update("flax_use_orbax_checkpointing", prev)
 
 
+def run_object_cases(a, mods: dict) -> dict:
+    """flaxckpt's StandardCheckpointer against raw kvstore put/get on each object-store server.
+
+    Each server (moto for s3, fake-gcs-server for gs) runs on loopback for its cases only and is
+    stopped when they end, on failure too. Every checkpoint goes under a fresh bucket and is
+    deleted after its restore (the servers keep objects in memory).
+    """
+    import object_store as osb
+    from flaxckpt._storage import RemotePath
+    out = {}
+    if "flaxckpt" not in mods:
+        print("NOTE: skipping the object-store cases (flaxckpt did not import)")
+        return out
+    for scheme in a.object_store:
+        try:
+            with osb.SERVERS[scheme]() as endpoint:
+                bucket = osb.make_bucket(scheme, endpoint)
+                for mib in a.object_mib:
+                    case = f"{scheme}-{mib:g}MiB"
+                    tree = make_tree("large", mib)
+                    root = RemotePath(scheme, bucket, case)
+                    contenders = {"raw": (osb.ObjectRaw(), repeats_for(a, case, "raw")),
+                                  "flaxckpt": (Lib("flaxckpt", mods["flaxckpt"]),
+                                               repeats_for(a, case, "flaxckpt"))}
+                    try:
+                        res = bench_contenders(contenders, tree, root, remove=osb.remove_tree)
+                    finally:
+                        for c, _ in contenders.values():
+                            c.close()
+                        osb.remove_tree(root)
+                    rats = ratios(case, res)
+                    server = "moto S3" if scheme == "s3" else "fake-gcs-server"
+                    print_case(case, tree, res, rats,
+                               (f"{server} at {endpoint}; raw = one object per leaf, all "
+                                "puts/gets in flight at once, through flaxckpt's kvstore spec",))
+                    out[case] = {"leaves": len(jax.tree.leaves(tree)), "bytes": tree_nbytes(tree),
+                                 "server": server, "results": res, "ratios": rats}
+                    del tree
+                    gc.collect()
+        except Exception as e:  # a server that does not start: report, go on
+            _failure(f"object store {scheme}", e)
+    return out
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux), for naming the machine in reports."""
     try:
@@ -643,6 +723,9 @@ def main(argv=None) -> None:
             root.rmdir()  # only succeeds when empty
         except OSError:
             pass
+
+    if a.object_store:
+        results["cases"].update(run_object_cases(a, mods))
 
     if a.import_runs > 0:
         print(f"\n== import time (median of {a.import_runs} fresh subprocesses each) ==")

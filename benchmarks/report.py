@@ -15,6 +15,15 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 CASE_TITLES = {"many": "3000 leaves x 32 float32", "small": "300 leaves, 1 MiB",
                "large": "30 leaves, 256 MiB", "msgpack": "legacy msgpack, 512 MiB TrainState"}
+SERVER_TITLES = {"s3": "S3 (moto)", "gs": "GCS (fake-gcs-server)"}
+
+
+def case_title(case: str) -> str:
+    """``s3-256MiB`` -> "S3 (moto), 256 MiB, 30 leaves"; a local case by its table."""
+    scheme, _, size = case.partition("-")
+    if scheme in SERVER_TITLES and size.endswith("MiB"):
+        return f"{SERVER_TITLES[scheme]}, {size[:-3]} MiB, 30 leaves"
+    return CASE_TITLES.get(case, case)
 
 
 def table(results: dict) -> str:
@@ -32,7 +41,7 @@ def table(results: dict) -> str:
         for row in data["ratios"]:
             if row["value"] is None:
                 continue
-            lines.append(f"| {CASE_TITLES.get(case, case)} | {row['op']} | {row['ratio']} | "
+            lines.append(f"| {case_title(case)} | {row['op']} | {row['ratio']} | "
                          f"{row['value']:.2f}x | {row['target'] or ''} | {row['verdict'] or ''} |")
     imp = results.get("import", {})
     if "in_process_ms" in imp:
