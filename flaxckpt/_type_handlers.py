@@ -617,36 +617,30 @@ def _current_lookups() -> _Lookups:
 def custom_save_handler(ty: type) -> TypeHandler | None:
   """The handler whose ``serialize`` must write leaves of type ``ty``; None where flaxckpt
   writes them itself (or no handler is registered: the save then rejects the leaf)."""
-  lookups = _current_lookups()
-  try:
-    return lookups.save[ty]
-  except KeyError:
-    pass
-  try:
-    handler: TypeHandler | None = REGISTRY.get(ty)
-  except ValueError:
-    handler = None
-  if handler is not None and _native(handler, 'serialize'):
-    handler = None
-  lookups.save[ty] = handler
-  return handler
+  return _custom_handler(_current_lookups().save, ty, 'serialize')
 
 
 def custom_restore_handler(typestr: str) -> TypeHandler | None:
   """The handler whose ``deserialize`` must read leaves stored (or asked for) as ``typestr``;
   None where flaxckpt reads them itself."""
-  lookups = _current_lookups()
+  return _custom_handler(_current_lookups().restore, typestr, 'deserialize')
+
+
+def _custom_handler(cache: dict[Any, TypeHandler | None], key: Any, method: str
+                    ) -> TypeHandler | None:
+  """The registered handler for ``key`` (a type or a typestr) unless flaxckpt's own code does
+  its ``method``; looked up once per registry state (``cache``)."""
   try:
-    return lookups.restore[typestr]
+    return cache[key]
   except KeyError:
     pass
   try:
-    handler: TypeHandler | None = REGISTRY.get(typestr)
+    handler: TypeHandler | None = REGISTRY.get(key)
   except ValueError:
     handler = None
-  if handler is not None and _native(handler, 'deserialize'):
+  if handler is not None and _native(handler, method):
     handler = None
-  lookups.restore[typestr] = handler
+  cache[key] = handler
   return handler
 
 
