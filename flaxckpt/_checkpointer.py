@@ -388,28 +388,32 @@ class AsyncCheckpointer(Checkpointer):
       thread.join()
 
 
-class StandardCheckpointer(Checkpointer):
+class _OneHandlerCheckpointer(Checkpointer):
+  """A Checkpointer of one handler class, made from that handler's options and the
+  Checkpointer's own keywords."""
+
+  _handler_class: type[CheckpointHandler]
+
+  def __init__(self, *, multiprocessing_options: MultiprocessingOptions | None = None,
+               file_options: FileOptions | None = None,
+               temporary_path_class: type[atomicity.TemporaryPath] | None = None,
+               atomicity_options: AtomicityOptions | None = None, **handler_options: Any):
+    super().__init__(self._handler_class(**handler_options),
+                     multiprocessing_options=multiprocessing_options,
+                     file_options=file_options, temporary_path_class=temporary_path_class,
+                     atomicity_options=atomicity_options)
+
+
+class StandardCheckpointer(_OneHandlerCheckpointer):
   """``Checkpointer(StandardCheckpointHandler())``."""
 
-  def __init__(self, *, multiprocessing_options: MultiprocessingOptions | None = None,
-               file_options: FileOptions | None = None,
-               temporary_path_class: type[atomicity.TemporaryPath] | None = None,
-               **handler_options: Any):
-    super().__init__(StandardCheckpointHandler(**handler_options),
-                     multiprocessing_options=multiprocessing_options,
-                     file_options=file_options, temporary_path_class=temporary_path_class)
+  _handler_class = StandardCheckpointHandler
 
 
-class PyTreeCheckpointer(Checkpointer):
+class PyTreeCheckpointer(_OneHandlerCheckpointer):
   """``Checkpointer(PyTreeCheckpointHandler())``."""
 
-  def __init__(self, *, multiprocessing_options: MultiprocessingOptions | None = None,
-               file_options: FileOptions | None = None,
-               temporary_path_class: type[atomicity.TemporaryPath] | None = None,
-               **handler_options: Any):
-    super().__init__(PyTreeCheckpointHandler(**handler_options),
-                     multiprocessing_options=multiprocessing_options,
-                     file_options=file_options, temporary_path_class=temporary_path_class)
+  _handler_class = PyTreeCheckpointHandler
 
 
 class _LegacyArgs(CheckpointArgs):

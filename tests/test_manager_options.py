@@ -302,6 +302,10 @@ def test_atomicity_options_pick_the_commit_protocol_as_orbax(tmp_path, mode, in_
   ckptr = ocp.Checkpointer(_Recording(), atomicity_options=atomicity_options)
   ckptr.save(tmp_path / 'single', args=ocp.args.StandardSave({'w': np.ones(2)}))
   step_dir, single_dir = (d if d.name != 'default' else d.parent for d in _Recording.written)
+  # The one-handler checkpointers take the option too.
+  ocp.PyTreeCheckpointer(atomicity_options=atomicity_options).save(
+      tmp_path / 'pytree', args=ocp.args.PyTreeSave({'w': np.ones(2)}))
+  assert (tmp_path / 'pytree' / 'commit_success.txt').exists()
   assert (step_dir == tmp_path / 'run' / '1') == in_place, step_dir
   assert (single_dir == tmp_path / 'single') == in_place, single_dir
   assert orbax.options.AtomicityMode(mode).value == mode  # The same spelling as Orbax's.
