@@ -159,7 +159,8 @@ class _Checker:
       sizes = _array_sizes(directory, meta, arrays)
     except Exception:  # The reads below report it, leaf by leaf; only progress is vaguer.
       sizes = [0] * len(arrays)
-    for batch in _batches(arrays, sizes):
+    sized = list(zip(arrays, sizes))
+    for batch in _arrays.in_batches(sized, lambda pair: pair[1], _BATCH_BYTES) if sized else []:
       yield _Job(sum(size for _, size in batch),
                  functools.partial(self.read_arrays, reader, [leaf for leaf, _ in batch]))
     others = [leaf for leaf in meta.leaves
@@ -285,16 +286,3 @@ def _array_sizes(directory: pathlib.Path, meta: _metadata.TreeMetadata,
   infos = _arrays.read_array_infos(directory, [leaf.name for leaf in arrays],
                                    use_ocdbt=meta.use_ocdbt, use_zarr3=meta.use_zarr3)
   return [math.prod(info.shape) * info.dtype.itemsize for info in infos]
-
-
-def _batches(leaves: list[Any], sizes: list[int]) -> Iterator[list[tuple[Any, int]]]:
-  batch: list[tuple[Any, int]] = []
-  held = 0
-  for leaf, size in zip(leaves, sizes):
-    if batch and held + size > _BATCH_BYTES:
-      yield batch
-      batch, held = [], 0
-    batch.append((leaf, size))
-    held += size
-  if batch:
-    yield batch
