@@ -46,14 +46,16 @@ __all__ = [
     'CheckpointHandlerRegistry', 'DefaultCheckpointHandlerRegistry', 'FileOptions', 'Future',
     'MultiprocessingOptions', 'PLACEHOLDER', 'RestoreTransform', 'apply_transformations',
     'merge_trees', 'aggregate_handlers', 'checkpoint_manager', 'checkpoint_managers',
-    'checkpointers', 'future', 'handlers', 'logging', 'metadata', 'options', 'path', 'step',
+    'checkpointers', 'future', 'handlers', 'logging', 'metadata', 'object_store', 'options',
+    'path', 'step',
     'transform_utils', 'tree',
 ]
 
 _LAZY_SUBMODULES = ('test_utils', 'legacy', 'aggregate_handlers', 'checkpoint_manager',
                     'checkpoint_utils', 'type_handlers',
                     'checkpoint_managers', 'checkpointers', 'future', 'handlers', 'logging',
-                    'metadata', 'options', 'path', 'step', 'transform_utils', 'tree')
+                    'metadata', 'object_store', 'options', 'path', 'step', 'transform_utils',
+                    'tree')
 
 # Top-level names defined in submodules, imported on first use: {name: module}.
 _LAZY_NAMES = {

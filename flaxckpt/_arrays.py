@@ -140,8 +140,10 @@ def _array_kvstore(base: dict[str, Any], name: str) -> dict[str, Any]:
   return {**base, 'path': name + '/'}
 
 
-def _context() -> ts.Context:
-  return _tensorstore().Context({'file_io_concurrency': {'limit': 64}})
+def _context(directory: pathlib.Path) -> ts.Context:
+  """A fresh context for the stores of one save or restore under ``directory``."""
+  return _tensorstore().Context({'file_io_concurrency': {'limit': 64},
+                                 **_storage.context_resources(directory)})
 
 
 class PendingWrite:
@@ -197,15 +199,18 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
   """
   if not arrays:
     return PendingWrite(directory, None, None, None, None)
-  context = _context()
+  context = _context(directory)
   process_dir = config = None
   if options.use_ocdbt:
     process_dir = directory / process_db_name(options.process_index)
     _storage.make_dirs(process_dir)
     config = _ocdbt_write_config(options.use_compression)
     base = _ocdbt_spec(process_dir, config)
-    if options.target_data_file_size is not None:
-      base['target_data_file_size'] = options.target_data_file_size
+    target_size = options.target_data_file_size
+    if target_size is None:
+      target_size = _storage.ocdbt_data_file_size(directory)
+    if target_size is not None:
+      base['target_data_file_size'] = target_size
   else:
     base = _storage.kvstore_spec(directory, sync_each_write=False)
   txn = _tensorstore().Transaction(atomic=options.use_ocdbt)
@@ -293,7 +298,7 @@ def merge_process_databases(directory: pathlib.Path, process_dirs: list[pathlib.
   data files and the root refers to them, so those directories are part of the checkpoint.
   """
   ts = _tensorstore()
-  context = context or _context()
+  context = context or _context(directory)
   root = ts.KvStore.open(_ocdbt_spec(directory, config), context=context).result()
   txn = ts.Transaction(atomic=True)
   copies = []
@@ -430,7 +435,7 @@ def _read_setup(directory: pathlib.Path, use_ocdbt: bool | None
   if use_ocdbt is None:
     use_ocdbt = _storage.exists(directory / OCDBT_MANIFEST)
   base = _ocdbt_spec(directory) if use_ocdbt else _storage.kvstore_spec(directory)
-  return use_ocdbt, base, _context()
+  return use_ocdbt, base, _context(directory)
 
 
 def _open_source(directory: pathlib.Path, base: dict[str, Any], use_ocdbt: bool,

@@ -71,10 +71,11 @@ def test_as_path_takes_urls_and_as_local_path_refuses_them():
     _storage.as_path('https://host/x')
 
 
-def test_s3_spec_from_the_environment(monkeypatch):
+def test_s3_spec_from_the_environment(monkeypatch, tmp_path):
   for name in ('AWS_ENDPOINT_URL_S3', 'AWS_ENDPOINT_URL', 'AWS_REGION', 'AWS_DEFAULT_REGION',
-               'AWS_ACCESS_KEY_ID'):
+               'AWS_ACCESS_KEY_ID', 'AWS_PROFILE'):
     monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv('AWS_SHARED_CREDENTIALS_FILE', str(tmp_path / 'none'))
   path = RemotePath.parse('s3://b/run/1')
   assert _storage.kvstore_spec(path) == {
       'driver': 's3', 'bucket': 'b', 'path': 'run/1/', 'aws_credentials': {'type': 'default'}}

@@ -5,9 +5,10 @@ backend only has to be added here. Two stand behind the same functions: local pa
 (``pathlib.Path``), and ``gs://``/``s3://`` objects through tensorstore's kvstores
 (``_remote.RemotePath``, made by ``as_storage_path``). ``exists``, ``is_dir``, ``is_file``,
 ``is_link``, ``list_names``, ``read_bytes``, ``read_text``, ``write_bytes``, ``write_text``,
-``make_dirs``, ``remove``, ``remove_tree``, ``kvstore_spec`` and ``renames_atomically`` accept
-either; the rest are local only. ``as_path`` (the checkpointers, handlers, managers) takes
-URLs; ``as_local_path`` (legacy functions, ``checkpoint_utils``, the CLI) still refuses them.
+``make_dirs``, ``remove``, ``remove_tree``, ``kvstore_spec``, ``context_resources``,
+``ocdbt_data_file_size`` and ``renames_atomically`` accept either; the rest are local only. ``as_path`` takes URLs;
+``as_local_path`` refuses them, for what is local by nature (locks, snapshots). Settings a
+program gives for buckets (``flaxckpt.object_store``) live in ``_settings``.
 
 Everything a checkpoint holds is untrusted (docs/security.md), so this module is also where
 that is enforced: names read from files become paths only through ``check_name``; reads open
@@ -687,6 +688,18 @@ def _sync_path(path: str | pathlib.Path) -> None:
     os.fsync(fd)
   finally:
     os.close(fd)
+
+
+def context_resources(path: StoragePath) -> dict[str, Any]:
+  """The tensorstore context resources to open stores under ``path`` with: none locally, the
+  object store's settings (request concurrency, retries, billing...) on a bucket."""
+  return _remote.context_resources(path) if isinstance(path, RemotePath) else {}
+
+
+def ocdbt_data_file_size(path: StoragePath) -> int | None:
+  """The size OCDBT should aim its data files at when saving under ``path``: None (tensorstore's
+  default) locally, the object store's setting (``_remote.data_file_size``) on a bucket."""
+  return _remote.data_file_size(path) if isinstance(path, RemotePath) else None
 
 
 def kvstore_spec(path: StoragePath, sync_each_write: bool = True) -> dict[str, Any]:
