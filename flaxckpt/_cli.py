@@ -4,6 +4,11 @@ Exit status: 0 when all is well, 1 when ``verify`` finds problems or ``diff`` fi
 2 when a command cannot run (no checkpoint at the path, bad arguments); errors are one line on
 stderr, never a traceback. Everything runs on the CPU; no accelerator is needed.
 
+Every path may also be a ``gs://`` or ``s3://`` URL (see docs/object_storage.md). Long
+operations (``verify``, ``convert``) show their progress on stderr, drawn by ``rich`` (imported
+only then): by default when stdout and stderr are terminals and the work is long (an object
+store, or 64 MiB of arrays or more); ``--progress`` asks for it, ``--no-progress`` never shows it.
+
 Whatever is printed that came from a checkpoint (key paths, item and file names, values, error
 messages) goes through ``printable`` first: a checkpoint is untrusted input, and a name holding
 ESC, CR or a bidi override must not drive the terminal.
@@ -15,12 +20,13 @@ import argparse
 import json
 import os
 import sys
-import time
 import unicodedata
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-_PROGRESS_MIN_BYTES = 64 << 20  # Smaller checkpoints verify too fast for a progress bar.
+# Local work on fewer array bytes than this ends too soon for a progress bar to help.
+_PROGRESS_MIN_BYTES = 64 << 20
+_URL_SCHEMES = ('gs://', 's3://')
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,10 +96,15 @@ def error_line(error: BaseException, paths: Sequence[str] = ()) -> str:
 
 
 def _paths_of(args: argparse.Namespace) -> list[str]:
-  """The paths a command was given, as typed and absolute (messages name the absolute one)."""
+  """The paths a command was given, as typed and absolute (messages name the absolute one;
+  URLs are absolute as typed)."""
   given = [getattr(args, name) for name in ('path', 'source', 'destination', 'first', 'second')
            if getattr(args, name, None)]
-  return [os.path.abspath(path) for path in given] + given
+  return [path if _is_url(path) else os.path.abspath(path) for path in given] + given
+
+
+def _is_url(path: str) -> bool:
+  return path.startswith(_URL_SCHEMES)
 
 
 def _say(line: str, out: TextIO) -> None:
@@ -120,11 +131,7 @@ def _parser() -> argparse.ArgumentParser:
   verify = commands.add_parser('verify', help='read every byte, check commit markers and '
                                'checksums; exit 1 on any problem')
   verify.add_argument('path')
-  shown = verify.add_mutually_exclusive_group()
-  shown.add_argument('--progress', action='store_true', default=None,
-                     help='always show a progress bar (default: on a terminal, for large '
-                     'checkpoints)')
-  shown.add_argument('--no-progress', dest='progress', action='store_false')
+  _add_progress_flags(verify)
   verify.set_defaults(run=_verify)
 
   convert = commands.add_parser('convert', help='flax msgpack <-> Orbax PyTree checkpoint, '
@@ -134,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
   convert.add_argument('--to', required=True, choices=('orbax', 'msgpack'))
   convert.add_argument('--batch-mib', type=int, default=256,
                        help='array data staged at once when writing Orbax (default: 256)')
+  _add_progress_flags(convert)
   convert.set_defaults(run=_convert)
 
   diff = commands.add_parser('diff', help='leaves added, removed and changed between two '
@@ -143,6 +151,15 @@ def _parser() -> argparse.ArgumentParser:
   diff.add_argument('--json', action='store_true', help='print JSON instead of text')
   diff.set_defaults(run=_diff)
   return parser
+
+
+def _add_progress_flags(command: argparse.ArgumentParser) -> None:
+  shown = command.add_mutually_exclusive_group()
+  shown.add_argument('--progress', action='store_true', default=None,
+                     help='always show progress on stderr (default: when stdout and stderr are '
+                     'terminals, for an object store or large checkpoints)')
+  shown.add_argument('--no-progress', dest='progress', action='store_false',
+                     help='never show progress')
 
 
 # --- inspect -----------------------------------------------------------------------------------
@@ -245,37 +262,58 @@ def _print_steps(description: dict[str, Any], out: TextIO, indent: str) -> None:
 # --- verify ------------------------------------------------------------------------------------
 
 
-class _ProgressBar:
-  """A one-line bar on stderr, redrawn at most ten times a second."""
+class _Progress:
+  """The progress of one long operation, drawn on stderr by ``rich`` (results go to stdout, so
+  progress never mixes with them): shown when ``shown`` is True; when it is None, only if stdout
+  and stderr are terminals and the work is long (an object store, or ``_PROGRESS_MIN_BYTES``
+  or more). Called with (bytes done, bytes in all); None done while the amount is unknown."""
 
-  def __init__(self, force: bool | None):
-    self._force = force
-    self._drawn = 0.0
-    self._shown = False
+  def __init__(self, what: str, shown: bool | None, paths: Sequence[str]):
+    self._what = what
+    self._shown = shown
+    self._remote = any(_is_url(path) for path in paths)
+    self._bar: Any = None
+    self._task: Any = None
+    self._decided = False
 
-  def __call__(self, done: int, total: int) -> None:
-    if self._force is False or (self._force is None and (
-        total < _PROGRESS_MIN_BYTES or not sys.stderr.isatty())):
-      return
-    now = time.monotonic()
-    if done < total and now - self._drawn < 0.1:
-      return
-    self._drawn = now
-    filled = 30 * done // total if total else 30
-    print(f'\rverifying [{"#" * filled}{"." * (30 - filled)}] {100 * done // max(total, 1):3d}% '
-          f'{human_bytes(done)} of {human_bytes(total)}', end='', file=sys.stderr, flush=True)
-    self._shown = True
+  def __enter__(self) -> _Progress:
+    return self
 
-  def finish(self) -> None:
-    if self._shown:
-      print(file=sys.stderr)
+  def __exit__(self, *_: object) -> None:
+    if self._bar is not None:
+      self._bar.stop()
+
+  def __call__(self, done: int | None, total: int) -> None:
+    if not self._decided:
+      self._decided = True
+      if self._shown or self._shown is None and (
+          self._remote or total >= _PROGRESS_MIN_BYTES) and _on_terminals():
+        self._start()
+    if self._bar is not None:
+      self._bar.update(self._task, total=None if done is None else total, completed=done or 0)
+
+  def _start(self) -> None:
+    from rich import console, progress  # Only for long operations: it takes a while to import.
+    self._bar = progress.Progress(
+        progress.TextColumn('{task.description}'), progress.BarColumn(),
+        progress.TaskProgressColumn(), progress.DownloadColumn(binary_units=True),
+        progress.TimeRemainingColumn(), console=console.Console(file=sys.stderr),
+        redirect_stdout=False, redirect_stderr=False)
+    self._task = self._bar.add_task(self._what, total=None)
+    self._bar.start()
+
+
+def _on_terminals() -> bool:
+  """Whether stdout and stderr are terminals (for stderr, as ``rich`` sees it: FORCE_COLOR and
+  TTY_COMPATIBLE count)."""
+  from rich import console
+  return sys.stdout.isatty() and console.Console(file=sys.stderr).is_terminal
 
 
 def _verify(args: argparse.Namespace) -> int:
   from flaxckpt import _verify as verify
-  bar = _ProgressBar(args.progress)
-  problems = verify.verify(args.path, progress=bar)
-  bar.finish()
+  with _Progress('verifying', args.progress, [args.path]) as progress:
+    problems = verify.verify(args.path, progress=progress)
   for problem in problems:
     _say(str(problem), sys.stdout)
   if problems:
@@ -291,7 +329,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
   from flaxckpt import _convert as convert
-  target = convert.convert(args.source, args.destination, args.to, args.batch_mib << 20)
+  with _Progress('converting', args.progress, [args.source, args.destination]) as progress:
+    target = convert.convert(args.source, args.destination, args.to, args.batch_mib << 20,
+                             progress=progress)
   _say(f'wrote {target}', sys.stdout)
   return 0
 

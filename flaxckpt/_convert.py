@@ -1,17 +1,22 @@
 """``flaxckpt convert``: flax msgpack files to Orbax PyTree checkpoints and back, streamed.
 
-Neither direction holds the state in memory: a msgpack source is memory-mapped and saved in
-batches (``save_concurrent_gb``), and an Orbax source is read one leaf at a time while the
-msgpack file is written, so the peak is about one batch or the largest leaf.
+Locally neither direction holds the state in memory: a msgpack source is memory-mapped and saved
+in batches (``save_concurrent_gb``), and an Orbax source is read one leaf at a time while the
+msgpack file is written, so the peak is about one batch or the largest leaf. Either side may be
+a ``gs://``/``s3://`` URL: an Orbax checkpoint is then written in place and committed by its
+``commit_success.txt`` (as Checkpointer does there); a msgpack object is read, and written, whole
+(an object store takes an object in one request).
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import os
 import pathlib
+from collections.abc import Callable
 
-from flaxckpt import _errors, _leaf_source, _storage
+from flaxckpt import _errors, _leaf_source, _metadata, _storage
 from flaxckpt._args import StandardSave
 from flaxckpt._checkpointer import Checkpointer
 from flaxckpt._pytree_handler import StandardCheckpointHandler
@@ -19,22 +24,26 @@ from flaxckpt._pytree_handler import StandardCheckpointHandler
 TARGETS = ('orbax', 'msgpack')
 BATCH_BYTES = 256 << 20  # Array bytes staged at once when writing an Orbax checkpoint.
 
+# (array bytes converted so far, array bytes in all); None done while an Orbax checkpoint is
+# being written, which reports no progress of its own.
+Progress = Callable[[int | None, int], None]
+
 
 def convert(source: _storage.PathLike, destination: _storage.PathLike, to: str,
-            batch_bytes: int = BATCH_BYTES) -> pathlib.Path:
+            batch_bytes: int = BATCH_BYTES, progress: Progress | None = None) -> pathlib.Path:
   """Writes the checkpoint at ``source`` to ``destination`` in format ``to`` (``orbax``: a
   PyTree checkpoint directory Orbax restores; ``msgpack``: a flax checkpoint file).
 
   Raises:
-    CheckpointExistsError: ``destination`` exists, a dangling link included (nothing is
-      overwritten).
+    CheckpointExistsError: ``destination`` exists, a dangling link or, on an object store, an
+      uncommitted save included (nothing is overwritten).
     UnsafeCheckpointError: something other than a stale temporary file of an earlier convert
       stands where the msgpack file is staged.
     ValueError: ``to`` is unknown, or ``source`` is already in that format.
   """
   if to not in TARGETS:
     raise ValueError(f'Unknown target format {to!r}; expected one of {", ".join(TARGETS)}.')
-  target = _storage.as_local_path(destination)
+  target = _storage.as_path(destination)
   _refuse_existing(target)
   leaves = _leaf_source.LeafSource(source)
   wanted = 'flax-msgpack' if to == 'msgpack' else 'orbax-pytree'
@@ -44,24 +53,50 @@ def convert(source: _storage.PathLike, destination: _storage.PathLike, to: str,
     state = _leaf_source.nest([(path, leaves.read(path)) for path in leaves.paths])
     # Standard: numpy scalars stay numpy (0-d arrays), Python scalars stay Python.
     handler = StandardCheckpointHandler(save_concurrent_gb=batch_bytes / 2**30)
+    total = sum(leaves.nbytes().values()) if progress else 0
+    if progress:
+      progress(None, total)
     Checkpointer(handler).save(target, args=StandardSave(state))
+    if progress:
+      progress(total, total)
   else:
-    _write_msgpack(leaves, target)
+    _write_msgpack(leaves, target, progress)
   return target
 
 
 def _refuse_existing(target: pathlib.Path) -> None:
-  if _storage.exists(target) or target.is_symlink():
-    raise _errors.CheckpointExistsError(f'{target}: already exists; convert writes a new '
-                                        'checkpoint and never overwrites one.')
+  if _storage.exists(target) or _storage.is_link(target):
+    uncommitted = (_storage.is_dir(target) and not _storage.renames_atomically(target)
+                   and not _storage.exists(target / _metadata.COMMIT_SUCCESS_FILE))
+    what = (f'holds a save that never committed (no {_metadata.COMMIT_SUCCESS_FILE}); remove '
+            'it, or pick another destination' if uncommitted else 'already exists')
+    raise _errors.CheckpointExistsError(f'{target}: {what}; convert writes a new checkpoint '
+                                        'and never overwrites one.')
 
 
-def _write_msgpack(leaves: _leaf_source.LeafSource, target: pathlib.Path) -> None:
+def _write_msgpack(leaves: _leaf_source.LeafSource, target: pathlib.Path,
+                   progress: Progress | None) -> None:
   """Streams the leaves into a new temporary file beside ``target``, then moves it into place
-  (only if ``target`` is still free)."""
+  (only if ``target`` is still free); on an object store, into memory, then one exclusive
+  write of the object."""
   from flaxckpt.legacy import _msgpack, _sidecar
-  state = _leaf_source.nest([(path, _msgpack.Deferred(functools.partial(leaves.read, path)))
+  read: Callable[[_leaf_source.KeyPath], object] = leaves.read
+  if progress is not None:
+    sizes = leaves.nbytes()
+    total, done = sum(sizes.values()), [0]
+    progress(0, total)
+
+    def read(path: _leaf_source.KeyPath) -> object:
+      value = leaves.read(path)
+      done[0] += sizes[path]
+      progress(done[0], total)
+      return value
+
+  state = _leaf_source.nest([(path, _msgpack.Deferred(functools.partial(read, path)))
                              for path in leaves.paths])
+  if _storage.is_remote(target):
+    _write_msgpack_object(state, target)
+    return
   _storage.make_dirs(target.parent)
   partial = target.with_name(f'.{target.name}.partial')
   _remove_stale_partial(partial)
@@ -76,6 +111,19 @@ def _write_msgpack(leaves: _leaf_source.LeafSource, target: pathlib.Path) -> Non
   finally:
     _storage.remove_tree(partial)  # Ours (created above); gone already when moved.
   _sidecar.write(str(target), summed.checksum)
+
+
+def _write_msgpack_object(state: object, target: pathlib.Path) -> None:
+  """Writes the msgpack object ``target``, refused if an object appeared there meanwhile. No
+  checksum sidecar: the legacy sidecars are local files (their identity is an inode)."""
+  from flaxckpt.legacy import _msgpack
+  buffer = io.BytesIO()
+  _msgpack.write(buffer, state)
+  try:
+    _storage.write_bytes(target, buffer.getvalue(), exclusive=True)
+  except _errors.UnsafeCheckpointError:
+    raise _errors.CheckpointExistsError(
+        f'{target}: appeared while convert was writing; it was left as it is.') from None
 
 
 def _remove_stale_partial(partial: pathlib.Path) -> None:

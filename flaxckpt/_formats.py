@@ -3,7 +3,9 @@
 The command-line tools (inspect, verify, convert, diff) start here, so that each of them
 accepts the same things: a PyTree checkpoint (Orbax OCDBT, per-array zarr v2/v3 folders), a
 checkpoint with several items, a CheckpointManager root, a flax msgpack file, flax's ``_gda``
-folder of multi-process arrays, or a flax checkpoint directory holding several of those.
+folder of multi-process arrays, or a flax checkpoint directory holding several of those. Each
+may be a local path or a ``gs://``/``s3://`` URL; on an object store a step directory counts
+once it holds ``commit_success.txt`` (``_steps.is_finalized``), as for CheckpointManager.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pathlib
 import re
 from typing import NamedTuple
 
-from flaxckpt import _errors, _metadata, _storage
+from flaxckpt import _errors, _metadata, _steps, _storage
 
 _GDA_SUFFIX = '_gda'
 _GDA_COMMIT = 'commit_success.txt'
@@ -59,7 +61,7 @@ def detect(path: _storage.PathLike) -> Found:
     FileNotFoundError: nothing is at ``path``.
     NotACheckpointError: ``path`` is a directory that holds none of the known layouts.
   """
-  location = _storage.as_local_path(path)
+  location = _storage.as_path(path)
   if not _storage.exists(location):
     raise FileNotFoundError(f'{location}: no such file or directory.')
   if _storage.is_file(location):
@@ -117,12 +119,13 @@ def _only_items(path: pathlib.Path) -> bool:
 def manager_steps(root: pathlib.Path) -> list[Step]:
   """The committed step directories of a manager root (``3``, ``0003``, ``ckpt_3``), ascending.
 
-  All step names share one prefix; directories of saves in flight never match.
+  All step names share one prefix; directories of saves in flight never match (on an object
+  store, where saves are written in place, those without ``commit_success.txt``).
   """
   by_prefix: dict[str, list[Step]] = {}
   for name in _storage.list_names(root):
     match = _STEP_NAME.fullmatch(name)
-    if match is not None and _storage.is_dir(root / name):
+    if match is not None and _steps.is_finalized(root / name):
       by_prefix.setdefault(match.group('prefix') or '', []).append(
           Step(int(match.group('step')), root / name))
   return sorted(by_prefix.popitem()[1]) if len(by_prefix) == 1 else []
@@ -130,7 +133,8 @@ def manager_steps(root: pathlib.Path) -> list[Step]:
 
 def flax_dir_steps(root: pathlib.Path) -> list[Step]:
   """Checkpoints of a flax ``save_checkpoint`` directory (msgpack files, Orbax folders),
-  ascending by step; saves in flight and ``_gda`` folders are left out.
+  ascending by step; saves in flight and ``_gda`` folders are left out (on an object store,
+  also Orbax folders without ``commit_success.txt``).
 
   The prefix is the one msgpack files share (flax's default ``checkpoint_`` when several do);
   a directory without such files has none.
@@ -141,11 +145,15 @@ def flax_dir_steps(root: pathlib.Path) -> list[Step]:
     match = _FLAX_NAME.fullmatch(name)
     if match is None or is_temporary(name):
       continue
+    entry = root / name
+    is_file = _storage.is_file(entry)
+    if not (is_file or _storage.renames_atomically(entry) or _steps.is_finalized(entry)):
+      continue  # An Orbax checkpoint on an object store that never committed.
     step = float(match.group('step'))
     prefix = match.group('prefix')
     by_prefix.setdefault(prefix, []).append(
-        Step(int(step) if step.is_integer() else step, root / name))
-    if _storage.is_file(root / name):
+        Step(int(step) if step.is_integer() else step, entry))
+    if is_file:
       with_files.add(prefix)
   if len(with_files) > 1:
     with_files &= {DEFAULT_FLAX_PREFIX}

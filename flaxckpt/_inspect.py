@@ -43,8 +43,7 @@ def check_surroundings(path: pathlib.Path) -> None:
   if _storage.is_dir(path):
     _storage.check_tree(path)
     return
-  from flaxckpt.legacy import _gda  # Only flax files need the legacy package.
-  gda_dir = pathlib.Path(str(path) + _gda.SUFFIX)
+  gda_dir = _leaf_source.gda_dir_of(path)
   if _storage.is_dir(gda_dir):
     _storage.check_tree(gda_dir)
 
@@ -215,12 +214,13 @@ def composite(directory: pathlib.Path) -> Description:
 
 
 def _saved_at(directory: pathlib.Path, meta: Any) -> str:
-  """When a checkpoint committed: its recorded commit time, else the directory's mtime;
-  'invalid (...)' when the recorded time is not a time (a string, 1e300, 10**400)."""
+  """When a checkpoint committed: its recorded commit time, else the file's or directory's
+  mtime ('unknown' on an object store, where prefixes have none); 'invalid (...)' when the
+  recorded time is not a time (a string, 1e300, 10**400)."""
   nanos = (meta.get('commit_timestamp_nsecs') or meta.get('init_timestamp_nsecs')
            if isinstance(meta, dict) else None)
   if not nanos:
-    return _local_time(directory.stat().st_mtime)
+    return 'unknown' if _storage.is_remote(directory) else _local_time(directory.stat().st_mtime)
   if isinstance(nanos, bool) or not isinstance(nanos, (int, float)) or not (
       0 <= nanos <= _metadata.LATEST_TIMESTAMP_NSECS):  # Also false for nan.
     shown = repr(nanos) if len(repr(nanos)) <= 24 else repr(nanos)[:21] + '...'
@@ -288,7 +288,7 @@ def msgpack_file(path: pathlib.Path) -> Description:
                           value=value.item() if value.ndim == 0 else None))
     elif isinstance(value, str) and value.startswith(_gda.PLACEHOLDER):
       subpath = _gda.placeholder_subpath(value, f'{path}: leaf {name!r}')
-      gda_dir = pathlib.Path(str(path) + _gda.SUFFIX)
+      gda_dir = _leaf_source.gda_dir_of(path)
       shape, dtype, _ = _arrays.read_array_infos(gda_dir, [subpath], use_ocdbt=False,
                                                  use_zarr3=False)[0]
       leaves.append(_leaf(name, shape, dtype, f'multi-process array in {gda_dir.name}'))

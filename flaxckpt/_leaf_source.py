@@ -2,11 +2,13 @@
 
 Leaves are addressed by key path, a tuple of strings: lists count as dicts keyed ``'0'``,
 ``'1'``, ..., as in flax state dicts, so an Orbax tree and the msgpack file of the same state
-have the same paths. msgpack files are memory-mapped: a leaf is paged in when it is used.
+have the same paths. msgpack files are memory-mapped: a leaf is paged in when it is used (an
+object on ``gs://``/``s3://`` is read whole).
 """
 
 from __future__ import annotations
 
+import math
 import pathlib
 from typing import Any
 
@@ -45,6 +47,22 @@ class LeafSource:
       return None if value is None else {}
     return value
 
+  def nbytes(self) -> dict[KeyPath, int]:
+    """The bytes of each leaf's array data (0 for other leaves), from the arrays' metadata
+    only; for progress, which needs the total before anything is read."""
+    if self.format == 'flax-msgpack':
+      return {path: value.nbytes if isinstance(value, (np.ndarray, np.generic)) else 0
+              for path, value in self._values.items()}
+    meta = self._reader.meta
+    stored = [(path, leaf) for path, leaf in self._leaves.items()
+              if _restore._is_stored_array(leaf)]
+    infos = _arrays.read_array_infos(self.path, [leaf.name for _, leaf in stored],
+                                     use_ocdbt=meta.use_ocdbt, use_zarr3=meta.use_zarr3)
+    sizes = dict.fromkeys(self.paths, 0)
+    for (path, _), info in zip(stored, infos):
+      sizes[path] = math.prod(info.shape) * info.dtype.itemsize
+    return sizes
+
   def is_array(self, path: KeyPath) -> bool:
     if self.format == 'flax-msgpack':
       return isinstance(self._values[path], np.ndarray)
@@ -75,11 +93,13 @@ def _single_tree(found: _formats.Found) -> _formats.Found:
 
 
 def read_msgpack(path: pathlib.Path) -> Any:
-  """The state dict of a flax msgpack file, its arrays views into a read-only map of it."""
+  """The state dict of a flax msgpack file, its arrays views into a read-only map of it (of
+  the object's bytes, read whole, on an object store: objects cannot be mapped)."""
   from flaxckpt.legacy import _msgpack  # Only flax files need the legacy package.
-  mapped = _storage.map_readonly(path)
+  data = (_storage.read_bytes(path, max_bytes=None) if _storage.is_remote(path)
+          else _storage.map_readonly(path))
   try:
-    return _msgpack.decode(mapped)
+    return _msgpack.decode(data)
   except _msgpack.MsgpackDecodeError as e:
     raise _errors.NotACheckpointError(
         f'{path}: not a complete flax msgpack checkpoint ({e}).') from None
@@ -89,7 +109,7 @@ def _msgpack_leaves(path: pathlib.Path) -> dict[KeyPath, Any]:
   from flaxckpt.legacy import _gda
   state = read_msgpack(path)
   leaves = dict(flatten_state(state))
-  gda_dir = pathlib.Path(str(path) + _gda.SUFFIX)
+  gda_dir = gda_dir_of(path)
   found = _gda.placeholders(state, path)
   if found:
     _storage.check_tree(gda_dir)
@@ -97,6 +117,12 @@ def _msgpack_leaves(path: pathlib.Path) -> dict[KeyPath, Any]:
     leaves[key] = _arrays.read_arrays(gda_dir, [subpath], use_ocdbt=False, use_zarr3=False,
                                       missing_chunks_are_errors=True)[0]
   return leaves
+
+
+def gda_dir_of(path: pathlib.Path) -> pathlib.Path:
+  """The ``<file>_gda`` folder of the multi-process arrays of the msgpack file ``path``."""
+  from flaxckpt.legacy import _gda
+  return path.with_name(path.name + _gda.SUFFIX)
 
 
 def flatten_state(state: Any, key: KeyPath = ()) -> list[tuple[KeyPath, Any]]:

@@ -15,8 +15,8 @@ import pathlib
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-from flaxckpt import (_arrays, _checksums, _errors, _formats, _metadata, _restore, _safe_json,
-                      _storage, _tree)
+from flaxckpt import (_arrays, _checksums, _errors, _formats, _leaf_source, _metadata, _restore,
+                      _safe_json, _storage, _tree)
 
 # Arrays are read in batches of about this many bytes (a larger array is its own batch).
 _BATCH_BYTES = 256 << 20
@@ -46,7 +46,7 @@ def verify(path: _storage.PathLike, progress: Progress | None = None) -> list[Pr
     found = _formats.detect(path)
     _check_surroundings(found.path)
   except Exception as e:  # Whatever stops the checks is the problem reported.
-    location = _storage.as_local_path(path)
+    location = _storage.as_path(path)
     return [Problem(str(location), _one_line(e, location))]
   try:
     jobs = list(checker.jobs(found))
@@ -122,6 +122,9 @@ class _Checker:
       yield from self.jobs(found)
 
   def composite(self, path: pathlib.Path) -> Iterator[_Job]:
+    # A PyTree checkpoint's reader checks this itself; on an object store, where saves are
+    # written in place, it is the missing commit_success.txt of a save that stopped midway.
+    self.guarded(path, functools.partial(_restore.check_committed, path))
     meta = path / _metadata.CHECKPOINT_METADATA_FILE
     if _storage.exists(meta):
       yield _Job(0, lambda: self.guarded(meta, lambda: _check_checkpoint_metadata(meta)))
@@ -219,10 +222,11 @@ class _Checker:
         legacy_log.setLevel(level)
       subpaths = [subpath for _, subpath in _gda.placeholders(state, path)]
       if subpaths:
-        self.check_gda_arrays(pathlib.Path(str(path) + _gda.SUFFIX), subpaths)
+        self.check_gda_arrays(_leaf_source.gda_dir_of(path), subpaths)
 
-    yield _Job(self.guarded(path, lambda: path.stat().st_size) or 0,
-               lambda: self.guarded(path, check))
+    # An object's size is not known before it is read (progress is vaguer there).
+    size = 0 if _storage.is_remote(path) else self.guarded(path, lambda: path.stat().st_size)
+    yield _Job(size or 0, lambda: self.guarded(path, check))
 
   def gda(self, directory: pathlib.Path) -> Iterator[_Job]:
     names = [name for name in _storage.list_names(directory)
