@@ -16,6 +16,10 @@ times whatever it does to the mtime, without them when it keeps the mtime. In a 
 (new inodes throughout) every file is checked. Sidecars without these fields are checked as
 before. A sidecar is written through a temporary name of its writer's
 own (created exclusively, fsynced) and a rename.
+
+On an object store a sidecar is one object written after its checkpoint, with the size and
+crc32c only: objects have no inode or birth time, so every object with a sidecar is checked (a
+program that rewrites the checkpoint object must delete the sidecar too), as in a copied folder.
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ class ChecksummingFile:
 
 def _path(ckpt_path: str) -> pathlib.Path:
   directory, name = os.path.split(ckpt_path)
-  return _storage.as_local_path(os.path.join(directory, f'.{name}{SUFFIX}'))
+  return _storage.as_path(os.path.join(directory, f'.{name}{SUFFIX}'))
 
 
 def fits_prefix(prefix: str) -> bool:
@@ -110,9 +114,14 @@ def write(ckpt_path: str, checksum: Checksum, identity: Identity | None = None) 
   """Writes the sidecar of ``ckpt_path``. ``identity``: of the file the checksum was taken
   from, as its writer closed it; by default that of the file now at ``ckpt_path``, for a
   caller that is sure no other writer replaced it."""
+  path = _path(ckpt_path)
+  if _storage.is_remote(path):  # One object, whole once written; nothing to identify it by.
+    _storage.write_bytes(path, json.dumps({'algorithm': _checksums.ALGORITHM,
+                                           'size': checksum.size,
+                                           'crc32c': checksum.crc32c}).encode())
+    return
   if identity is None:
     identity = Identity.of_path(ckpt_path)
-  path = _path(ckpt_path)
   tmp = path.with_name(f'{path.name}.tmp-{secrets.token_hex(6)}')
   try:
     with _storage.open_for_write(tmp, exclusive=True) as file:
@@ -157,7 +166,7 @@ def _checkpoint_of(name: str) -> tuple[str, bool] | None:
 def remove_orphans(directory: str, prefix: str) -> None:
   """Deletes sidecars whose checkpoint file is gone, and temporary sidecars whose checkpoint is
   gone or that no writer has touched for ``STALE_TMP_SECONDS`` (a writer killed mid-write)."""
-  root = _storage.as_local_path(directory)
+  root = _storage.as_path(directory)
   names = set(_storage.list_names(root)) if _storage.is_dir(root) else set()
   for name in names:
     found = _checkpoint_of(name)
@@ -167,7 +176,7 @@ def remove_orphans(directory: str, prefix: str) -> None:
     if checkpoint not in names:
       logger.info('Removing checksum file %s: its checkpoint is gone.', name)
       _storage.remove(root / name)
-    elif temporary:
+    elif temporary and not _storage.is_remote(root):  # None are written on object stores.
       with contextlib.suppress(FileNotFoundError):
         if time.time() - os.lstat(root / name).st_mtime > STALE_TMP_SECONDS:
           logger.info('Removing %s, left by a writer that stopped.', name)
@@ -175,23 +184,27 @@ def remove_orphans(directory: str, prefix: str) -> None:
 
 
 def _read(path: pathlib.Path, ckpt_path: str) -> dict[str, Any] | None:
-  """The parsed sidecar at ``path``, or None when there is none."""
-  try:
-    info = os.lstat(path)
-  except FileNotFoundError:
-    return None  # Written by flax, or a save that stopped before its sidecar.
-  if not stat.S_ISREG(info.st_mode):
-    kind = 'a symbolic link' if stat.S_ISLNK(info.st_mode) else 'not a regular file'
-    raise _errors.UnsafeCheckpointError(
-        f'{path}: the checksum file of {ckpt_path} is {kind}; flaxckpt writes checksum files '
-        'as regular files. Delete it, or restore with verify_checksums=False, to read the '
-        'checkpoint unchecked.')
+  """The parsed sidecar at ``path``, or None when there is none (written by flax, or by a save
+  that stopped before its sidecar)."""
+  if not _storage.is_remote(path):  # Object stores hold neither links nor special files.
+    try:
+      info = os.lstat(path)
+    except FileNotFoundError:
+      return None
+    if not stat.S_ISREG(info.st_mode):
+      kind = 'a symbolic link' if stat.S_ISLNK(info.st_mode) else 'not a regular file'
+      raise _errors.UnsafeCheckpointError(
+          f'{path}: the checksum file of {ckpt_path} is {kind}; flaxckpt writes checksum '
+          'files as regular files. Delete it, or restore with verify_checksums=False, to read '
+          'the checkpoint unchecked.')
   try:
     data = _storage.read_bytes(path, MAX_SIDECAR_BYTES)
     recorded = _safe_json.loads(data, str(path))
     if not isinstance(recorded, dict):
       raise TypeError(f'it holds a {type(recorded).__name__}, not an object')
     return recorded
+  except FileNotFoundError:
+    return None
   except (_errors.LimitExceededError, ValueError, TypeError) as e:
     raise ChecksumMismatchError(
         f'{path}: the checksum file of {ckpt_path} is damaged ({type(e).__name__}: {e}). '
@@ -207,7 +220,7 @@ def _stayed(path: pathlib.Path, identities: dict[str, int | None]) -> bool:
   inodes it records describe files of this folder. A checkpoint folder copied elsewhere (cp,
   rsync, a download) has new inodes throughout; its files are then always checked."""
   inode, birth = identities['sidecar_inode'], identities['sidecar_birth_ns']
-  if inode is None:
+  if inode is None or _storage.is_remote(path):  # Uploaded from a disk: a copy.
     return False
   return Identity(inode, 0, birth).same_file(Identity.of_path(os.fspath(path))._replace(mtime_ns=0))
 

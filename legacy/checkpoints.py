@@ -20,13 +20,15 @@ on restore (flax's format has no checksum; flax neither lists nor reads the side
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import io
 import logging
 import os
 import pathlib
 import re
 import secrets
 from collections.abc import Callable, Iterable
-from typing import IO, Any, NamedTuple
+from typing import IO, Any
 
 import flax
 import jax
@@ -139,9 +141,17 @@ def _step_of(path: str) -> float | None:
   return None
 
 
-def _names(directory: str) -> list[str]:
-  path = _storage.as_local_path(directory)
+def _names(directory: str | pathlib.Path) -> list[str]:
+  path = _storage.as_path(directory)
   return _storage.list_names(path) if _storage.is_dir(path) else []
+
+
+def _is_committed(path: pathlib.Path) -> bool:
+  """Whether the checkpoint listed at ``path`` is complete. On a local disk every listed name
+  is (saves commit by rename). On an object store, where saves write in place: a msgpack object
+  (a PUT appears whole), or an Orbax directory holding ``commit_success.txt``."""
+  return (_storage.renames_atomically(path) or _storage.is_file(path)
+          or _storage.is_file(path / COMMIT_SUCCESS_FILE))
 
 
 def _is_in_flight(name: str, prefix: str) -> bool:
@@ -154,7 +164,8 @@ def _all_checkpoints(ckpt_dir: str | os.PathLike, prefix: str = 'checkpoint_') -
   return natural_sort(
       os.path.join(ckpt_dir, name) for name in _names(ckpt_dir)
       if name.startswith(prefix) and not name.endswith(MP_ARRAY_POSTFIX)
-      and not _is_in_flight(name, prefix))
+      and not _is_in_flight(name, prefix)
+      and _is_committed(_storage.as_path(os.path.join(ckpt_dir, name))))
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = 'checkpoint_') -> str | None:
@@ -178,7 +189,7 @@ def available_steps(ckpt_dir: str | os.PathLike, prefix: str = 'checkpoint_',
 
 
 def _is_orbax_checkpoint(path: str) -> bool:
-  root = _storage.as_local_path(path)
+  root = _storage.as_path(path)
   return any(_storage.exists(root / name) for name in
              (ORBAX_CKPT_FILENAME, ORBAX_METADATA_FILENAME, ORBAX_MANIFEST_OCDBT))
 
@@ -193,7 +204,7 @@ def _paths(ckpt_dir: str | os.PathLike, step: int | float, prefix: str) -> tuple
                      'checkpoints with it could not be listed back.')
   ckpt_dir = safe_normpath(os.fspath(ckpt_dir))
   ckpt_path = _checkpoint_path(ckpt_dir, step, prefix)
-  directory = _storage.as_local_path(ckpt_dir)
+  directory = _storage.as_path(ckpt_dir)
   if _storage.exists(directory) and not _storage.is_dir(directory):
     raise NotADirectoryError(f'Checkpoint directory {ckpt_dir} is a file; expected a directory '
                              'to hold checkpoints.')
@@ -208,15 +219,19 @@ def _check_not_outdated(ckpt_path: str, base_path: str, step: int | float) -> No
     raise errors.InvalidCheckpointError(ckpt_path, step)
 
 
-def _commit_lock(directory: str):
-  """Serializes the commits (and retention) of flaxckpt's writers in ``directory``: a lock on
-  the directory itself adds no entry flax could list, and dies with its holder. Where the file
-  system has no such locks, commits run unserialized; a commit without overwrite still never
-  replaces a file (``_storage.link_new``).
+def _commit_lock(ckpt_path: str) -> contextlib.AbstractContextManager[None]:
+  """Serializes the commits (and retention) of flaxckpt's writers in the directory of
+  ``ckpt_path``: a lock on the directory itself adds no entry flax could list, and dies with its
+  holder. Where the file system has no such locks, commits run unserialized; a commit without
+  overwrite still never replaces a file (``_storage.link_new``). An object store has no locks:
+  there a commit without overwrite writes its object only if none is there yet.
 
   Raises:
     TimeoutError: another process held the lock for ``_COMMIT_LOCK_SECONDS``.
   """
+  directory = _storage.as_path(ckpt_path).parent
+  if _storage.is_remote(directory):
+    return contextlib.nullcontext()
   return _storage.directory_lock(directory, _COMMIT_LOCK_SECONDS)
 
 
@@ -230,10 +245,13 @@ def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overw
   temporaries) neither count nor are deleted: an async save may still be writing them, and until
   it commits the ``keep`` newest committed checkpoints are all there is. (Flax's result here
   depends on whether the async save has created its directory yet.) Temporaries that a killed
-  writer of ours left are removed.
+  writer of ours left are removed (on an object store: the uncommitted checkpoints of steps
+  before this one).
   """
   directory, prefix = os.path.split(base_path)
-  _steps.recover_replaced(_storage.as_local_path(directory))  # A replace that was cut off.
+  root = _storage.as_path(directory)
+  if _storage.renames_atomically(root):  # Only renames move a checkpoint aside.
+    _steps.recover_replaced(root)  # A replace that was cut off.
   paths = _all_checkpoints(directory, prefix)
   if overwrite and ckpt_path in paths:
     cut = paths.index(ckpt_path) + 1
@@ -251,9 +269,12 @@ def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overw
       _delete_checkpoint(path)
   for name in _names(directory):  # Deletions a crash cut short.
     if name.startswith(prefix) and name.endswith(_steps.DELETING_SUFFIX):
-      _storage.remove(_storage.as_local_path(os.path.join(directory, name)))
-  _remove_abandoned_temporaries(_storage.as_local_path(directory), prefix,
-                                _step_of(os.path.basename(ckpt_path)) or 0)
+      _storage.remove(root / name)
+  step = _step_of(os.path.basename(ckpt_path)) or 0
+  if _storage.renames_atomically(root):
+    _remove_abandoned_temporaries(root, prefix, step)
+  else:
+    _remove_uncommitted(root, prefix, step)
   if _sidecar.fits_prefix(prefix):
     _sidecar.remove_orphans(directory, prefix)
 
@@ -263,12 +284,12 @@ def _delete_checkpoint(path: str) -> None:
   listed name goes first (an Orbax directory is moved aside, then removed). A link standing at
   a checkpoint's name is removed itself, never what it points to."""
   logger.info('Removing checkpoint at %s', path)
-  checkpoint = _storage.as_local_path(path)
-  if _storage.is_dir(checkpoint) and not checkpoint.is_symlink():
+  checkpoint = _storage.as_path(path)
+  if _storage.is_dir(checkpoint) and not _storage.is_link(checkpoint):
     _steps.delete(checkpoint)
   else:
     _storage.remove(checkpoint)
-  _storage.remove(_storage.as_local_path(path + MP_ARRAY_POSTFIX))
+  _storage.remove(_storage.as_path(path + MP_ARRAY_POSTFIX))
   _sidecar.remove(path)
 
 
@@ -290,6 +311,24 @@ def _remove_abandoned_temporaries(directory: pathlib.Path, prefix: str, step: in
       _storage.remove_tree(path)
     elif _storage.remove_if_abandoned(path):
       logger.info('Removed %s, left by a save that did not finish.', path)
+
+
+def _remove_uncommitted(root: pathlib.Path, prefix: str, step: int | float) -> None:
+  """Removes, from an object store, what saves of steps before ``step`` (the one just saved;
+  later ones may still be running) left when they died: they write in place, under their final
+  names. Those are an Orbax directory without ``commit_success.txt``, and a ``_gda`` folder
+  whose msgpack object was never written."""
+  for name in _names(root):
+    checkpoint = name[:-len(MP_ARRAY_POSTFIX)] if name.endswith(MP_ARRAY_POSTFIX) else name
+    if not checkpoint.startswith(prefix) or _is_in_flight(checkpoint, prefix):
+      continue
+    saved = _step_of(checkpoint[len(prefix):])
+    if saved is None or saved >= step:
+      continue
+    if (not _storage.is_file(root / checkpoint) if name != checkpoint
+        else not _is_committed(root / name)):
+      logger.info('Removing %s, left by a save that did not finish.', root / name)
+      _storage.remove_tree(root / name)
 
 
 def _is_superseded_save(name: str, prefix: str, step: int | float) -> bool:
@@ -316,43 +355,122 @@ def _uses_orbax(orbax_checkpointer: Any) -> bool:
   return bool(flax.config.flax_use_orbax_checkpointing or orbax_checkpointer)
 
 
-class _Temporary(NamedTuple):
-  """A msgpack file a save wrote under its own temporary name, not yet committed. ``file``
-  stays open until the commit ends: its lock tells other saves that this one still runs."""
-  path: pathlib.Path
-  file: IO[bytes]
-  checksum: _sidecar.Checksum
-  identity: _sidecar.Identity
+class _Written:
+  """A msgpack save written but not yet committed, on a local disk: a file under a temporary
+  name of this save's own, with its ``_gda`` folder beside it; ``file`` stays open until the
+  commit ends: its lock tells other saves that this one still runs. The commit renames both
+  into place."""
 
-  @property
-  def gda_path(self) -> pathlib.Path:
-    return self.path.with_name(self.path.name + MP_ARRAY_POSTFIX)
+  def __init__(self, final: pathlib.Path, tmp_name: str):
+    self.final = final
+    self.path = final.with_name(tmp_name)
+    self.gda_path = final.with_name(tmp_name + MP_ARRAY_POSTFIX)
+    self.checksum: _sidecar.Checksum | None = None
+    self.identity: _sidecar.Identity | None = None
+    self._file: IO[bytes] | None = None
 
-  def discard(self) -> None:
-    _storage.remove_tree(self.gda_path)
-    _storage.remove(self.path)
-    self.file.close()
+  def write(self, state: Any) -> None:
+    """Writes ``state`` to a new file at ``path`` (refused if anything stands there), keeping
+    its size and crc32c, taken on the way, and its identity once written."""
+    _storage.make_dirs(self.path.parent)
+    self._file = _storage.open_new_locked(self.path)
+    summed = _sidecar.ChecksummingFile(self._file)
+    _msgpack.write(summed, state)
+    self._file.flush()
+    self.checksum = summed.checksum
+    self.identity = _sidecar.Identity.of_fd(self._file.fileno())
+
+  def prepare_arrays(self) -> None:
+    """Creates the ``_gda`` folder every process writes its shards into."""
+    _storage.make_new_dir(self.gda_path)
+
+  def commit_arrays(self) -> None:
+    gda_final = self.final.with_name(self.final.name + MP_ARRAY_POSTFIX)
+    _storage.remove_tree(gda_final)  # The old step's, or a commit's that was cut off.
+    _storage.rename(self.gda_path, gda_final)
+
+  def commit_file(self, overwrite: bool, step: int | float) -> None:
+    """Gives the file its final name; without ``overwrite`` that name must be free (flax's
+    error if not)."""
+    if overwrite:
+      _storage.rename(self.path, self.final)
+      return
+    try:
+      _storage.link_new(self.path, self.final)
+    except FileExistsError as e:
+      raise errors.InvalidCheckpointError(os.fspath(self.final), step) from e
+
+  def close(self, discard: bool) -> None:
+    """Closes the file; with ``discard`` (an uncommitted save) removes what it wrote."""
+    try:
+      if discard and self._file is not None:  # Else what stands there is not this save's.
+        _storage.remove_tree(self.gda_path)
+        _storage.remove(self.path)
+    finally:
+      if self._file is not None:
+        self._file.close()
+
+
+class _WrittenToBucket(_Written):
+  """A msgpack save on an object store, where an object appears whole once written: nothing
+  is stored before the commit (the bytes wait in memory, as in flax's own save), and the
+  ``_gda`` folder is written in place under its final name, committed by its
+  ``commit_success.txt`` as flax does on GCS. No temporary names, no locks."""
+
+  def __init__(self, final: pathlib.Path, tmp_name: str):
+    del tmp_name  # No temporaries on a bucket.
+    super().__init__(final, final.name)
+    self.path = final
+    self.gda_path = final.with_name(final.name + MP_ARRAY_POSTFIX)
+    self._data = b''
+
+  def write(self, state: Any) -> None:
+    buffer = io.BytesIO()
+    summed = _sidecar.ChecksummingFile(buffer)
+    _msgpack.write(summed, state)
+    self._data, self.checksum = buffer.getvalue(), summed.checksum
+
+  def prepare_arrays(self) -> None:
+    # With overwrite, the old step goes first, its msgpack object before its arrays, so that
+    # it is never listed with arrays missing, nor is this save's until it commits. Else these
+    # are the arrays of a save that died.
+    _delete_checkpoint(os.fspath(self.final))
+
+  def commit_arrays(self) -> None:
+    _storage.write_text(self.gda_path / COMMIT_SUCCESS_FILE,
+                        f'Checkpoint commit was successful to {self.gda_path}')
+
+  def commit_file(self, overwrite: bool, step: int | float) -> None:
+    try:
+      _storage.write_bytes(self.final, self._data, exclusive=not overwrite)
+    except _errors.UnsafeCheckpointError as e:  # Another writer committed this step meanwhile.
+      raise errors.InvalidCheckpointError(os.fspath(self.final), step) from e
+
+  def close(self, discard: bool) -> None:
+    self._data = b''
+    if discard:  # The checkpoint object itself is never touched: it may be the old step's.
+      _storage.remove_tree(self.gda_path)
 
 
 def _temporary_name(ckpt_path: str) -> str:
   return f'.{os.path.basename(ckpt_path)}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(8)}'
 
 
-def _write_msgpack(state: Any, tmp_path: pathlib.Path) -> _Temporary:
-  """Writes ``state`` to a new file at ``tmp_path`` (refused if anything stands there),
-  keeping its size and crc32c, taken on the way, and its identity once written."""
-  _storage.make_dirs(tmp_path.parent)
-  file = _storage.open_new_locked(tmp_path)
+def _pending(ckpt_path: str, tmp_name: str) -> _Written:
+  """How a msgpack save to ``ckpt_path`` writes and commits (see ``_Written``)."""
+  final = _storage.as_path(ckpt_path)
+  kind = _Written if _storage.renames_atomically(final) else _WrittenToBucket
+  return kind(final, tmp_name)
+
+
+def _write_msgpack(state: Any, ckpt_path: str, tmp_name: str) -> _Written:
+  written = _pending(ckpt_path, tmp_name)
   try:
-    summed = _sidecar.ChecksummingFile(file)
-    _msgpack.write(summed, state)
-    file.flush()
-    return _Temporary(tmp_path, file, summed.checksum,
-                      _sidecar.Identity.of_fd(file.fileno()))
+    written.write(state)
   except BaseException:
-    file.close()
-    _storage.remove(tmp_path)
+    written.close(discard=True)
     raise
+  return written
 
 
 def _host_snapshot(state: Any) -> Any:
@@ -364,41 +482,33 @@ def _host_snapshot(state: Any) -> Any:
     return {key: _host_snapshot(value) for key, value in state.items()}
   if type(state) is list:
     return [_host_snapshot(value) for value in state]
-  if isinstance(state, (jax.Array, np.ndarray, np.generic)):
+  if isinstance(state, np.generic):  # Immutable; a copy would turn it into a 0-d array,
+    return state                      # which msgpack encodes differently.
+  if isinstance(state, (jax.Array, np.ndarray)):
     return _msgpack.host_array(state).copy()
   return state
 
 
-def _link_new(source: pathlib.Path, target: pathlib.Path, step: int | float) -> None:
-  """Gives the file ``source`` the name ``target``, which must be free (flax's error if not)."""
-  try:
-    _storage.link_new(source, target)
-  except FileExistsError as e:
-    raise errors.InvalidCheckpointError(os.fspath(target), step) from e
-
-
-def _commit(written: _Temporary, ckpt_path: str, base_path: str, step: int | float, keep: int,
+def _commit(written: _Written, ckpt_path: str, base_path: str, step: int | float, keep: int,
             overwrite: bool, keep_every_n_steps: int | None, has_gda: bool) -> None:
-  """Puts a written save in place, then its sidecar, then applies retention, holding the
-  directory's commit lock. Without ``overwrite`` the step is checked again under the lock and
-  nothing existing is replaced: a concurrent writer that got there first makes this one raise
-  ``InvalidCheckpointError``."""
-  final = _storage.as_local_path(ckpt_path)
+  """Puts a written save in place (its ``_gda`` folder first), then its sidecar, then applies
+  retention, holding the directory's commit lock. Without ``overwrite`` the step is checked
+  again under the lock and nothing existing is replaced: a concurrent writer that got there
+  first makes this one raise ``InvalidCheckpointError``."""
+  committed = False
   try:
-    with _commit_lock(os.path.dirname(os.fspath(final))):
+    with _commit_lock(ckpt_path):
       if not overwrite:
         _check_not_outdated(ckpt_path, base_path, step)
       if has_gda:
-        gda_final = _storage.as_local_path(ckpt_path + MP_ARRAY_POSTFIX)
-        _storage.remove_tree(gda_final)  # The old step's, or a commit's that was cut off.
-        _storage.rename(written.gda_path, gda_final)
+        written.commit_arrays()
       if overwrite:
         # A sidecar from before identities were recorded must not outlive its file.
         _sidecar.remove(ckpt_path)
-        _storage.rename(written.path, final)
-      else:
-        _link_new(written.path, final, step)
+      written.commit_file(overwrite, step)
+      committed = True
       if _sidecar.fits_prefix(os.path.basename(base_path)):
+        assert written.checksum is not None
         try:
           _sidecar.write(ckpt_path, written.checksum, written.identity)
         except OSError as e:  # The checkpoint is complete; it only goes unchecked, like flax's.
@@ -406,7 +516,7 @@ def _commit(written: _Temporary, ckpt_path: str, base_path: str, step: int | flo
       logger.info('Saved checkpoint at %s', ckpt_path)
       _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
   finally:  # No half-committed save is left to look like one in flight.
-    written.discard()
+    written.close(discard=not committed)
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, target: PyTree, step: int | float,
@@ -441,16 +551,16 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, target: PyTree, step: int | flo
                      'call it, or the devices hang; use save_checkpoint_multiprocess.')
     _orbax_save(ckpt_path, target, overwrite, orbax_checkpointer)
     if jax.process_index() == 0:
-      with _commit_lock(os.path.dirname(ckpt_path) or '.'):
+      with _commit_lock(ckpt_path):
         _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
     return ckpt_path
   if not overwrite:
     _check_not_outdated(ckpt_path, base_path, step)
   state = serialization.to_state_dict(target)
-  tmp_path = _storage.as_local_path(ckpt_path).with_name(_temporary_name(ckpt_path))
+  tmp_name = _temporary_name(ckpt_path)
 
   def write_and_commit(state: Any) -> None:
-    written = _write_msgpack(state, tmp_path)
+    written = _write_msgpack(state, ckpt_path, tmp_name)
     _commit(written, ckpt_path, base_path, step, keep, overwrite, keep_every_n_steps, False)
 
   if async_manager:
@@ -471,7 +581,9 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
 
   Every process must call it. Process 0 writes the msgpack file and applies retention; arrays
   that no single process holds whole go to ``<prefix><step>_gda/``, each process writing its
-  own shards into a temporary folder that process 0 names and creates. Unlike flax, no
+  own shards into a temporary folder that process 0 names and creates (on an object store:
+  into the final folder, committed by its ``commit_success.txt`` before the msgpack object is
+  written, as flax does on GCS). Unlike flax, no
   ``gda_manager`` is needed (one passed is ignored): flaxckpt writes the arrays itself before
   this returns.
 
@@ -484,7 +596,7 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
   ckpt_path, base_path = _paths(ckpt_dir, step, prefix)
   if _uses_orbax(orbax_checkpointer):
     if jax.process_index() == 0:
-      with _commit_lock(os.path.dirname(ckpt_path) or '.'):
+      with _commit_lock(ckpt_path):
         _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
     _orbax_save(ckpt_path, target, overwrite, orbax_checkpointer)
     return ckpt_path
@@ -498,20 +610,20 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
   tmp_name = _multihost.agree(f'flaxckpt.legacy:tmp:{os.path.basename(ckpt_path)}',
                               _temporary_name(ckpt_path))
   _storage.check_name(tmp_name, 'the temporary name chosen by process 0')
-  tmp_path = _storage.as_local_path(ckpt_path).with_name(tmp_name)
   written = None  # Process 0's msgpack file, once written.
   try:
     if is_writer:
-      written = _write_msgpack(_host_snapshot(state) if async_manager else state, tmp_path)
+      written = _write_msgpack(_host_snapshot(state) if async_manager else state, ckpt_path,
+                               tmp_name)
     if gda_arrays:
       if written is not None:
-        _storage.make_new_dir(written.gda_path)
+        written.prepare_arrays()
       _multihost.barrier('flaxckpt.legacy:save:gda_dir')
-      _gda.write(tmp_path.with_name(tmp_name + MP_ARRAY_POSTFIX), gda_arrays)
+      _gda.write(_pending(ckpt_path, tmp_name).gda_path, gda_arrays)
       _multihost.barrier('flaxckpt.legacy:save:gda_written')
   except BaseException:
     if written is not None:
-      written.discard()
+      written.close(discard=True)
     raise
   if written is not None:
     commit = lambda: _commit(written, ckpt_path, base_path, step, keep, overwrite,
@@ -529,7 +641,7 @@ def save_checkpoint_multiprocess(ckpt_dir: str | os.PathLike, target: PyTree,
 def _check_entry(ckpt_path: str, ckpt_dir: str) -> None:
   """Refuses a checkpoint found in ``ckpt_dir`` that is a link leading outside it."""
   try:
-    _storage.check_inside(_storage.as_local_path(ckpt_path), _storage.as_local_path(ckpt_dir),
+    _storage.check_inside(_storage.as_path(ckpt_path), _storage.as_path(ckpt_dir),
                           'the checkpoint')
   except _errors.UnsafeCheckpointError as e:
     raise _errors.UnsafeCheckpointError(
@@ -540,14 +652,19 @@ def _resolve(ckpt_dir: str, step: int | float | None, prefix: str) -> str | None
   """The checkpoint path to restore, or None when there is none (flax then returns target)."""
   if step is not None:
     ckpt_path = _checkpoint_path(ckpt_dir, step, prefix)
-    if not _storage.exists(_storage.as_local_path(ckpt_path)):
-      if _storage.is_file(_storage.as_local_path(ckpt_dir)):
+    path = _storage.as_path(ckpt_path)
+    if not _storage.exists(path):
+      if _storage.is_file(_storage.as_path(ckpt_dir)):
         raise ValueError(f'Matching checkpoint not found: {ckpt_path}. {ckpt_dir} is a '
                          'checkpoint file; with step= pass the directory that holds it.')
       raise ValueError(f'Matching checkpoint not found: {ckpt_path}')
+    if not _is_committed(path):
+      raise _errors.IncompleteCheckpointError(
+          f'Matching checkpoint not committed: {ckpt_path} has no {COMMIT_SUCCESS_FILE}, so its '
+          'save is still running or was cut off; only committed checkpoints are restored.')
     _check_entry(ckpt_path, ckpt_dir)
     return ckpt_path
-  directory = _storage.as_local_path(ckpt_dir)
+  directory = _storage.as_path(ckpt_dir)
   if not _storage.exists(directory):
     logger.warning('No checkpoint directory at %s; returning the target unchanged.', ckpt_dir)
     return None
@@ -588,16 +705,23 @@ def _from_state_dict(target: Any, state: Any, ckpt_path: str) -> Any:
 
 
 def _read_msgpack(ckpt_path: str, verify_checksums: bool) -> Any:
-  path = _storage.as_local_path(ckpt_path)
+  """The state dict in the msgpack file (or object) at ``ckpt_path``.
+
+  A local file is read into a new writable buffer. An object is read whole with no size limit
+  (a msgpack checkpoint holds the whole state, and its size is the size of the object, not a
+  number it declares), and its arrays are read-only views into the bytes read, as flax's own
+  restore returns them: a writable copy would double the memory of the restore."""
+  path = _storage.as_path(ckpt_path)
   if _storage.is_dir(path):
     raise _errors.NotACheckpointError(
         f'{ckpt_path} is a directory but not an Orbax checkpoint (it has no _METADATA, '
         'manifest.ocdbt or checkpoint file), and a msgpack checkpoint is a file.')
-  data = _storage.read_into_buffer(path)
+  local = not _storage.is_remote(path)
+  data = _storage.read_into_buffer(path) if local else _storage.read_bytes(path, None)
   if verify_checksums:
     # Stat after reading: a file replaced in between is then not checked, rather than checked
-    # against the identity it no longer has.
-    _sidecar.verify(ckpt_path, data, os.stat(path))
+    # against the identity it no longer has. (Objects have no identity to check.)
+    _sidecar.verify(ckpt_path, data, os.stat(path) if local else None)
   try:
     return _msgpack.decode(data)
   except _msgpack.MsgpackDecodeError as e:
@@ -645,8 +769,11 @@ def _restore_gda_arrays(state: Any, target: Any, ckpt_path: str, step: int | flo
     wanted.append((key, subpath, reference))
   if not wanted:
     return state
-  gda_dir = _storage.as_local_path(ckpt_path + MP_ARRAY_POSTFIX)
-  if ckpt_path.startswith('gs://') and not _storage.exists(gda_dir / COMMIT_SUCCESS_FILE):
+  gda_dir = _storage.as_path(ckpt_path + MP_ARRAY_POSTFIX)
+  # Written in place on an object store, the folder is complete once it has its commit file
+  # (flax checks it on GCS only; flaxckpt writes it on S3 too, and so asks for it there).
+  if (not _storage.renames_atomically(gda_dir)
+      and not _storage.is_file(gda_dir / COMMIT_SUCCESS_FILE)):
     raise errors.MPARestoreDataCorruptedError(step, ckpt_path)
   if not _storage.is_dir(gda_dir):
     raise _errors.IncompleteCheckpointError(
