@@ -80,9 +80,15 @@ class Metadata:
 
   @property
   def commit_timestamp(self) -> datetime.datetime:
-    """When this step was committed (UTC); the directory's mtime where no time was recorded."""
+    """When this step was committed (UTC); where no time was recorded (Orbax < 0.6 wrote
+    none), the directory's mtime, or on an object store, whose prefixes have no times, the
+    epoch (an old step of unknown age)."""
     nsecs = self.commit_timestamp_nsecs
-    seconds = nsecs / 1e9 if nsecs is not None else _storage.as_path(self.path).stat().st_mtime
+    path = _storage.as_path(self.path)
+    if nsecs is not None:
+      seconds = nsecs / 1e9
+    else:
+      seconds = 0.0 if _storage.is_remote(path) else path.stat().st_mtime
     return datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
 
 
