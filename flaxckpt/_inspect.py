@@ -206,6 +206,7 @@ def _commit_time(directory: pathlib.Path) -> str:
 
 
 def composite(directory: pathlib.Path) -> Description:
+  _restore.check_committed(directory)  # As a PyTree checkpoint's reader does.
   items = {}
   for name in _formats.item_names(directory):
     items[name] = _describe(_formats.detect(directory / name), None, 'max')
