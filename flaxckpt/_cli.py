@@ -114,7 +114,8 @@ def _say(line: str, out: TextIO) -> None:
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='flaxckpt', description='Look inside, check, convert and compare checkpoints '
-      '(Orbax and flaxckpt PyTree checkpoints, CheckpointManager roots, flax msgpack files).')
+      '(Orbax and flaxckpt PyTree checkpoints, CheckpointManager roots, flax msgpack files). '
+      'Each path may be local or a gs:// or s3:// URL.')
   commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
   inspect = commands.add_parser('inspect', help='show the format, tree and steps of a '

@@ -114,16 +114,18 @@ def _write_msgpack(leaves: _leaf_source.LeafSource, target: pathlib.Path,
 
 
 def _write_msgpack_object(state: object, target: pathlib.Path) -> None:
-  """Writes the msgpack object ``target``, refused if an object appeared there meanwhile. No
-  checksum sidecar: the legacy sidecars are local files (their identity is an inode)."""
-  from flaxckpt.legacy import _msgpack
+  """Writes the msgpack object ``target`` (refused if an object appeared there meanwhile), then
+  its checksum sidecar, as legacy ``save_checkpoint`` does on a bucket."""
+  from flaxckpt.legacy import _msgpack, _sidecar
   buffer = io.BytesIO()
-  _msgpack.write(buffer, state)
+  summed = _sidecar.ChecksummingFile(buffer)
+  _msgpack.write(summed, state)
   try:
     _storage.write_bytes(target, buffer.getvalue(), exclusive=True)
   except _errors.UnsafeCheckpointError:
     raise _errors.CheckpointExistsError(
         f'{target}: appeared while convert was writing; it was left as it is.') from None
+  _sidecar.write(str(target), summed.checksum)
 
 
 def _remove_stale_partial(partial: pathlib.Path) -> None:

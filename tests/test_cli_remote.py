@@ -191,6 +191,15 @@ def test_convert_local_msgpack_to_a_bucket_and_back(bucket, capsys, tmp_path, se
   with ocp.StandardCheckpointer() as checkpointer:
     assert_state_equal(checkpointer.restore(bucket + '/again'))
 
+  # Written with its crc32c sidecar, as legacy save_checkpoint writes one on a bucket: a flipped
+  # byte inside array data, which still decodes, is found.
+  assert cli_json(capsys, 'inspect', bucket + '/m/checkpoint_7')['checksums']
+  assert cli(capsys, 'verify', bucket + '/m')[:2] == (0, f'{bucket}/m: OK\n')
+  flip_object_byte(bucket + '/m/checkpoint_7',
+                   data.find(STATE['params']['kernel'].tobytes()) + 4)
+  status, out, _ = cli(capsys, 'verify', bucket + '/m')
+  assert status == 1 and out.startswith(f'{bucket}/m/checkpoint_7: ') and 'crc32c' in out
+
 
 def test_convert_never_overwrites_on_a_bucket(bucket, capsys, tmp_path, set_flag):
   set_flag(False)
@@ -300,3 +309,4 @@ def test_progress_on_a_terminal_only(s3_server, capsys, tmp_path, monkeypatch):
   assert cli(capsys, 'verify', bucket + '/ck') == (0, f'{bucket}/ck: OK\n', '')
   assert cli(capsys, 'convert', bucket + '/m', bucket + '/o', '--to', 'orbax') == (
       0, f'wrote {bucket}/o\n', '')
+  assert os.listdir(tmp_path) == []  # No URL became a local path.
