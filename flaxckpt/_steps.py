@@ -23,6 +23,8 @@ SNAPSHOTS_DIR = '_SNAPSHOTS'
 # a checkpoint being replaced ('-replaced') or deleted ('-deleting').
 _TMP_STEP = re.compile(r'.*?_*?(\d+)' + re.escape(_metadata.TMP_SUFFIX) + r'(-.*)?')
 REPLACED_SUFFIX = _metadata.TMP_SUFFIX + '-replaced'
+# Any step directory name, whatever the prefix or fixed length.
+_STEP_NAME = re.compile(r'(?:.+_)?\d+')
 DELETING_SUFFIX = _metadata.TMP_SUFFIX + '-deleting'
 
 
@@ -108,17 +110,27 @@ class StepNaming:
 
 
 def tmp_step_dirs(root: pathlib.Path) -> list[pathlib.Path]:
-  """Directories of saves that never committed, and of deletions and replacements cut short."""
+  """Directories of saves that never committed, and of deletions and replacements cut short.
+  Where renames are not atomic (object stores), saves are written in place: there they are
+  also the step-named prefixes (``<digits>``, ``<prefix>_<digits>``) without
+  ``commit_success.txt``."""
   if not _storage.is_dir(root):
     return []
-  return [root / name for name in _storage.list_names(root) if _TMP_STEP.fullmatch(name)]
+  names = _storage.list_names(root)
+  found = [root / name for name in names if _TMP_STEP.fullmatch(name)]
+  if not _storage.renames_atomically(root):
+    found += [root / name for name in names
+              if _STEP_NAME.fullmatch(name) and is_temporary(root / name)]
+  return found
 
 
 def remove_tmp_step_dirs(root: pathlib.Path) -> None:
   """Removes what ``tmp_step_dirs`` lists, except the directories of saves still running
-  (their writers hold a lock on them)."""
+  (their writers hold a lock on them). An object store has no locks: there all are removed,
+  so no other process may be saving under ``root`` meanwhile."""
+  lockable = _storage.renames_atomically(root)
   for path in tmp_step_dirs(root):
-    if is_save_in_flight(path.name):
+    if lockable and is_save_in_flight(path.name):
       _storage.remove_if_abandoned(path)
     else:
       _storage.remove_tree(path)

@@ -9,8 +9,8 @@ if a manager that ignores locks deletes the step meanwhile.
 
 Roots may be ``gs://`` and ``s3://`` URLs: the steps are listed afresh at every poll, only
 those holding ``commit_success.txt`` count, and the lock is an empty object under
-``<step>/LOCKED/``. ``snapshot_dir`` stays local-only (a bucket root with it raises
-``NotImplementedError``).
+``<step>/LOCKED/``. ``snapshot_dir`` is a local directory (a URL raises
+``NotImplementedError``); a step of a bucket root is downloaded into it.
 """
 
 from __future__ import annotations
@@ -63,16 +63,23 @@ def _wait_for_step(root: pathlib.Path, name_format: step_lib.NameFormat[step_lib
 def _root(checkpoint_dir: _storage.PathLike, snapshot_dir: _storage.PathLike | None
           ) -> pathlib.Path:
   """The root: a local path, or a ``RemotePath`` for a bucket URL; ``snapshot_dir`` must be
-  a local path, and is refused with a bucket root (copying a step out of a bucket is not
-  supported yet)."""
-  root = _storage.as_path(checkpoint_dir)
+  a local path (a URL is refused with ``NotImplementedError``)."""
   if snapshot_dir is not None:
-    if _storage.is_remote(root):
-      raise NotImplementedError(
-          f'{checkpoint_dir}: snapshot_dir is not supported yet with a gs:// or s3:// root; '
-          'leave it out (the step is locked while it is read).')
     _storage.as_local_path(snapshot_dir)
-  return root
+  return _storage.as_path(checkpoint_dir)
+
+
+def _download(source: pathlib.Path, target: pathlib.Path) -> None:
+  """Copies the objects under the bucket prefix ``source`` into the new local directory
+  ``target``, one object in memory at a time. Names come from the bucket, so a name that could
+  lead out of ``target`` is refused (``UnsafeCheckpointError``)."""
+  _storage.make_new_dir(target)
+  for name in _storage.list_names(source):
+    entry, copy = source / name, _storage.join_inside(target, name, f'an object under {source}')
+    if _storage.is_dir(entry):
+      _download(entry, copy)
+    elif _storage.is_file(entry):
+      _storage.write_bytes(copy, _storage.read_bytes(entry, max_bytes=None), exclusive=True)
 
 
 def _remove_snapshots(snapshot_dir: pathlib.Path) -> None:
@@ -99,7 +106,7 @@ def _hold(root: pathlib.Path, step: int, name_format: step_lib.NameFormat[step_l
       snapshot = _storage.as_local_path(snapshot_dir) / step_dir.name
       _storage.make_dirs(snapshot.parent)
       _storage.remove_tree(snapshot)  # Left by a reader that crashed.
-      _storage.copy_tree(step_dir, snapshot)
+      (_download if _storage.is_remote(step_dir) else _storage.copy_tree)(step_dir, snapshot)
       _storage.remove_tree(snapshot / _steps.LOCK_DIR)
     yield
   finally:
