@@ -244,9 +244,18 @@ class Checkpointer(AbstractCheckpointer):
     return temp, init_ns
 
   def _discard(self, temp: atomicity.TemporaryPath) -> None:
-    """Removes a failed save's directory; only the primary process deletes anything."""
+    """Removes a failed save's directory; only the primary process deletes anything.
+
+    Best effort: storage that failed the save often fails this too (a server that went away),
+    and the save's own error is the one to raise. What stays is no checkpoint (never
+    committed, never listed) and the next save to the path reclaims it.
+    """
     if self._is_primary():
-      temp.discard()
+      try:
+        temp.discard()
+      except Exception as e:  # noqa: BLE001 - logged; the save's error follows.
+        logger.warning('Could not remove what the failed save to %s left (the next save there '
+                       'reclaims it): %s', temp.get_final(), e)
 
   def _commit(self, temp: atomicity.TemporaryPath, init_ns: int,
               custom_metadata: dict[str, Any] | None, force: bool) -> None:
