@@ -273,6 +273,14 @@ def test_diff_lists_added_removed_and_changed_leaves(tmp_path):
   assert report['identical'] and report['same'] == 4
 
 
+def test_rich_is_imported_only_to_draw_progress():
+  script = ('import sys, flaxckpt, flaxckpt._cli, flaxckpt._verify, flaxckpt._convert\n'
+            'print(sorted(name for name in sys.modules if name.split(".")[0] == "rich"))')
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert (result.returncode, result.stdout) == (0, '[]\n'), result.stderr
+
+
 def test_errors_are_one_line_naming_the_path(tmp_path):
   missing = tmp_path / 'nope'
   result = run('inspect', missing)
