@@ -409,12 +409,17 @@ class CheckpointManager:
 
   def _in_flight_step(self) -> int | None:
     """The step whose save has started but neither committed nor failed: its temporary
-    directory is still there (a commit renames it, a failure deletes it)."""
+    directory is still there (a commit renames it, a failure deletes it). Where saves are
+    written in place (object stores) there is no such directory, and possibly nothing written
+    yet: there the background save is in flight until its thread ends."""
     step = self._started.step if self._started is not None else None
     if step is None or step in self.all_steps():
       return None
-    return step if _steps.saves_in_flight(self._root / self._name_format.build_name(step)) \
-        else None
+    final = self._root / self._name_format.build_name(step)
+    if _storage.renames_atomically(final):
+      return step if _steps.saves_in_flight(final) else None
+    thread = getattr(self._checkpointer, '_thread', None)  # AsyncCheckpointer's save.
+    return step if thread is not None and thread.is_alive() else None
 
   def reached_preemption(self, step: int) -> bool:
     """True at a preemption sync point of JAX's distributed runtime; False without one."""

@@ -147,7 +147,11 @@ def test_save_decisions_interval_save_on_steps_force_and_preemption(root):
   reached_preemption is False (as in Orbax) and a save at preemption is a forced save."""
   options = ocp.CheckpointManagerOptions(save_interval_steps=3, save_on_steps=[4])
   with ocp.CheckpointManager(root, options=options) as manager:
-    assert [step for step in range(8) if _save(manager, step)] == [0, 3, 4, 6]
+    # Step 0's save goes on in the background (it has no temporary directory on a bucket):
+    # it counts as saved, so step 1 is not due.
+    assert manager.save(0, args=ocp.args.StandardSave(_state(0)))
+    assert not manager.should_save(1) and not _save(manager, 1)
+    assert [step for step in range(1, 8) if _save(manager, step)] == [3, 4, 6]
     assert not manager.reached_preemption(7) and not manager.should_save(7)
     assert _save(manager, 7, force=True)
     assert manager.all_steps() == [0, 3, 4, 6, 7]
@@ -241,3 +245,41 @@ def test_a_manager_in_another_process_sees_each_step_once_committed(root, tmp_pa
     finally:
       if child.poll() is None:
         child.kill()
+
+
+def test_a_save_at_a_preemption_sync_point_ignores_the_interval(root, tmp_path):
+  """In a process of JAX's distributed runtime (one process here) that gets SIGTERM, JAX's
+  preemption sync manager picks a sync point a few steps later: there reached_preemption is
+  True and the manager saves that step although save_interval_steps would skip it (Orbax's
+  semantics), and the step is committed on the bucket."""
+  script = textwrap.dedent(f'''
+      import os, signal, socket, time
+      import jax
+      with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+      jax.distributed.initialize(f'127.0.0.1:{{port}}', num_processes=1, process_id=0)
+      import flaxckpt as ocp
+      import numpy as np
+      options = ocp.CheckpointManagerOptions(save_interval_steps=1000)
+      with ocp.CheckpointManager({root!r}, options=options) as manager:
+        saved = [s for s in (0, 1, 2) if manager.save(s, args=ocp.args.JsonSave({{'s': s}}))]
+        os.kill(os.getpid(), signal.SIGTERM)  # The notice a preempted VM gets.
+        for step in range(3, 600):
+          if manager.save(step, args=ocp.args.JsonSave({{'s': step}})):
+            saved.append(step)
+            break
+          time.sleep(0.02)
+        manager.wait_until_finished()
+        print('saved', *saved, flush=True)
+      jax.distributed.shutdown()
+      ''')
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  words = result.stdout.split()
+  assert words[:2] == ['saved', '0'] and len(words) == 3, result.stdout
+  preempted = int(words[2])
+  assert preempted > 1
+  assert ocp.CheckpointManager(root).all_steps() == [0, preempted]
+  assert _COMMIT in _names(f'{root}/{preempted}')
