@@ -133,25 +133,6 @@ def test_manager_retention_and_fresh_process(root):
   assert result.stdout.split() == ['3', '496.0', "{'loss':", '0.25}']
 
 
-@pytest.mark.parametrize('url', ['s3://bucket/run', 'gs://bucket/run'])
-def test_what_is_still_local_only_refuses_urls_by_name(tmp_path, url, monkeypatch):
-  """Legacy checkpoints and the CLI take local paths only in this release:
-  each says so, naming the URL, and never creates a local 's3:' or 'gs:' folder."""
-  from flaxckpt import _cli
-  from flaxckpt.legacy import checkpoints
-  monkeypatch.chdir(tmp_path)
-  match = f'{url}: remote storage is not supported yet by this function'
-  for call in (lambda: checkpoints.latest_checkpoint(url),
-               lambda: checkpoints.available_steps(url),
-               lambda: checkpoints.save_checkpoint(url, {'w': np.ones(2)}, step=1),
-               lambda: checkpoints.restore_checkpoint(url, None)):
-    with pytest.raises(NotImplementedError, match=match):
-      call()
-  for command in (['inspect', url], ['verify', url], ['diff', url, str(tmp_path)]):
-    assert _cli.main(command) != 0
-  assert os.listdir(tmp_path) == []
-
-
 def _step_dir(url, step):
   return _storage.as_storage_path(f'{url}/{step}')
 

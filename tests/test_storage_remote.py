@@ -65,9 +65,9 @@ def test_remote_path_refuses_escaping_joins():
 def test_as_path_takes_urls_and_as_local_path_refuses_them():
   for url in ('gs://b/x', 's3://b/x'):
     assert _storage.as_path(url) == RemotePath.parse(url)
-    with pytest.raises(NotImplementedError, match='remote storage is not supported yet'):
+    with pytest.raises(NotImplementedError, match=f'{url}: this needs a local path'):
       _storage.as_local_path(url)
-  with pytest.raises(NotImplementedError, match='remote storage is not supported yet'):
+  with pytest.raises(NotImplementedError, match='https://host/x: http.s. URLs are not supported'):
     _storage.as_path('https://host/x')
 
 

@@ -72,14 +72,17 @@ def as_path(path: PathLike) -> pathlib.Path:
 
 
 def as_local_path(path: PathLike) -> pathlib.Path:
-  """An absolute local path, for the callers not yet wired to object stores (legacy
-  functions, ``checkpoint_utils``, the CLI's commands); refuses URLs with a clear message."""
+  """An absolute local path, for what only a local disk can hold (locks, a local snapshot
+  folder); refuses URLs with a clear message."""
   text = os.fspath(path)
+  if text.startswith(('http://', 'https://')):
+    raise NotImplementedError(
+        f'{text}: http(s) URLs are not supported; checkpoints live on a local disk, gs:// or '
+        's3://.')
   if text.startswith(_SCHEMES):
     raise NotImplementedError(
-        f'{text}: remote storage is not supported yet by this function; Checkpointer, '
-        'AsyncCheckpointer '
-        'and CheckpointManager take gs:// and s3:// URLs, this function only local paths.')
+        f'{text}: this needs a local path (it holds local files or locks); gs:// and s3:// '
+        'URLs are not supported here.')
   return pathlib.Path(os.path.abspath(text))
 
 
@@ -578,6 +581,8 @@ def read_into_buffer(path: pathlib.Path) -> np.ndarray:
   """The whole file in a new writable uint8 array, read without intermediate copies (and
   without zero-filling the memory first, which costs as much as the read). Large files are
   read in parallel slices: faulting in fresh memory is a good part of the cost."""
+  if isinstance(path, RemotePath):
+    return np.frombuffer(bytearray(_remote.read_bytes(path, None)), np.uint8)
   fd = open_regular(path)
   try:
     buffer = np.empty(os.fstat(fd).st_size, np.uint8)
