@@ -212,11 +212,10 @@ def test_orbax_listing_goes_stale_flaxckpt_does_not(gs_root):
   with orbax.CheckpointManager(gs_root) as manager:
     manager.save(0, args=orbax.args.StandardSave(_tree(0)))
     manager.wait_until_finished()
-  read_only = {'read_only': True}
   orbax_reader = orbax.CheckpointManager(
-      gs_root, options=orbax.CheckpointManagerOptions(**read_only))
+      gs_root, options=orbax.CheckpointManagerOptions(read_only=True))
   flaxckpt_reader = ocp.CheckpointManager(
-      gs_root, options=ocp.CheckpointManagerOptions(**read_only))
+      gs_root, options=ocp.CheckpointManagerOptions(read_only=True))
   assert orbax_reader.all_steps() == flaxckpt_reader.all_steps() == [0]
   with ocp.CheckpointManager(gs_root) as writer:
     writer.save(1, args=ocp.args.StandardSave(_tree(1)))
@@ -228,10 +227,10 @@ def test_orbax_listing_goes_stale_flaxckpt_does_not(gs_root):
   orbax_reader.reload()
   assert orbax_reader.all_steps(read=True) == [0]  # Orbax's stale listing.
   assert orbax.CheckpointManager(
-      gs_root, options=orbax.CheckpointManagerOptions(**read_only)).all_steps() == [0]
+      gs_root, options=orbax.CheckpointManagerOptions(read_only=True)).all_steps() == [0]
   epath.backend.fsspec_backend.fs(gs_root).invalidate_cache()  # The gcsfs instance etils keeps.
   assert orbax.CheckpointManager(
-      gs_root, options=orbax.CheckpointManagerOptions(**read_only)).all_steps() == [0, 1]
+      gs_root, options=orbax.CheckpointManagerOptions(read_only=True)).all_steps() == [0, 1]
   orbax_reader.close()
   flaxckpt_reader.close()
 
@@ -340,7 +339,7 @@ def test_old_manager_roots_list_and_restore_from_a_bucket(old_bucket, server, ca
   """As test_old_managers.py reads them from disk: the committed steps, every item of every
   step, and the best step from the stored metrics."""
   url = old_bucket(server, case)
-  options = {}
+  options: dict[str, Any] = {}
   if case.get('best'):
     options = {'best_fn': lambda m: m['loss'], 'best_mode': 'min'}
   manager = ocp.CheckpointManager(url, options=ocp.CheckpointManagerOptions(
@@ -354,7 +353,7 @@ def test_old_manager_roots_list_and_restore_from_a_bucket(old_bucket, server, ca
       local_managers._check_items(case, restored, step, metrics=case.get('metrics_item', False))
   if case.get('best'):
     losses = {s: old_formats.state.expected('metrics', step=s)['loss'] for s in case['steps']}
-    assert manager.best_step() == min(losses, key=losses.get)
+    assert manager.best_step() == min(losses, key=lambda s: losses[s])
 
 
 def test_old_checkpoints_uploaded_without_markers_are_uncommitted(bucket_url, tmp_path,

@@ -103,7 +103,7 @@ def test_best_metric_retention_matches_a_local_disk(root, tmp_path, mode, withou
   options = {'best_mode': mode, 'keep_checkpoints_without_metrics': without_metrics}
   kept, best = _best_run(root, **options)
   assert (kept, best) == _best_run(tmp_path / 'local', **options)
-  scored = sorted(_LOSSES, key=_LOSSES.get, reverse=mode == 'max')
+  scored = sorted(_LOSSES, key=lambda s: _LOSSES[s], reverse=mode == 'max')
   assert best == scored[0]
   assert set(scored[:2]) <= set(kept)  # The two best of max_to_keep=2.
   assert (5 in kept) == without_metrics
