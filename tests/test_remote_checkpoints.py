@@ -225,9 +225,3 @@ def test_wait_for_new_checkpoint_on_a_bucket(root):
               timeout_fn=lambda: next(calls)) as step:
       assert step == -1
   ocp.checkpoint_utils.unlock_existing_checkpoints(root)
-  with pytest.raises(NotImplementedError, match=f'{root}: snapshot_dir is not supported'):
-    with wait(root, timeout=0, snapshot_dir='snapshots'):
-      pass
-  with pytest.raises(NotImplementedError, match=f'{root}: snapshot_dir is not supported'):
-    next(iter(ocp.checkpoint_utils.checkpoints_iterator(root, timeout=0,
-                                                        snapshot_dir='snapshots')))

@@ -6,9 +6,10 @@ backend only has to be added here. Two stand behind the same functions: local pa
 (``_remote.RemotePath``, made by ``as_storage_path``). ``exists``, ``is_dir``, ``is_file``,
 ``is_link``, ``list_names``, ``read_bytes``, ``read_text``, ``write_bytes``, ``write_text``,
 ``make_dirs``, ``remove``, ``remove_tree``, ``kvstore_spec``, ``context_resources``,
-``ocdbt_data_file_size`` and ``renames_atomically`` accept either; the rest are local only. ``as_path`` takes URLs;
-``as_local_path`` refuses them, for what is local by nature (locks, snapshots). Settings a
-program gives for buckets (``flaxckpt.object_store``) live in ``_settings``.
+``ocdbt_data_file_size``, ``read_into_buffer`` and ``renames_atomically`` accept either; the
+rest are local only. ``as_path`` takes URLs; ``as_local_path`` refuses them, for what is local
+by nature (locks, snapshots). Settings a program gives for buckets (``flaxckpt.object_store``)
+live in ``_settings``.
 
 Everything a checkpoint holds is untrusted (docs/security.md), so this module is also where
 that is enforced: names read from files become paths only through ``check_name``; reads open
