@@ -128,18 +128,20 @@ _TRANSIENT = {
     # The server applies the request but its answer is lost: the conditional writes of OCDBT's
     # manifest see their own earlier write on the retry.
     'reset_response': ('checkpointer-sync-ocdbt', lambda: [
-        Fault('reset_response', path_contains='manifest.ocdbt', limit=3),
+        Fault('reset_response', method='PUT', path_contains='manifest.ocdbt', limit=2),
         Fault('reset_response', every=4)]),
 }
 
 
 @pytest.mark.parametrize('kind', sorted(_TRANSIENT))
 def test_s3_transient_faults_are_retried(s3_server, s3_proxy, fast_retries, kind):
-  way, faults = _TRANSIENT[kind]
-  s3_proxy.inject(*faults())
+  way, make_faults = _TRANSIENT[kind]
+  faults = make_faults()
+  s3_proxy.inject(*faults)
   _save_and_restore(s3_server.make_bucket(), way)
-  assert s3_proxy.injected[faults()[0].label] >= 5, (dict(s3_proxy.injected),
-                                                     dict(s3_proxy.requests))
+  assert all(fault.done for fault in faults), s3_proxy.log
+  assert s3_proxy.injected[faults[0].label] >= 5, (dict(s3_proxy.injected),
+                                                   dict(s3_proxy.requests))
 
 
 def test_s3_default_retries_cover_each_kind(s3_server, s3_proxy):
@@ -331,7 +333,7 @@ def test_writer_killed_mid_save(request, scheme, point, tmp_path, monkeypatch):
     if point != 'saving':
       assert leftover, 'the killed writer left nothing: the kill came too late'
   fresh = ocp.CheckpointManager(root)
-  fresh.save(1, args=ocp.args.StandardSave(big), force=True)
+  assert fresh.save(1, args=ocp.args.StandardSave(big), force=steps == [0, 1])
   fresh.wait_until_finished()
   assert ocp.CheckpointManager(root).all_steps() == [0, 1]
   assert same(fresh.restore(1), big) == 'ok'
