@@ -15,6 +15,14 @@ raises ``CorruptCheckpointError`` instead of a bare msgpack error, ``_gda`` arra
 without a target (as numpy) instead of raising ``MPARestoreTargetRequiredError``, and each
 msgpack file we write gets a hidden sidecar ``.<name>.crc32c`` with its size and crc32c, checked
 on restore (flax's format has no checksum; flax neither lists nor reads the sidecar).
+
+Every function also takes ``gs://`` and ``s3://`` URLs (docs/object_storage.md). There a msgpack
+checkpoint is one object, written whole at the commit (exclusively, without ``overwrite``), then
+its sidecar (size and crc32c only); a ``_gda`` folder and an Orbax directory are written in
+place and committed by their ``commit_success.txt``, as flax and Orbax do on GCS. Only committed
+checkpoints are listed or restored; retention reclaims the uncommitted ones of earlier steps.
+Buckets have no locks: saves from several programs into one directory at once are not
+supported there.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +85,8 @@ def _upload(directory, url):
 
 def assert_trees_equal(actual, expected):
   """Same structure, leaf types, dtypes, shapes, bytes and shardings."""
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  structures: list[Any] = [jax.tree.structure(actual), jax.tree.structure(expected)]
+  assert structures[0] == structures[1]
   for x, y in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
     assert type(x) is type(y), (x, y)
     if isinstance(y, (np.ndarray, np.generic, jax.Array)):
@@ -149,17 +151,19 @@ def test_a_damaged_object_is_caught_by_its_checksum(root, set_flag):
 def _run_sequence(module, url_or_dir):
   """The same saves with keep, keep_every_n_steps, overwrite and a float-step prefix; returns
   what each call raised."""
-  raised = []
-  for step, kwargs in ((1, {}), (2, {}), (3, {}), (4, {'keep_every_n_steps': 2}),
-                       (5, {'keep_every_n_steps': 2}), (6, {'keep_every_n_steps': 2}),
-                       (3, {}), (5, {'overwrite': True})):
+  raised: list[str | None] = []
+  every_2: dict[str, Any] = {'keep_every_n_steps': 2}
+  steps = [(1, {}), (2, {}), (3, {}), (4, every_2), (5, every_2), (6, every_2), (3, {}),
+           (5, {'overwrite': True})]
+  for step, kwargs in steps:
     try:
       module.save_checkpoint(url_or_dir, {'x': np.full(3, step)}, step, keep=2, **kwargs)
       raised.append(None)
     except flax_errors.InvalidCheckpointError:
       raised.append('InvalidCheckpointError')
-  for step in (0.5, 10.0):
-    module.save_checkpoint(url_or_dir, {'x': np.full(2, step)}, step, prefix='ckpt_', keep=5)
+  for float_step in (0.5, 10.0):
+    module.save_checkpoint(url_or_dir, {'x': np.full(2, float_step)}, float_step,
+                           prefix='ckpt_', keep=5)
   return raised
 
 
@@ -310,6 +314,7 @@ _MULTIPROCESS_SCRIPT = r'''
 url, local = ARGS
 import warnings
 warnings.simplefilter('ignore', DeprecationWarning)
+import flax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -364,21 +369,7 @@ def test_two_processes_save_to_one_bucket_and_a_fresh_one_restores(root, tmp_pat
 # Old formats uploaded to a bucket
 # ==================================================================================================
 
-
-def _has_aggregate_file(case):
-  """Whether the case's Orbax directories hold the pre-2024 ``checkpoint`` tree file."""
-  return any(name.endswith('/checkpoint') for name in case['files'])
-
-
-# flaxckpt/_aggregate.py reads the ``checkpoint`` file with the local-only
-# _storage.read_into_buffer, so those Orbax checkpoints (Orbax 0.1 to 0.5) do not restore from a
-# bucket yet; strict, so that the fix shows here.
-_AGGREGATE_ON_BUCKETS = pytest.mark.xfail(
-    raises=FileNotFoundError, strict=True,
-    reason="_aggregate.read: the 'checkpoint' tree file is read with local-only read_into_buffer")
-_OLD_FLAX = [pytest.param(case, id=case['path'],
-                          marks=[_AGGREGATE_ON_BUCKETS] if _has_aggregate_file(case) else [])
-             for case in old_formats.cases('flax')]
+_OLD_FLAX = [pytest.param(case, id=case['path']) for case in old_formats.cases('flax')]
 
 
 @pytest.mark.parametrize('case', _OLD_FLAX)
