@@ -354,16 +354,17 @@ def read_arrays(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | 
   if not names:
     return []
   regions = regions or [None] * len(names)
-  use_ocdbt, base, context = _read_setup(directory, use_ocdbt)
-  if use_zarr3:
-    return _read_with_driver(directory, base, names, 'zarr3', context,
-                             missing_chunks_are_errors, regions, verifier)
-  source = _open_source(directory, base, use_ocdbt, context)
-  try:
-    return _read_zarr2(directory, base, names, source, context, missing_chunks_are_errors,
-                       ndim_hints if source.speculative else None, regions, verifier)
-  finally:
-    source.close()
+  with _sources.naming_url(directory, 'reading the arrays'):
+    use_ocdbt, base, context = _read_setup(directory, use_ocdbt)
+    if use_zarr3:
+      return _read_with_driver(directory, base, names, 'zarr3', context,
+                               missing_chunks_are_errors, regions, verifier)
+    source = _open_source(directory, base, use_ocdbt, context)
+    try:
+      return _read_zarr2(directory, base, names, source, context, missing_chunks_are_errors,
+                         ndim_hints if source.speculative else None, regions, verifier)
+    finally:
+      source.close()
 
 
 class ArrayInfo(NamedTuple):
@@ -378,13 +379,14 @@ def read_array_infos(directory: pathlib.Path, names: list[str], *, use_ocdbt: bo
   """The shape, dtype and chunk shape of each array, from its zarr metadata only."""
   if not names:
     return []
-  use_ocdbt, base, context = _read_setup(directory, use_ocdbt)
-  source = _open_source(directory, base, use_ocdbt, context)
   meta_file = _zarr.ZARR_JSON if use_zarr3 else _zarr.ZARRAY
-  try:
-    raws = source.collect(source.request([name + '/' + meta_file for name in names]))
-  finally:
-    source.close()
+  with _sources.naming_url(directory, 'reading the array metadata'):
+    use_ocdbt, base, context = _read_setup(directory, use_ocdbt)
+    source = _open_source(directory, base, use_ocdbt, context)
+    try:
+      raws = source.collect(source.request([name + '/' + meta_file for name in names]))
+    finally:
+      source.close()
   infos = []
   for name, raw in zip(names, raws):
     if raw is None:
@@ -558,8 +560,9 @@ def _read_with_driver(directory: pathlib.Path, base: dict[str, Any], names: list
     try:
       stores.append(future.result())
     except ValueError as e:
-      raise _errors.NotACheckpointError(
-          f'{directory}: cannot open array {name!r} as {driver}: {e}') from e
+      raise _sources.io_failure(directory, f'opening array {name!r}', e) or \
+          _errors.NotACheckpointError(
+              f'{directory}: cannot open array {name!r} as {driver}: {e}') from e
   if verifier and driver == 'zarr3':  # zarr v2 layouts were checked as their .zarray was read.
     for name, store in zip(names, stores):
       verifier.check_layout(name, store.dtype.numpy_dtype, tuple(store.shape),
@@ -578,8 +581,10 @@ def _read_with_driver(directory: pathlib.Path, base: dict[str, Any], names: list
     try:
       array = np.asarray(read.result())
     except ValueError as e:
-      raise _errors.NotACheckpointError(
-          f'{directory}: cannot read array {name!r}; a chunk is missing or damaged ({e}).') from e
+      raise _sources.io_failure(directory, f'reading array {name!r}', e) or \
+          _errors.NotACheckpointError(
+              f'{directory}: cannot read array {name!r}; a chunk is missing or damaged '
+              f'({e}).') from e
     if verifier:
       origin = tuple(start for start, _ in box) if box is not None else (0,) * array.ndim
       _check_whole_chunks(verifier, name, array, origin, tuple(store.shape),

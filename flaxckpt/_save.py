@@ -12,22 +12,17 @@ import contextlib
 import functools
 import json
 import pathlib
-import re
 from typing import Any, NamedTuple, cast
 
 import jax
 import numpy as np
 
-from flaxckpt import (_arrays, _checksums, _errors, _metadata, _storage, _tree, _type_handlers,
-                      _zarr)
+from flaxckpt import (_arrays, _checksums, _errors, _metadata, _sources, _storage, _tree,
+                      _type_handlers, _zarr)
 from flaxckpt._args import PyTreeSave, StandardSave
 from flaxckpt._types import SaveArgs, is_key_array, key_impl_name, normalize_dtype
 
 _DEFAULT_SAVE_ARGS = SaveArgs()
-# How tensorstore's errors of failed I/O begin (absl status codes).
-_TENSORSTORE_FAILURE = re.compile(
-    r'(ABORTED|UNAVAILABLE|DEADLINE_EXCEEDED|INTERNAL|UNKNOWN|RESOURCE_EXHAUSTED|CANCELLED|'
-    r'DATA_LOSS|NOT_FOUND|PERMISSION_DENIED|UNAUTHENTICATED|FAILED_PRECONDITION): ')
 _INT64 = np.iinfo(np.int64)
 
 
@@ -44,15 +39,8 @@ class Prepared(NamedTuple):
   handler_futures: tuple[Any, ...] = ()
 
   def write(self) -> None:
-    try:
+    with _sources.naming_url(self.directory, 'writing the arrays'):
       self._write()
-    except ValueError as e:
-      # tensorstore reports a request that failed for good (retries spent, server gone) as a
-      # ValueError naming a key relative to the bucket, or nothing: name the checkpoint's URL.
-      if not _storage.is_remote(self.directory) or not _TENSORSTORE_FAILURE.match(str(e)):
-        raise
-      raise OSError(f'{self.directory}: writing the arrays failed: '
-                    f'{str(e).split(" [", 1)[0]}') from e
 
   def _write(self) -> None:
     *earlier, last = _arrays.in_batches(

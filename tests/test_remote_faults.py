@@ -204,6 +204,23 @@ def test_s3_save_failing_for_good(s3_server, s3_proxy, fast_retries, monkeypatch
   manager.close()
 
 
+@pytest.mark.parametrize('use_ocdbt', [True, False])
+def test_s3_restore_failing_for_good(s3_server, s3_proxy, fast_retries, use_ocdbt):
+  """Array reads that fail for good raise an OSError naming the checkpoint's URL (not a
+  damaged-checkpoint error, not tensorstore's bucket-less key); once the server answers again
+  the same checkpointer restores exactly."""
+  url = s3_server.make_bucket() + '/ckpt'
+  with ocp.StandardCheckpointer(use_ocdbt=use_ocdbt) as ckptr:
+    ckptr.save(url, state(1))
+    s3_proxy.inject(Fault('status', status=503, method='GET',
+                          path_contains='/d/' if use_ocdbt else 'params.layer0.w/'))
+    with pytest.raises(OSError, match=f'{url}: reading the arrays failed: ABORTED'):
+      ckptr.restore(url)
+    assert s3_proxy.total_injected() >= 1
+    s3_proxy.clear()
+    assert same(ckptr.restore(url), state(1)) == 'ok'
+
+
 _GCS_CLIENT = r'''
 import json, sys, urllib.request
 import flaxckpt as ocp
