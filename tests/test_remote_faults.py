@@ -197,8 +197,9 @@ def test_s3_save_failing_for_good(s3_server, s3_proxy, fast_retries, monkeypatch
   fresh = ocp.CheckpointManager(root)
   assert fresh.all_steps() == [0] and fresh.latest_step() == 0
   assert same(fresh.restore(0), state(0)) == 'ok'
-  fresh.save(1, args=ocp.args.StandardSave(state(1)))
-  fresh.wait_until_finished()
+  assert manager.all_steps() == [0]  # The failed save's manager knows it failed.
+  assert manager.save(1, args=ocp.args.StandardSave(state(1)))  # The training loop goes on.
+  manager.wait_until_finished()
   assert ocp.CheckpointManager(root).all_steps() == [0, 1]
   assert same(fresh.restore(1), state(1)) == 'ok'
   manager.close()
