@@ -354,7 +354,7 @@ def read_arrays(directory: pathlib.Path, names: list[str], *, use_ocdbt: bool | 
   if not names:
     return []
   regions = regions or [None] * len(names)
-  with _sources.naming_url(directory, 'reading the arrays'):
+  with _storage.naming_url(directory, 'reading the arrays'):
     use_ocdbt, base, context = _read_setup(directory, use_ocdbt)
     if use_zarr3:
       return _read_with_driver(directory, base, names, 'zarr3', context,
@@ -380,7 +380,7 @@ def read_array_infos(directory: pathlib.Path, names: list[str], *, use_ocdbt: bo
   if not names:
     return []
   meta_file = _zarr.ZARR_JSON if use_zarr3 else _zarr.ZARRAY
-  with _sources.naming_url(directory, 'reading the array metadata'):
+  with _storage.naming_url(directory, 'reading the array metadata'):
     use_ocdbt, base, context = _read_setup(directory, use_ocdbt)
     source = _open_source(directory, base, use_ocdbt, context)
     try:
@@ -560,7 +560,7 @@ def _read_with_driver(directory: pathlib.Path, base: dict[str, Any], names: list
     try:
       stores.append(future.result())
     except ValueError as e:
-      raise _sources.io_failure(directory, f'opening array {name!r}', e) or \
+      raise _storage.request_failure(directory, f'opening array {name!r}', e) or \
           _errors.NotACheckpointError(
               f'{directory}: cannot open array {name!r} as {driver}: {e}') from e
   if verifier and driver == 'zarr3':  # zarr v2 layouts were checked as their .zarray was read.
@@ -581,7 +581,7 @@ def _read_with_driver(directory: pathlib.Path, base: dict[str, Any], names: list
     try:
       array = np.asarray(read.result())
     except ValueError as e:
-      raise _sources.io_failure(directory, f'reading array {name!r}', e) or \
+      raise _storage.request_failure(directory, f'reading array {name!r}', e) or \
           _errors.NotACheckpointError(
               f'{directory}: cannot read array {name!r}; a chunk is missing or damaged '
               f'({e}).') from e

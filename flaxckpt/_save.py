@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, cast
 import jax
 import numpy as np
 
-from flaxckpt import (_arrays, _checksums, _errors, _metadata, _sources, _storage, _tree,
+from flaxckpt import (_arrays, _checksums, _errors, _metadata, _storage, _tree,
                       _type_handlers, _zarr)
 from flaxckpt._args import PyTreeSave, StandardSave
 from flaxckpt._types import SaveArgs, is_key_array, key_impl_name, normalize_dtype
@@ -39,7 +39,7 @@ class Prepared(NamedTuple):
   handler_futures: tuple[Any, ...] = ()
 
   def write(self) -> None:
-    with _sources.naming_url(self.directory, 'writing the arrays'):
+    with _storage.naming_url(self.directory, 'writing the arrays'):
       self._write()
 
   def _write(self) -> None:

@@ -16,12 +16,9 @@ its file.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
-import re
 import urllib.parse
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -47,34 +44,6 @@ MAX_TREE_KEYS = 1 << 25
 _UNKNOWN_LAYOUT = (KeyError, ValueError, TypeError, IndexError, UnicodeDecodeError)
 
 
-# How tensorstore's errors begin where a request failed for good (retries spent, the server
-# gone or silent), as opposed to what it read being damaged.
-_IO_FAILURE = ('ABORTED: ', 'UNAVAILABLE: ', 'DEADLINE_EXCEEDED: ', 'RESOURCE_EXHAUSTED: ',
-               'CANCELLED: ')
-_PAYLOAD = re.compile(r" \[[a-z_ ]+='")  # Where tensorstore's annotations of an error begin.
-
-
-def io_failure(directory: Any, what: str, error: BaseException) -> OSError | None:
-  """An ``OSError`` naming ``directory``'s URL for tensorstore's ``error`` where a request on a
-  bucket failed for good (tensorstore names a key without its bucket, or nothing); None for a
-  local path or any other error (damage is reported as such by the caller)."""
-  if not (isinstance(error, ValueError) and _storage.is_remote(directory)
-          and str(error).startswith(_IO_FAILURE)):
-    return None
-  detail = _PAYLOAD.split(str(error), 1)[0]  # Without the HTTP body and other annotations.
-  return OSError(f'{directory}: {what} failed: {detail}')
-
-
-@contextlib.contextmanager
-def naming_url(directory: Any, what: str) -> Iterator[None]:
-  """Raises ``io_failure``'s error for a failed request on a bucket inside the block."""
-  try:
-    yield
-  except ValueError as e:
-    error = io_failure(directory, what, e)
-    if error is None:
-      raise
-    raise error from e
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -322,7 +291,8 @@ def _walk(ts: Any, base: Any, files: _DataFiles, root: str, root_height: int
     try:
       node = ts.ocdbt.dump(base, location).result()
     except ValueError as e:  # tensorstore could not read or decode it: no read will.
-      raise io_failure(directory, f'reading the OCDBT B+tree node {location!r}', e) or \
+      what = f'reading the OCDBT B+tree node {location!r}'
+      raise _storage.request_failure(directory, what, e) or \
           _errors.NotACheckpointError(
           f'{directory}: the OCDBT B+tree node {location!r} is damaged ({e}); the checkpoint '
           'cannot be restored as saved.') from e

@@ -249,3 +249,43 @@ def test_settings_reach_the_arrays(s3_server, monkeypatch):
   np.testing.assert_array_equal(np.asarray(restored['w']), np.asarray(sharded))
   assert not pathlib.Path('s3:').exists()
   assert _settings.for_bucket('s3', bucket.removeprefix('s3://')).endpoint == s3_server.endpoint
+
+
+_STALLED_CHILD = textwrap.dedent('''
+    import os, sys, time
+    import numpy as np
+    import flaxckpt as ocp
+    from flaxckpt import _storage
+    url = sys.argv[1]
+    _storage.exists(_storage.as_path(url))  # The first request on a bucket.
+    print('DEFAULTS', os.environ['TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS'],
+          os.environ['TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES'])
+    tree = {'w': np.arange(1 << 16, dtype=np.float32)}
+    start = time.monotonic()
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(url + '/1', tree)
+      np.testing.assert_array_equal(ckptr.restore(url + '/1')['w'], tree['w'])
+    print('SAVED', round(time.monotonic() - start, 1))
+''')
+
+
+def test_a_request_the_server_never_answers_is_dropped_and_retried(s3_server, tmp_path):
+  """A data-file PUT the server holds for good: curl drops it once it stalls, and the retry
+  completes the save. The child's stall limit is 2 s instead of the default 60 s (which the
+  first request on a bucket sets where the environment sets none)."""
+  from fault_proxy import Fault, FaultProxy
+  bucket = s3_server.make_bucket()
+  env = {k: v for k, v in os.environ.items() if not k.startswith('TENSORSTORE_CURL_LOW_SPEED')}
+  result = subprocess.run([sys.executable, '-c', _STALLED_CHILD, bucket + '/defaults'],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'DEFAULTS {_remote.STALLED_REQUEST_SECS} 256' in result.stdout
+  with FaultProxy(s3_server.endpoint, 's3') as proxy:
+    proxy.inject(Fault('hang', method='PUT', path_contains='/d/', limit=1, delay_s=300))
+    env.update(AWS_ENDPOINT_URL_S3=proxy.endpoint, TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS='2')
+    result = subprocess.run([sys.executable, '-c', _STALLED_CHILD, bucket + '/held'],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert proxy.injected['hang'] == 1
+  assert 'DEFAULTS 2 256' in result.stdout and 'SAVED' in result.stdout
+  assert os.listdir(tmp_path) == []

@@ -696,6 +696,26 @@ def _sync_path(path: str | pathlib.Path) -> None:
     os.close(fd)
 
 
+def request_failure(path: Any, what: str, error: BaseException) -> OSError | None:
+  """For a bucket ``path``: an ``OSError`` naming its URL when tensorstore's ``error`` says a
+  request failed for good (retries spent, the server gone or silent). None for local paths and
+  for any other error (damage is reported as damage by the caller)."""
+  return _remote.request_failure(path, what, error) if isinstance(path, RemotePath) else None
+
+
+@contextlib.contextmanager
+def naming_url(path: Any, what: str) -> Iterator[None]:
+  """Turns a request on a bucket that failed for good inside the block into
+  ``request_failure``'s error."""
+  try:
+    yield
+  except ValueError as e:
+    error = request_failure(path, what, e)
+    if error is None:
+      raise
+    raise error from e
+
+
 def context_resources(path: StoragePath) -> dict[str, Any]:
   """The tensorstore context resources to open stores under ``path`` with: none locally, the
   object store's settings (request concurrency, retries, billing...) on a bucket."""

@@ -32,6 +32,9 @@ SCHEMES = ('gs', 's3')
 # How long one request (a small object's read or write, a listing) may take before it fails
 # with a TimeoutError naming the URL; tensorstore retries transient failures meanwhile.
 REQUEST_TIMEOUT_SECS = 300.0
+# A request moving (almost) no bytes for this long is dropped and retried (see
+# _drop_stalled_requests).
+STALLED_REQUEST_SECS = 60
 # OCDBT data files on object stores: each is one object, written by one request and read by
 # ranged requests; small ones go out and come back in parallel, and none nears S3's 5 GiB limit
 # on a single upload. Measured on both loopback servers (256 MiB in 30 leaves): 4 MiB files
@@ -40,6 +43,11 @@ DATA_FILE_BYTES = 4 << 20
 _DEFAULT_S3_REGION = 'us-east-1'  # Used with a custom endpoint when no region is set.
 _BUCKET = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')
 _NO_VALUE = b'\x02'  # tensorstore's storage generation of a missing key: "must not exist yet".
+# How tensorstore's errors begin where a request failed for good (retries spent, the server
+# gone or silent), as opposed to what it read being damaged.
+_IO_FAILURE = ('ABORTED: ', 'UNAVAILABLE: ', 'DEADLINE_EXCEEDED: ', 'RESOURCE_EXHAUSTED: ',
+               'CANCELLED: ')
+_ANNOTATIONS = re.compile(r" \[[a-z_ ]+='")  # Where tensorstore's annotations of an error begin.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +136,7 @@ def kvstore_spec(path: RemotePath) -> dict[str, Any]:
 
 
 def _bucket_spec(scheme: str, bucket: str) -> dict[str, Any]:
+  _drop_stalled_requests()
   settings = _settings.for_bucket(scheme, bucket)
   if scheme == 'gs':
     _settings.gcs_endpoint()  # Fixes this process's GCS server before tensorstore reads it.
@@ -135,6 +144,16 @@ def _bucket_spec(scheme: str, bucket: str) -> dict[str, Any]:
   else:
     spec = _s3_spec(bucket, settings)
   return spec
+
+
+def _drop_stalled_requests() -> None:
+  """Has curl drop a request that moves fewer than 256 bytes a second for 60 s (tensorstore
+  then retries it), unless the environment says otherwise: without this, a server that takes a
+  connection and never answers holds a save or restore for ever. JAX sets the same values on
+  TPU VMs. tensorstore reads them when it starts its HTTP transport, so before the first request.
+  """
+  os.environ.setdefault('TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS', str(STALLED_REQUEST_SECS))
+  os.environ.setdefault('TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES', '256')
 
 
 def _s3_spec(bucket: str, settings: _settings.Settings) -> dict[str, Any]:
@@ -260,7 +279,7 @@ def _wait(future: Any, path: RemotePath, what: str) -> Any:
         f'{path}: no answer from {_endpoint(path)} in {timeout:g} s while {what}.') from e
   except ValueError as e:
     message = str(e)
-    detail = message.split(' [', 1)[0]
+    detail = error_detail(message)
     if message.startswith('NOT_FOUND'):
       raise FileNotFoundError(
           f'{path}: the bucket {path.bucket!r} does not exist on {_endpoint(path)} ({detail}) '
@@ -270,6 +289,20 @@ def _wait(future: Any, path: RemotePath, what: str) -> Any:
           f'{path}: access denied by {_endpoint(path)} ({detail}) while {what}; '
           f'{_credentials_hint(path)}.') from e
     raise OSError(f'{path}: {what} failed: {detail}') from e
+
+
+def error_detail(message: str) -> str:
+  """tensorstore's error message without the HTTP body and other annotations it appends."""
+  return _ANNOTATIONS.split(message, 1)[0]
+
+
+def request_failure(path: RemotePath, what: str, error: BaseException) -> OSError | None:
+  """An ``OSError`` naming ``path`` for a tensorstore ``error`` where a request failed for
+  good (tensorstore names a key without its bucket, or nothing); None for any other error, such
+  as damaged data, which callers report as damage."""
+  if not (isinstance(error, ValueError) and str(error).startswith(_IO_FAILURE)):
+    return None
+  return OSError(f'{path}: {what} failed: {error_detail(str(error))}')
 
 
 def _where_set(path: RemotePath) -> str:
