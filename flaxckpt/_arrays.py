@@ -444,10 +444,10 @@ def _open_source(directory: pathlib.Path, base: dict[str, Any], use_ocdbt: bool,
                  context: ts.Context) -> Any:
   ts = _tensorstore()
   local = not _storage.is_remote(directory)
-  # On an object store every value is read through tensorstore's kvstore (OCDBT's own lookups
-  # included): the index reader and the direct reads below open local files.
-  if use_ocdbt and local:
-    index = _sources.OcdbtIndexSource.load(ts, directory, _storage.kvstore_spec(directory))
+  if use_ocdbt:
+    spec = _storage.kvstore_spec(directory)
+    index = (_sources.OcdbtIndexSource.load(ts, directory, spec) if local else
+             _sources.ObjectIndexSource.load(ts, directory, spec, context))
     if index is not None:
       return index
   kv = ts.KvStore.open(base, context=context).result()

@@ -16,9 +16,12 @@ its file.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
+import sys
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -194,6 +197,125 @@ class OcdbtIndexSource:
     self._files.close()
 
 
+class ObjectIndexSource:
+  """Values of an OCDBT database on an object store, found by walking its B+tree once.
+
+  tensorstore would send one ranged request per value. Here the values requested before the
+  next ``collect`` are fetched together: one ranged read per data file, spanning neighbouring
+  values (gaps up to ``COALESCE_GAP_BYTES`` are read and dropped), so a file holding several
+  arrays' chunks costs one request, as the object itself would.
+  """
+
+  speculative = False  # Every value is already known; guessing gains nothing.
+
+  def __init__(self, entries: dict[str, bytes | Location]):
+    self._entries = entries
+    self._pending: list[str] = []  # Requested, not yet fetched.
+    self._fetched: dict[str, Callable[[], Any]] = {}
+
+  @classmethod
+  def load(cls, ts: Any, directory: Any, spec: dict[str, Any], context: Any
+           ) -> ObjectIndexSource | None:
+    """Walks the database under ``directory`` (a bucket path); None where tensorstore's own
+    reads must do (a layout this reader does not know, a tree past the bounds).
+
+    Raises:
+      UnsafeCheckpointError: a node names an object outside ``directory``.
+      NotACheckpointError: a node is damaged, or the tree reaches a node twice or at the wrong
+        height.
+      OSError: the bucket did not answer (naming its URL).
+    """
+    files = _ObjectFiles(directory)
+    try:
+      base = ts.KvStore.open(spec, context=context).result()
+      versions = ts.ocdbt.dump(base).result()['versions']
+      if not versions:
+        return None
+      latest = versions[-1]
+      root = latest['root'].get('location')
+      entries = _walk(ts, base, files, root, latest['root_height']) if root else {}
+    except (_errors.CheckpointError, OSError):
+      raise
+    except _UNKNOWN_LAYOUT:
+      return None
+    return None if entries is None else cls(entries)
+
+  def request(self, keys: list[str]) -> list[str]:
+    self._pending.extend(key for key in keys if key not in self._fetched)
+    return keys
+
+  def collect(self, keys: list[str]) -> list[Any]:
+    if any(key not in self._fetched for key in keys):
+      self._fetch_pending()
+    out: list[Any] = []
+    for key in keys:
+      entry = self._entries.get(key)
+      out.append(entry if entry is None or isinstance(entry, bytes) else self._fetched[key]())
+    return out
+
+  def _fetch_pending(self) -> None:
+    by_file: dict[Any, list[tuple[int, int, str]]] = {}
+    for key in dict.fromkeys(self._pending):
+      entry = self._entries.get(key)
+      if isinstance(entry, tuple) and key not in self._fetched:
+        path, offset, length = entry
+        by_file.setdefault(path, []).append((offset, length, key))
+    self._pending = []
+    for path, values in by_file.items():
+      values.sort()
+      run = [values[0]]
+      for value in values[1:]:
+        if value[0] <= run[-1][0] + run[-1][1] + COALESCE_GAP_BYTES:
+          run.append(value)
+        else:
+          self._start(path, run)
+          run = [value]
+      self._start(path, run)
+
+  def _start(self, path: Any, run: list[tuple[int, int, str]]) -> None:
+    """Starts the read of one span of ``path`` covering the values of ``run``."""
+    start = run[0][0]
+    stop = max(offset + length for offset, length, _ in run)
+    wait = functools.cache(_checked_range(path, start, stop, run[0][2]))
+    for offset, length, key in run:
+      self._fetched[key] = functools.partial(_slice, wait, offset - start, length)
+
+  def location(self, key: str) -> Location | None:
+    return None  # Values are read by this source, never opened as local files.
+
+  def close(self) -> None:
+    self._fetched.clear()
+
+
+# Neighbouring values of one data file closer than this are fetched by one request.
+COALESCE_GAP_BYTES = 1 << 20
+# Values smaller than this are handed out as bytes, larger ones as views of the span read.
+_VIEW_MIN_BYTES = 1 << 16
+
+
+def _checked_range(path: Any, start: int, stop: int, key: str) -> Callable[[], bytes]:
+  wait = _storage.start_read_range(path, start, stop)
+
+  def checked() -> bytes:
+    try:
+      return wait()
+    except (EOFError, FileNotFoundError) as e:
+      raise _errors.NotACheckpointError(
+          f'{path}: expected bytes {start} to {stop} of this OCDBT data file (for key {key!r} '
+          f'and its neighbours), but {e}; the checkpoint is damaged.') from None
+
+  return checked
+
+
+def _slice(wait: Callable[[], bytes], offset: int, length: int) -> Any:
+  data = wait()
+  if offset == 0 and length == len(data):
+    return data
+  if length < _VIEW_MIN_BYTES:
+    return data[offset:offset + length]
+  return memoryview(data)[offset:offset + length]
+
+
 class _DataFiles:
   """The files an OCDBT tree names, each resolved, checked and opened once."""
 
@@ -263,6 +385,14 @@ class _DataFiles:
     for fd, _ in self._open.values():
       os.close(fd)
     self._open.clear()
+
+
+class _ObjectFiles(_DataFiles):
+  """The objects an OCDBT tree on a bucket names: names are checked as for files; sizes are
+  not known before a read (one past an object's end fails when it is read)."""
+
+  def check(self, path: Any, what: str) -> int:
+    return sys.maxsize
 
 
 def _walk(ts: Any, base: Any, files: _DataFiles, root: str, root_height: int

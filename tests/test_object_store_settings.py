@@ -123,8 +123,8 @@ def test_explicit_s3_endpoint_without_the_environment(s3_server, tmp_path, monke
                              request_concurrency=2, max_retries=3, requester_pays=True)
   spec = _storage.kvstore_spec(RemotePath.parse(bucket + '/run'))
   assert spec['endpoint'] == s3_server.endpoint and spec['requester_pays'] is True
-  assert _storage.context_resources(RemotePath.parse(bucket)) == {'s3_request_concurrency': {'limit': 2},
-                             's3_request_retries': {'max_retries': 3}}
+  assert _storage.context_resources(RemotePath.parse(bucket)) == {
+      's3_request_concurrency': {'limit': 2}, 's3_request_retries': {'max_retries': 3}}
   _round_trip(bucket + '/run/1', _tree())
   with ocp.CheckpointManager(bucket + '/managed') as manager:
     manager.save(0, args=ocp.args.StandardSave(_tree()))

@@ -215,7 +215,7 @@ def test_s3_restore_failing_for_good(s3_server, s3_proxy, fast_retries, use_ocdb
     ckptr.save(url, state(1))
     s3_proxy.inject(Fault('status', status=503, method='GET',
                           path_contains='/d/' if use_ocdbt else 'params.layer0.w/'))
-    with pytest.raises(OSError, match=f'{url}: reading the arrays failed: ABORTED'):
+    with pytest.raises(OSError, match=rf'{url}\S*: reading .* failed: ABORTED'):
       ckptr.restore(url)
     assert s3_proxy.total_injected() >= 1
     s3_proxy.clear()

@@ -33,7 +33,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -568,6 +568,12 @@ def map_readonly(path: pathlib.Path) -> np.ndarray | bytes:
   with os.fdopen(open_regular(path), 'rb') as file:  # The map outlives the descriptor.
     return np.memmap(file, dtype=np.uint8, mode='r') if os.fstat(file.fileno()).st_size else b''
 
+
+
+def start_read_range(path: RemotePath, start: int, stop: int) -> Callable[[], bytes]:
+  """Starts reading bytes ``start`` to ``stop`` of an object on a bucket; the function it
+  returns waits for them (see ``_remote.start_read_range``)."""
+  return _remote.start_read_range(path, start, stop)
 
 
 def read_head(path: StoragePath, size: int) -> bytes:

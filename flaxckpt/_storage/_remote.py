@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import re
+from collections.abc import Callable
 from typing import Any
 
 from flaxckpt import _errors
@@ -416,6 +417,33 @@ def read_head(path: RemotePath, size: int) -> bytes:
   if found.state != 'value':
     raise FileNotFoundError(f'{path}: no such object.')
   return found.value
+
+
+def start_read_range(path: RemotePath, start: int, stop: int) -> Callable[[], bytes]:
+  """Starts reading bytes ``start`` to ``stop`` of an object; returns the function that waits
+  for them.
+
+  The function raises:
+    FileNotFoundError: no object is stored under ``path``.
+    EOFError: the object ends before ``stop``.
+  """
+  future = _store(path).read(_object_key(path), byte_range=slice(start, stop))
+
+  def wait() -> bytes:
+    what = f'reading its bytes {start} to {stop}'
+    try:
+      found = _wait(future, path, what)
+    except OSError as e:
+      if not str(e.__cause__).startswith('OUT_OF_RANGE'):
+        raise
+      raise EOFError(f'{path}: the object ends before byte {stop}.') from None
+    if found.state != 'value':
+      raise FileNotFoundError(f'{path}: no such object.')
+    if len(found.value) != stop - start:
+      raise EOFError(f'{path}: the object ends before byte {stop}.')
+    return found.value
+
+  return wait
 
 
 def _refuse_size(path: RemotePath, max_bytes: int) -> None:
