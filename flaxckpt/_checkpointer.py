@@ -391,10 +391,10 @@ class AsyncCheckpointer(Checkpointer):
       raise _errors.AsyncSaveError(
           f'The background save to {self._pending_path} failed: {error!r}') from error
 
-  def __del__(self) -> None:
-    thread = getattr(self, '_thread', None)
-    if thread is not None:
-      thread.join()
+  def is_saving(self) -> bool:
+    """Whether a background save is still writing or committing."""
+    thread = self._thread
+    return thread is not None and thread.is_alive()
 
 
 class _OneHandlerCheckpointer(Checkpointer):

@@ -418,8 +418,8 @@ class CheckpointManager:
     final = self._root / self._name_format.build_name(step)
     if _storage.renames_atomically(final):
       return step if _steps.saves_in_flight(final) else None
-    thread = getattr(self._checkpointer, '_thread', None)  # AsyncCheckpointer's save.
-    return step if thread is not None and thread.is_alive() else None
+    saving = getattr(self._checkpointer, 'is_saving', None)  # An AsyncCheckpointer's.
+    return step if saving is not None and saving() else None
 
   def reached_preemption(self, step: int) -> bool:
     """True at a preemption sync point of JAX's distributed runtime; False without one."""
