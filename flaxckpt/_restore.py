@@ -483,6 +483,9 @@ def _empty_value(leaf: _metadata.LeafMetadata) -> Any:
   return factory() if factory is not None else None
 
 
+_COPY_FIRST_MAX_BYTES = 1 << 20
+
+
 def _writable(array: np.ndarray) -> np.ndarray:
   return array if array.flags.writeable else array.copy()
 
@@ -581,8 +584,11 @@ def _convert(slot: int, path: _tree.Path, want: _Want, stored: _metadata.LeafMet
     if sharding is not None and key_impl is not None:
       sharding = None  # The saved sharding describes the key data's trailing dims too.
   # jax places writable host buffers about twice as fast as read-only ones (views of the bytes
-  # read from storage); copying a small array first costs far less than the difference.
-  pending.append((slot, _writable(value), sharding, key_impl))
+  # read from storage); copying a small array first costs far less than the difference. A
+  # large read-only one is copied by device_put itself: a copy first would be a second one.
+  if value.nbytes < _COPY_FIRST_MAX_BYTES:
+    value = _writable(value)
+  pending.append((slot, value, sharding, key_impl))
 
 
 def _fit(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

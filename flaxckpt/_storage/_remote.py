@@ -401,9 +401,10 @@ def read_bytes(path: RemotePath, max_bytes: int | None) -> bytes:
   found = _wait(store.read(key), path, 'reading it')
   if found.state != 'value':
     raise FileNotFoundError(f'{path}: no such object.')
-  if max_bytes is not None and len(found.value) > max_bytes:  # Replaced meanwhile.
+  value = found.value  # Each access to .value copies the bytes.
+  if max_bytes is not None and len(value) > max_bytes:  # Replaced meanwhile.
     _refuse_size(path, max_bytes)
-  return found.value
+  return value
 
 
 def read_head(path: RemotePath, size: int) -> bytes:
@@ -439,9 +440,10 @@ def start_read_range(path: RemotePath, start: int, stop: int) -> Callable[[], by
       raise EOFError(f'{path}: the object ends before byte {stop}.') from None
     if found.state != 'value':
       raise FileNotFoundError(f'{path}: no such object.')
-    if len(found.value) != stop - start:
+    value = found.value  # Each access to .value copies the bytes.
+    if len(value) != stop - start:
       raise EOFError(f'{path}: the object ends before byte {stop}.')
-    return found.value
+    return value
 
   return wait
 
