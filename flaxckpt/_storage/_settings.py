@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 SCHEMES = ('gs', 's3')
+_GOOGLE = 'https://storage.googleapis.com'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +133,9 @@ def for_bucket(scheme: str, bucket: str) -> Settings:
 
 
 def gcs_endpoint() -> str:
-  """The GCS server this process talks to, fixed on first use: the configured endpoint, else
-  ``TENSORSTORE_GCS_HTTP_URL``, else ``STORAGE_EMULATOR_HOST``, else Google's.
+  """The GCS server this process talks to: the configured endpoint, else
+  ``TENSORSTORE_GCS_HTTP_URL``, else ``STORAGE_EMULATOR_HOST`` (fixed once one of them is
+  used), else Google's.
 
   tensorstore reads ``TENSORSTORE_GCS_HTTP_URL`` once, on its first GCS request, so the choice
   is written there before that request and cannot change later in the process.
@@ -144,9 +146,10 @@ def gcs_endpoint() -> str:
       configured = _registered.get('gs://')
       endpoint = (configured.endpoint if configured and configured.endpoint else None) or \
           os.environ.get('TENSORSTORE_GCS_HTTP_URL') or _emulator_url()
-      if endpoint:
-        os.environ['TENSORSTORE_GCS_HTTP_URL'] = endpoint
-      _gcs_endpoint_in_use = endpoint or 'https://storage.googleapis.com'
+      if not endpoint:  # Google's, unless a server is named before tensorstore's first request.
+        return _GOOGLE
+      os.environ['TENSORSTORE_GCS_HTTP_URL'] = endpoint
+      _gcs_endpoint_in_use = endpoint
     return _gcs_endpoint_in_use
 
 
