@@ -225,7 +225,8 @@ def _stayed(path: pathlib.Path, identities: dict[str, int | None]) -> bool:
   return Identity(inode, 0, birth).same_file(Identity.of_path(os.fspath(path))._replace(mtime_ns=0))
 
 
-def verify(ckpt_path: str, data: np.ndarray, info: os.stat_result | None = None) -> None:
+def verify(ckpt_path: str, data: np.ndarray | bytes, info: os.stat_result | None = None
+           ) -> None:
   """Checks ``data`` (the whole file at ``ckpt_path``) against its sidecar, if it has one.
 
   ``info``: the stat of the file ``data`` was read from (by default, of ``ckpt_path`` now).
