@@ -149,12 +149,10 @@ class OcdbtIndexSource:
       if os.path.lexists(directory / _MANIFEST):  # Else tensorstore finds no database.
         files.check(directory / _MANIFEST, 'the OCDBT manifest')
       base = ts.KvStore.open(file_spec).result()
-      versions = ts.ocdbt.dump(base).result()['versions']
-      if not versions:
+      root = _latest_root(ts, base)
+      if root is None:
         return None
-      latest = versions[-1]
-      root = latest['root'].get('location')
-      entries = _walk(ts, base, files, root, latest['root_height']) if root else {}
+      entries = _walk(ts, base, files, *root)
     except _errors.CheckpointError:
       files.close()
       raise
@@ -228,12 +226,10 @@ class ObjectIndexSource:
     files = _ObjectFiles(directory)
     try:
       base = ts.KvStore.open(spec, context=context).result()
-      versions = ts.ocdbt.dump(base).result()['versions']
-      if not versions:
+      root = _latest_root(ts, base)
+      if root is None:
         return None
-      latest = versions[-1]
-      root = latest['root'].get('location')
-      entries = _walk(ts, base, files, root, latest['root_height']) if root else {}
+      entries = _walk(ts, base, files, *root)
     except (_errors.CheckpointError, OSError):
       raise
     except _UNKNOWN_LAYOUT:
@@ -395,14 +391,26 @@ class _ObjectFiles(_DataFiles):
     return sys.maxsize
 
 
-def _walk(ts: Any, base: Any, files: _DataFiles, root: str, root_height: int
+def _latest_root(ts: Any, base: Any) -> tuple[str | None, int] | None:
+  """The root node's location (None for an empty tree) and height in the database's latest
+  version; None if it has no version."""
+  versions = ts.ocdbt.dump(base).result()['versions']
+  if not versions:
+    return None
+  latest = versions[-1]
+  return latest['root'].get('location'), latest['root_height']
+
+
+def _walk(ts: Any, base: Any, files: _DataFiles, root: str | None, root_height: int
           ) -> dict[str, bytes | Location] | None:
-  """Every key of the tree below ``root`` with its inline value or its location; None past
-  the bounds. Each node is visited once, one level below its parent, and its keys must lie in
-  the range its parent gives it (from its own key up to the next child's), so that no key is
-  found twice and every key is the one tensorstore's lookups would find."""
+  """Every key of the tree below ``root`` (None: an empty tree) with its inline value or its
+  location; None past the bounds. Each node is visited once, one level below its parent, and
+  its keys must lie in the range its parent gives it (from its own key up to the next child's),
+  so that no key is found twice and every key is the one tensorstore's lookups would find."""
   directory = files.directory
   entries: dict[str, bytes | Location] = {}
+  if root is None:
+    return entries
   seen: set[tuple[pathlib.Path, int, int]] = set()
   # (node, its height, prefix of its keys, its keys' inclusive minimum and exclusive maximum)
   pending: list[tuple[str, int, bytes, bytes, bytes | None]] = [
