@@ -61,3 +61,18 @@ def run(script: str, processes: int, devices_per_process: int, *args: str,
     assert len(lines) == 1, f'process {i} printed no single RESULT line:\n{out[-2000:]}'
     results.append(json.loads(lines[0][len('RESULT '):]))
   return results
+
+
+# Script lines that build ``w`` (8x4, split across every device of every process) and ``b``
+# (replicated) from ``values``, with flax's msgpack backend chosen; for the legacy tests'
+# scripts, which import flax, numpy, Mesh, NamedSharding and PartitionSpec first.
+SHARDED_ACROSS_PROCESSES = r'''
+flax.config.update('flax_use_orbax_checkpointing', False)
+mesh = Mesh(np.array(jax.devices()), ('x',))
+values = {'w': np.arange(32, dtype=np.float32).reshape(8, 4),
+          'b': np.linspace(0, 1, 4, dtype=np.float32)}
+w = jax.make_array_from_callback((8, 4), NamedSharding(mesh, PartitionSpec('x')),
+                                 lambda index: values['w'][index])
+b = jax.make_array_from_callback((4,), NamedSharding(mesh, PartitionSpec()),
+                                 lambda index: values['b'][index])
+'''

@@ -320,14 +320,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from flaxckpt.legacy import checkpoints
 
-flax.config.update('flax_use_orbax_checkpointing', False)
-mesh = Mesh(np.array(jax.devices()), ('x',))
-values = {'w': np.arange(32, dtype=np.float32).reshape(8, 4),
-          'b': np.linspace(0, 1, 4, dtype=np.float32)}
-w = jax.make_array_from_callback((8, 4), NamedSharding(mesh, PartitionSpec('x')),
-                                 lambda index: values['w'][index])
-b = jax.make_array_from_callback((4,), NamedSharding(mesh, PartitionSpec()),
-                                 lambda index: values['b'][index])
+''' + multiprocess.SHARDED_ACROSS_PROCESSES + r'''
 assert not w.is_fully_addressable
 tree = {'params': {'w': w, 'b': b}, 'step': 7}
 for directory in (url, local):
