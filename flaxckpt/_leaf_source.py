@@ -96,10 +96,8 @@ def read_msgpack(path: pathlib.Path) -> Any:
   """The state dict of a flax msgpack file, its arrays views into a read-only map of it (of
   the object's bytes, read whole, on an object store: objects cannot be mapped)."""
   from flaxckpt.legacy import _msgpack  # Only flax files need the legacy package.
-  data = (_storage.read_bytes(path, max_bytes=None) if _storage.is_remote(path)
-          else _storage.map_readonly(path))
   try:
-    return _msgpack.decode(data)
+    return _msgpack.decode(_storage.map_readonly(path))
   except _msgpack.MsgpackDecodeError as e:
     raise _errors.NotACheckpointError(
         f'{path}: not a complete flax msgpack checkpoint ({e}).') from None

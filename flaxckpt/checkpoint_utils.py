@@ -69,19 +69,6 @@ def _root(checkpoint_dir: _storage.PathLike, snapshot_dir: _storage.PathLike | N
   return _storage.as_path(checkpoint_dir)
 
 
-def _download(source: pathlib.Path, target: pathlib.Path) -> None:
-  """Copies the objects under the bucket prefix ``source`` into the new local directory
-  ``target``, one object in memory at a time. Names come from the bucket, so a name that could
-  lead out of ``target`` is refused (``UnsafeCheckpointError``)."""
-  _storage.make_new_dir(target)
-  for name in _storage.list_names(source):
-    entry, copy = source / name, _storage.join_inside(target, name, f'an object under {source}')
-    if _storage.is_dir(entry):
-      _download(entry, copy)
-    elif _storage.is_file(entry):
-      _storage.write_bytes(copy, _storage.read_bytes(entry, max_bytes=None), exclusive=True)
-
-
 def _remove_snapshots(snapshot_dir: pathlib.Path) -> None:
   """Removes the step copies (entries named like steps) in ``snapshot_dir``."""
   if not _storage.is_dir(snapshot_dir):
@@ -106,7 +93,7 @@ def _hold(root: pathlib.Path, step: int, name_format: step_lib.NameFormat[step_l
       snapshot = _storage.as_local_path(snapshot_dir) / step_dir.name
       _storage.make_dirs(snapshot.parent)
       _storage.remove_tree(snapshot)  # Left by a reader that crashed.
-      (_download if _storage.is_remote(step_dir) else _storage.copy_tree)(step_dir, snapshot)
+      _storage.copy_tree(step_dir, snapshot)
       _storage.remove_tree(snapshot / _steps.LOCK_DIR)
     yield
   finally:

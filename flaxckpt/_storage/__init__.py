@@ -6,7 +6,8 @@ backend only has to be added here. Two stand behind the same functions: local pa
 (``_remote.RemotePath``, made by ``as_storage_path``). ``exists``, ``is_dir``, ``is_file``,
 ``is_link``, ``list_names``, ``read_bytes``, ``read_text``, ``write_bytes``, ``write_text``,
 ``make_dirs``, ``remove``, ``remove_tree``, ``kvstore_spec``, ``context_resources``,
-``ocdbt_data_file_size``, ``read_into_buffer`` and ``renames_atomically`` accept either; the
+``ocdbt_data_file_size``, ``read_into_buffer``, ``map_readonly``, ``copy_tree`` (from a
+bucket) and ``renames_atomically`` accept either; the
 rest are local only. ``as_path`` takes URLs; ``as_local_path`` refuses them, for what is local
 by nature (locks, snapshots). Settings a program gives for buckets (``flaxckpt.object_store``)
 live in ``_settings``.
@@ -313,25 +314,32 @@ def set_directory_modes(root: pathlib.Path, mode: int) -> None:
       os.chmod(dirpath, mode)
 
 
-def copy_tree(source: pathlib.Path, target: pathlib.Path) -> None:
-  """Copies the directories and regular files under ``source`` into the new ``target``.
+def copy_tree(source: StoragePath, target: pathlib.Path) -> None:
+  """Copies the directories and regular files under ``source`` (or the objects under a bucket
+  prefix, one in memory at a time) into the new local directory ``target``.
 
   Raises:
     UnsafeCheckpointError: ``source`` holds a link (never followed out of a checkpoint), a
-      FIFO, device or socket.
+      FIFO, device or socket; or an object name that could lead out of ``target``.
   """
   make_new_dir(target)
+  remote = isinstance(source, RemotePath)
   for name in list_names(source):
     entry = source / name
+    # Local names are single entries; names listed from a bucket are checked.
+    copy = join_inside(target, name, f'an object under {source}') if remote else target / name
     if is_link(entry):
       raise _errors.UnsafeCheckpointError(
           f'{entry}: a symbolic link inside a checkpoint; refusing to follow it while copying.')
     if is_dir(entry):
-      copy_tree(entry, target / name)
-      continue
-    with os.fdopen(open_regular(entry), 'rb') as src, \
-        open_for_write(target / name, exclusive=True) as dst:
-      shutil.copyfileobj(src, dst, 1 << 20)
+      copy_tree(entry, copy)
+    elif remote:
+      if is_file(entry):
+        write_bytes(copy, read_bytes(entry, max_bytes=None), exclusive=True)
+    else:
+      with os.fdopen(open_regular(entry), 'rb') as src, \
+          open_for_write(copy, exclusive=True) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def is_file(path: StoragePath) -> bool:
@@ -562,12 +570,14 @@ def read_bytes(path: PathLike | RemotePath, max_bytes: int | None = MAX_METADATA
     return f.read()
 
 
-def map_readonly(path: pathlib.Path) -> np.ndarray | bytes:
+def map_readonly(path: StoragePath) -> np.ndarray | bytes:
   """A regular file's bytes as a read-only memory map (b'' for an empty file): pages are read
-  when used. Refused like ``open_regular`` refuses."""
+  when used. Refused like ``open_regular`` refuses. An object cannot be mapped: its bytes are
+  read whole (its size is its real size, not a number a file declares)."""
+  if isinstance(path, RemotePath):
+    return _remote.read_bytes(path, None)
   with os.fdopen(open_regular(path), 'rb') as file:  # The map outlives the descriptor.
     return np.memmap(file, dtype=np.uint8, mode='r') if os.fstat(file.fileno()).st_size else b''
-
 
 
 def start_read_range(path: RemotePath, start: int, stop: int) -> Callable[[], bytes]:
