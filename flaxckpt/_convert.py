@@ -11,7 +11,6 @@ a ``gs://``/``s3://`` URL: an Orbax checkpoint is then written in place and comm
 from __future__ import annotations
 
 import functools
-import io
 import os
 import pathlib
 from collections.abc import Callable
@@ -116,16 +115,14 @@ def _write_msgpack(leaves: _leaf_source.LeafSource, target: pathlib.Path,
 def _write_msgpack_object(state: object, target: pathlib.Path) -> None:
   """Writes the msgpack object ``target`` (refused if an object appeared there meanwhile), then
   its checksum sidecar, as legacy ``save_checkpoint`` does on a bucket."""
-  from flaxckpt.legacy import _msgpack, _sidecar
-  buffer = io.BytesIO()
-  summed = _sidecar.ChecksummingFile(buffer)
-  _msgpack.write(summed, state)
+  from flaxckpt.legacy import _sidecar
+  data, checksum = _sidecar.encode(state)
   try:
-    _storage.write_bytes(target, buffer.getvalue(), exclusive=True)
+    _storage.write_bytes(target, data, exclusive=True)
   except _errors.UnsafeCheckpointError:
     raise _errors.CheckpointExistsError(
         f'{target}: appeared while convert was writing; it was left as it is.') from None
-  _sidecar.write(str(target), summed.checksum)
+  _sidecar.write(str(target), checksum)
 
 
 def _remove_stale_partial(partial: pathlib.Path) -> None:

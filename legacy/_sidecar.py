@@ -25,6 +25,7 @@ program that rewrites the checkpoint object must delete the sidecar too), as in 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -97,6 +98,16 @@ class ChecksummingFile:
   @property
   def checksum(self) -> Checksum:
     return Checksum(self._size, self._crc)
+
+
+def encode(state: Any) -> tuple[bytes, Checksum]:
+  """``state`` as the bytes of a flax msgpack file, with their size and crc32c: for an
+  object, which is written whole."""
+  from flaxckpt.legacy import _msgpack
+  buffer = io.BytesIO()
+  summed = ChecksummingFile(buffer)
+  _msgpack.write(summed, state)
+  return buffer.getvalue(), summed.checksum
 
 
 def _path(ckpt_path: str) -> pathlib.Path:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import io
 import logging
 import os
 import pathlib
@@ -426,17 +425,12 @@ class _WrittenToBucket(_Written):
   ``commit_success.txt`` as flax does on GCS. No temporary names, no locks."""
 
   def __init__(self, final: pathlib.Path, tmp_name: str):
-    del tmp_name  # No temporaries on a bucket.
+    del tmp_name  # No temporaries on a bucket: the save writes under the final names.
     super().__init__(final, final.name)
-    self.path = final
-    self.gda_path = final.with_name(final.name + MP_ARRAY_POSTFIX)
     self._data = b''
 
   def write(self, state: Any) -> None:
-    buffer = io.BytesIO()
-    summed = _sidecar.ChecksummingFile(buffer)
-    _msgpack.write(summed, state)
-    self._data, self.checksum = buffer.getvalue(), summed.checksum
+    self._data, self.checksum = _sidecar.encode(state)
 
   def prepare_arrays(self) -> None:
     # With overwrite, the old step goes first, its msgpack object before its arrays, so that
@@ -725,7 +719,7 @@ def _read_msgpack(ckpt_path: str, verify_checksums: bool) -> Any:
         f'{ckpt_path} is a directory but not an Orbax checkpoint (it has no _METADATA, '
         'manifest.ocdbt or checkpoint file), and a msgpack checkpoint is a file.')
   local = not _storage.is_remote(path)
-  data = _storage.read_into_buffer(path) if local else _storage.read_bytes(path, None)
+  data = _storage.read_into_buffer(path) if local else _storage.map_readonly(path)
   if verify_checksums:
     # Stat after reading: a file replaced in between is then not checked, rather than checked
     # against the identity it no longer has. (Objects have no identity to check.)
