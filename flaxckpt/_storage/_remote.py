@@ -138,13 +138,10 @@ def kvstore_spec(path: RemotePath) -> dict[str, Any]:
 
 def _bucket_spec(scheme: str, bucket: str) -> dict[str, Any]:
   _drop_stalled_requests()
-  settings = _settings.for_bucket(scheme, bucket)
   if scheme == 'gs':
     _settings.gcs_endpoint()  # Fixes this process's GCS server before tensorstore reads it.
-    spec: dict[str, Any] = {'driver': 'gcs', 'bucket': bucket}
-  else:
-    spec = _s3_spec(bucket, settings)
-  return spec
+    return {'driver': 'gcs', 'bucket': bucket}
+  return _s3_spec(bucket, _settings.for_bucket(scheme, bucket))
 
 
 def _drop_stalled_requests() -> None:
@@ -393,7 +390,7 @@ def read_bytes(path: RemotePath, max_bytes: int | None) -> bytes:
       past = _wait(store.read(key, byte_range=slice(max_bytes, max_bytes + 1)), path,
                    'reading it')
     except OSError as e:
-      if not str(e.__cause__).startswith('OUT_OF_RANGE'):
+      if not _out_of_range(e):
         raise
       past = None  # No byte past the limit: it is small enough.
     if past is not None and past.state == 'value':
@@ -435,7 +432,7 @@ def start_read_range(path: RemotePath, start: int, stop: int) -> Callable[[], by
     try:
       found = _wait(future, path, what)
     except OSError as e:
-      if not str(e.__cause__).startswith('OUT_OF_RANGE'):
+      if not _out_of_range(e):
         raise
       raise EOFError(f'{path}: the object ends before byte {stop}.') from None
     if found.state != 'value':
@@ -446,6 +443,12 @@ def start_read_range(path: RemotePath, start: int, stop: int) -> Callable[[], by
     return value
 
   return wait
+
+
+def _out_of_range(error: OSError) -> bool:
+  """Whether ``_wait``'s ``error`` is tensorstore's answer to a byte range past an object's
+  end."""
+  return str(error.__cause__).startswith('OUT_OF_RANGE')
 
 
 def _refuse_size(path: RemotePath, max_bytes: int) -> None:
