@@ -497,8 +497,7 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
     if layout.single_chunk and layout.chunk_nbytes >= DIRECT_READ_MIN_BYTES:
       where = source.location(name + layout.key_suffixes[0])
       if where is not None and where[2] == layout.chunk_nbytes:
-        results[i] = _sources.aligned_empty(layout.shape, layout.dtype)
-        direct.append((results[i], where, name, layout.key_suffixes[0][1:]))
+        direct.append((i, layout, where, name, layout.key_suffixes[0][1:]))
         continue
     guess = guesses[i]
     if guess is not None and layout.grid == ((0,) * guess[0],):
@@ -525,12 +524,23 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
                            box=box)
     results[i] = array if box is None else Region(array, box)
   if direct:
-    def read_and_check(out: np.ndarray, where: _sources.Location, name: str, key: str) -> None:
-      _sources.read_into(out, where)
-      verifier.check_array(name, key, out, lambda: where)
+    if _storage.is_remote(directory):
+      def check(index: int, array: np.ndarray) -> None:
+        i, _, where, name, key = direct[index]
+        results[i] = array
+        verifier.check_array(name, key, array, lambda: where)
 
-    with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
-      list(pool.map(lambda job: read_and_check(*job), direct))
+      _sources.read_objects([(layout.shape, layout.dtype, where)
+                             for _, layout, where, _, _ in direct], check)
+    else:
+      def read_and_check(i: int, layout: _zarr.Zarr2Layout, where: _sources.Location, name: str,
+                         key: str) -> None:
+        results[i] = _sources.aligned_empty(layout.shape, layout.dtype)
+        _sources.read_into(results[i], where)
+        verifier.check_array(name, key, results[i], lambda: where)
+
+      with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
+        list(pool.map(lambda job: read_and_check(*job), direct))
   return results
 
 

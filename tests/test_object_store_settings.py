@@ -53,6 +53,8 @@ def _keys(url):
     ({'request_concurrency': 0}, 'request_concurrency=0: expected a positive int'),
     ({'max_retries': -1}, 'max_retries=-1: expected a non-negative int'),
     ({'data_file_size': 1.5}, 'data_file_size=1.5'),
+    ({'read_part_size': 0}, 'read_part_size=0: expected a positive int'),
+    ({'read_ahead': -1}, 'read_ahead=-1: expected a positive int'),
     ({'timeout_secs': 0}, 'timeout_secs=0: expected seconds > 0'),
     ({'endpoint': ''}, "endpoint='': expected a non-empty string"),
     ({'context': [1]}, 'context: expected a dict'),

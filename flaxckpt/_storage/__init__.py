@@ -738,6 +738,14 @@ def context_resources(path: StoragePath) -> dict[str, Any]:
   return _remote.context_resources(path) if isinstance(path, RemotePath) else {}
 
 
+def read_part_sizes(path: StoragePath) -> tuple[int, int]:
+  """The size of one ranged read of a large value on a bucket, and how many bytes of them a
+  restore keeps in flight (``_remote.read_part_sizes``; its defaults for a local path)."""
+  if isinstance(path, RemotePath):
+    return _remote.read_part_sizes(path)
+  return _remote.READ_PART_BYTES, _remote.READ_AHEAD_BYTES
+
+
 def ocdbt_data_file_size(path: StoragePath) -> int | None:
   """The size OCDBT should aim its data files at when saving under ``path``: None (tensorstore's
   default) locally, the object store's setting (``_remote.data_file_size``) on a bucket."""

@@ -42,6 +42,12 @@ class Settings:
     data_file_size: the bytes OCDBT aims each data file at when saving here (default 4 MiB on
       object stores: each file is one object written by one request, so smaller files go out
       and come back in parallel; a value larger than this gets a file of its own).
+    read_part_size: a restore reads a large value in ranged requests of at most this many
+      bytes (default 128 MiB). Some S3-compatible servers read the whole object to answer
+      any range (moto does): keep parts large there; on GCS and AWS, smaller parts (8-16 MiB)
+      spread one large value over more connections.
+    read_ahead: the bytes of those requests a restore keeps in flight (default 512 MiB): it
+      holds the arrays it returns plus about this much besides, whatever the checkpoint's size.
     context: more tensorstore context resources, as JSON (e.g.
       ``{'s3_request_retries': {'max_delay': '10s'}}``); they override the ones above.
   """
@@ -54,15 +60,18 @@ class Settings:
   max_retries: int | None = None
   timeout_secs: float | None = None
   data_file_size: int | None = None
+  read_part_size: int | None = None
+  read_ahead: int | None = None
   context: dict[str, Any] | None = None
 
   def __post_init__(self) -> None:
-    for name in ('request_concurrency', 'max_retries', 'data_file_size'):
+    positive = ('request_concurrency', 'read_part_size', 'read_ahead')
+    for name in (*positive, 'max_retries', 'data_file_size'):
       value = getattr(self, name)
       if value is not None and (not isinstance(value, int) or isinstance(value, bool) or
-                                value < (1 if name == 'request_concurrency' else 0)):
+                                value < (1 if name in positive else 0)):
         raise ValueError(f'Settings.{name}={value!r}: expected a '
-                         f'{"positive" if name == "request_concurrency" else "non-negative"} '
+                         f'{"positive" if name in positive else "non-negative"} '
                          'int or None.')
     if self.timeout_secs is not None and not self.timeout_secs > 0:
       raise ValueError(f'Settings.timeout_secs={self.timeout_secs!r}: expected seconds > 0.')
