@@ -17,7 +17,6 @@ its file.
 from __future__ import annotations
 
 import collections
-import functools
 import mmap
 import os
 import pathlib
@@ -216,14 +215,21 @@ class ObjectIndexSource:
   next ``collect`` are fetched together: one ranged read per data file, spanning neighbouring
   values (gaps up to ``COALESCE_GAP_BYTES`` are read and dropped), so a file holding several
   arrays' chunks costs one request, as the object itself would.
+
+  Reads start in the order requested, with at most ``read_ahead`` bytes of them in flight
+  (``_storage.read_part_sizes``); a value handed out by ``collect`` is forgotten here, so the
+  bytes of a read live only as long as the values sliced from it.
   """
 
   speculative = False  # Every value is already known; guessing gains nothing.
 
-  def __init__(self, entries: dict[str, bytes | Location]):
+  def __init__(self, entries: dict[str, bytes | Location], read_ahead: int):
     self._entries = entries
+    self._read_ahead = read_ahead
     self._pending: list[str] = []  # Requested, not yet fetched.
-    self._fetched: dict[str, Callable[[], Any]] = {}
+    self._fetched: dict[str, tuple[_Span, int, int]] = {}  # key -> span, offset in it, length
+    self._queue: collections.deque[_Span] = collections.deque()  # Not started, in order.
+    self._in_flight = 0  # Bytes of the spans started and not yet arrived.
 
   @classmethod
   def load(cls, ts: Any, directory: Any, spec: dict[str, Any], context: Any
@@ -248,7 +254,7 @@ class ObjectIndexSource:
       raise
     except _UNKNOWN_LAYOUT:
       return None
-    return None if entries is None else cls(entries)
+    return None if entries is None else cls(entries, _storage.read_part_sizes(directory)[1])
 
   def request(self, keys: list[str]) -> list[str]:
     self._pending.extend(key for key in keys if key not in self._fetched)
@@ -258,10 +264,32 @@ class ObjectIndexSource:
     if any(key not in self._fetched for key in keys):
       self._fetch_pending()
     out: list[Any] = []
+    given: dict[str, Any] = {}
     for key in keys:
       entry = self._entries.get(key)
-      out.append(entry if entry is None or isinstance(entry, bytes) else self._fetched[key]())
+      if entry is None or isinstance(entry, bytes) or key in given:
+        out.append(given.get(key, entry))
+        continue
+      span, offset, length = self._fetched.pop(key)
+      while not span.started:  # Needed now: start it, and any queued before it.
+        self._start_next()
+      if not span.arrived:
+        span.data()
+        self._in_flight -= span.nbytes
+        self._start_queued()
+      given[key] = _slice(span.data(), offset, length)
+      out.append(given[key])
     return out
+
+  def _start_next(self) -> None:
+    span = self._queue.popleft()
+    span.start()
+    self._in_flight += span.nbytes
+
+  def _start_queued(self) -> None:
+    while self._queue and (not self._in_flight or
+                           self._in_flight + self._queue[0].nbytes <= self._read_ahead):
+      self._start_next()
 
   def _fetch_pending(self) -> None:
     by_file: dict[Any, list[tuple[int, int, str]]] = {}
@@ -278,17 +306,17 @@ class ObjectIndexSource:
         if value[0] <= run[-1][0] + run[-1][1] + COALESCE_GAP_BYTES:
           run.append(value)
         else:
-          self._start(path, run)
+          self._queue_span(path, run)
           run = [value]
-      self._start(path, run)
+      self._queue_span(path, run)
+    self._start_queued()
 
-  def _start(self, path: Any, run: list[tuple[int, int, str]]) -> None:
-    """Starts the read of one span of ``path`` covering the values of ``run``."""
-    start = run[0][0]
-    stop = max(offset + length for offset, length, _ in run)
-    wait = functools.cache(_checked_range(path, start, stop, run[0][2]))
+  def _queue_span(self, path: Any, run: list[tuple[int, int, str]]) -> None:
+    """Queues the read of one span of ``path`` covering the values of ``run``."""
+    span = _Span(path, run[0][0], max(offset + length for offset, length, _ in run), run[0][2])
+    self._queue.append(span)
     for offset, length, key in run:
-      self._fetched[key] = functools.partial(_slice, wait, offset - start, length)
+      self._fetched[key] = (span, offset - span.offset, length)
 
   def location(self, key: str) -> Location | None:
     """The object, offset and length of a value stored outside the tree (read it with
@@ -298,6 +326,33 @@ class ObjectIndexSource:
 
   def close(self) -> None:
     self._fetched.clear()
+    self._queue.clear()
+
+
+class _Span:
+  """One ranged read of a data file, started on demand; its bytes are kept once they arrive
+  (for the values still to be sliced from them)."""
+
+  def __init__(self, path: Any, start: int, stop: int, first_key: str):
+    self.path, self.offset, self.nbytes, self._first_key = path, start, stop - start, first_key
+    self._wait: Callable[[], bytes] | None = None
+    self._data: bytes | None = None
+    self.started = False
+
+  @property
+  def arrived(self) -> bool:
+    return self._data is not None
+
+  def start(self) -> None:
+    self._wait = _checked_range(self.path, self.offset, self.offset + self.nbytes,
+                                self._first_key)
+    self.started = True
+
+  def data(self) -> bytes:
+    if self._data is None:
+      assert self._wait is not None
+      self._data, self._wait = self._wait(), None
+    return self._data
 
 
 # Neighbouring values of one data file closer than this are fetched by one request.
@@ -376,8 +431,7 @@ def _checked_range(path: Any, start: int, stop: int, key: str | None) -> Callabl
   return checked
 
 
-def _slice(wait: Callable[[], bytes], offset: int, length: int) -> Any:
-  data = wait()
+def _slice(data: bytes, offset: int, length: int) -> Any:
   if offset == 0 and length == len(data):
     return data
   if length < _VIEW_MIN_BYTES:
