@@ -17,6 +17,7 @@ its file.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import mmap
 import os
 import pathlib
@@ -368,8 +369,7 @@ def read_objects(jobs: list[tuple[tuple[int, ...], np.dtype, Location]],
   ``filled(index, array)`` is called as soon as an array is complete.
 
   Each value is read in ranged requests with a bounded number of bytes in flight
-  (``_storage.read_part_sizes``), and each array is allocated when its first part arrives, so
-  the first reads are in flight while memory is being mapped in."""
+  (``_storage.read_part_sizes``), while another thread maps in the arrays' memory in order."""
   if not jobs:
     return []
   part_bytes, read_ahead = _storage.read_part_sizes(jobs[0][2][0])
@@ -388,26 +388,28 @@ def read_objects(jobs: list[tuple[tuple[int, ...], np.dtype, Location]],
                  for start in starts)
   in_flight: collections.deque[tuple[int, int, Callable[[], bytes]]] = collections.deque()
   flying = 0
-  for index, (shape, dtype, _) in enumerate(jobs):
-    if not missing[index]:
-      out[index] = aligned_empty(shape, dtype)
-      filled(index, out[index])
-  while parts or in_flight:
-    while parts and (not in_flight or flying + parts[0][3] <= read_ahead):
-      index, path, start, length = parts.popleft()
-      in_flight.append((index, start - jobs[index][2][1],
-                        _checked_range(path, start, start + length, None)))
-      flying += length
-    index, at, wait = in_flight.popleft()
-    data = wait()
-    flying -= len(data)
-    if out[index] is None:
-      out[index] = populated_empty(*jobs[index][:2])
-    out[index].reshape(-1).view(np.uint8).data[at:at + len(data)] = data
-    del data
-    missing[index] -= 1
-    if not missing[index]:
-      filled(index, out[index])
+  with concurrent.futures.ThreadPoolExecutor(1) as mapper:
+    arrays = [mapper.submit(populated_empty, shape, dtype) for shape, dtype, _ in jobs]
+    for index in range(len(jobs)):
+      if not missing[index]:
+        out[index] = arrays[index].result()
+        filled(index, out[index])
+    while parts or in_flight:
+      while parts and (not in_flight or flying + parts[0][3] <= read_ahead):
+        index, path, start, length = parts.popleft()
+        in_flight.append((index, start - jobs[index][2][1],
+                          _checked_range(path, start, start + length, None)))
+        flying += length
+      index, at, wait = in_flight.popleft()
+      data = wait()
+      flying -= len(data)
+      if out[index] is None:
+        out[index] = arrays[index].result()
+      out[index].reshape(-1).view(np.uint8).data[at:at + len(data)] = data
+      del data
+      missing[index] -= 1
+      if not missing[index]:
+        filled(index, out[index])
   return out
 
 
