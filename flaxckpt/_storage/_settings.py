@@ -43,10 +43,10 @@ class Settings:
       object stores: each file is one object written by one request, so smaller files go out
       and come back in parallel; a value larger than this gets a file of its own).
     read_part_size: a restore reads a large value in ranged requests of at most this many
-      bytes (default 128 MiB). Some S3-compatible servers read the whole object to answer
-      any range (moto does): keep parts large there; on GCS and AWS, smaller parts (8-16 MiB)
-      spread one large value over more connections.
-    read_ahead: the bytes of those requests a restore keeps in flight (default 512 MiB): it
+      bytes (default 16 MiB). Some S3-compatible servers read the whole object to answer
+      any range (moto does): keep parts large there; on GCS and AWS, small parts spread one
+      large value over more connections.
+    read_ahead: the bytes of those requests a restore keeps in flight (default 128 MiB): it
       holds the arrays it returns plus about this much besides, whatever the checkpoint's size.
     context: more tensorstore context resources, as JSON (e.g.
       ``{'s3_request_retries': {'max_delay': '10s'}}``); they override the ones above.
