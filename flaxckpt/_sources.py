@@ -59,13 +59,18 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
   return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
+# Below this, malloc serves an array from memory the process already has (glibc's mmap
+# threshold grows to at most 32 MiB), without page faults.
+_POPULATE_MIN_BYTES = 32 << 20
+
+
 def populated_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
   """Like ``aligned_empty``, with its memory mapped in at once (page aligned). Filling fresh
   memory page by page while other threads receive data costs a page fault each, several
   times slower than the kernel mapping it all in one call."""
   nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   populate = getattr(mmap, 'MAP_POPULATE', None)
-  if not nbytes or populate is None:
+  if nbytes < _POPULATE_MIN_BYTES or populate is None:
     return aligned_empty(shape, dtype)
   memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
   return np.frombuffer(memory, dtype).reshape(shape)
