@@ -6,9 +6,9 @@ backend only has to be added here. Two stand behind the same functions: local pa
 (``_remote.RemotePath``, made by ``as_storage_path``). ``exists``, ``is_dir``, ``is_file``,
 ``is_link``, ``list_names``, ``read_bytes``, ``read_text``, ``write_bytes``, ``write_text``,
 ``make_dirs``, ``remove``, ``remove_tree``, ``kvstore_spec``, ``context_resources``,
-``ocdbt_data_file_size``, ``read_into_buffer``, ``map_readonly``, ``copy_tree`` (from a
-bucket) and ``renames_atomically`` accept either; the
-rest are local only. ``as_path`` takes URLs; ``as_local_path`` refuses them, for what is local
+``ocdbt_data_file_size``, ``read_part_sizes``, ``read_into_buffer``, ``map_readonly``,
+``copy_tree`` (from a bucket) and ``renames_atomically`` accept either; the rest are local
+only. ``as_path`` takes URLs; ``as_local_path`` refuses them, for what is local
 by nature (locks, snapshots). Settings a program gives for buckets (``flaxckpt.object_store``)
 live in ``_settings``.
 
