@@ -511,6 +511,36 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
                                verifier)
     for i, array in zip(fallback, arrays):
       results[i] = array
+  if direct and isinstance(source, _sources.ObjectIndexSource):
+    def check(index: int, array: np.ndarray) -> None:
+      i, _, where, name, key = direct[index]
+      results[i] = array
+      verifier.check_array(name, key, array, lambda: where)
+
+    # The large values' reads go out first, with the small values next to them.
+    with source.start_reads([(layout.shape, layout.dtype, where)
+                             for _, layout, where, _, _ in direct], check) as reads:
+      _read_pending(directory, source, missing_chunks_are_errors, verifier, results,
+                    pending)
+      reads.finish()
+    return results
+  _read_pending(directory, source, missing_chunks_are_errors, verifier, results, pending)
+  if direct:
+    def read_and_check(i: int, layout: _zarr.Zarr2Layout, where: _sources.Location, name: str,
+                       key: str) -> None:
+      results[i] = _sources.aligned_empty(layout.shape, layout.dtype)
+      _sources.read_into(results[i], where)
+      verifier.check_array(name, key, results[i], lambda: where)
+
+    with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
+      list(pool.map(lambda job: read_and_check(*job), direct))
+  return results
+
+
+def _read_pending(directory: pathlib.Path, source: Any,
+                  missing_chunks_are_errors: bool, verifier: _checksums.Verifier,
+                  results: list[Any], pending: list) -> None:
+  """Reads the arrays that ``_read_zarr2`` assembles from the chunks ``source`` returns."""
   for i, name, layout, handles, grid, box in pending:
     pieces = dict(zip(grid, source.collect(handles)))
     _check_chunks(directory, name, pieces, layout.chunk_nbytes, missing_chunks_are_errors)
@@ -523,25 +553,6 @@ def _read_zarr2(directory: pathlib.Path, base: dict[str, Any], names: list[str],
     array = _zarr.assemble(layout.shape, layout.chunks, layout.dtype, pieces, fill=layout.fill,
                            box=box)
     results[i] = array if box is None else Region(array, box)
-  if direct:
-    if _storage.is_remote(directory):
-      def check(index: int, array: np.ndarray) -> None:
-        i, _, where, name, key = direct[index]
-        results[i] = array
-        verifier.check_array(name, key, array, lambda: where)
-
-      _sources.read_objects([(layout.shape, layout.dtype, where)
-                             for _, layout, where, _, _ in direct], check)
-    else:
-      def read_and_check(i: int, layout: _zarr.Zarr2Layout, where: _sources.Location, name: str,
-                         key: str) -> None:
-        results[i] = _sources.aligned_empty(layout.shape, layout.dtype)
-        _sources.read_into(results[i], where)
-        verifier.check_array(name, key, results[i], lambda: where)
-
-      with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
-        list(pool.map(lambda job: read_and_check(*job), direct))
-  return results
 
 
 def _check_chunks(directory: pathlib.Path, name: str, pieces: dict[tuple[int, ...], Any],

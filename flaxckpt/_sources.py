@@ -233,7 +233,8 @@ class ObjectIndexSource:
     self._entries = entries
     self._read_ahead = read_ahead
     self._pending: list[str] = []  # Requested, not yet fetched.
-    self._fetched: dict[str, tuple[_Span, int, int]] = {}  # key -> span, offset in it, length
+    # key -> what brings it (a span read, or the read of a large value), offset in it, length
+    self._fetched: dict[str, tuple[_Span | _Carried, int, int]] = {}
     self._queue: collections.deque[_Span] = collections.deque()  # Not started, in order.
     self._in_flight = 0  # Bytes of the spans started and not yet arrived.
 
@@ -324,9 +325,33 @@ class ObjectIndexSource:
     for offset, length, key in run:
       self._fetched[key] = (span, offset - span.offset, length)
 
+  def start_reads(self, jobs: list[tuple[tuple[int, ...], np.dtype, Location]],
+                  filled: Callable[[int, np.ndarray], None]) -> ObjectReads:
+    """Starts reading large values straight into arrays (``ObjectReads``). Requested small
+    values of the same objects within ``COALESCE_GAP_BYTES`` before or after one come with its
+    read: a server that reads a whole object for any range (moto does) then reads it once."""
+    wanted: dict[Any, list[tuple[str, int, int]]] = {}
+    for key in dict.fromkeys(self._pending):
+      entry = self._entries.get(key)
+      if isinstance(entry, tuple) and key not in self._fetched:
+        wanted.setdefault(entry[0], []).append((key, entry[1], entry[2]))
+    taken: set[str] = set()
+    neighbours = []
+    for _, _, (path, offset, length) in jobs:
+      end = offset + length
+      near = [(key, at, size) for key, at, size in wanted.get(path, ())
+              if key not in taken and (offset - COALESCE_GAP_BYTES <= at and at + size <= offset
+                                       or end <= at and at + size <= end + COALESCE_GAP_BYTES)]
+      taken.update(key for key, _, _ in near)
+      neighbours.append(near)
+    self._pending = [key for key in self._pending if key not in taken]
+    reads = ObjectReads(jobs, neighbours, filled)
+    self._fetched.update(reads.carried())
+    return reads
+
   def location(self, key: str) -> Location | None:
     """The object, offset and length of a value stored outside the tree (read it with
-    ``read_objects``)."""
+    ``start_reads``)."""
     entry = self._entries.get(key)
     return entry if isinstance(entry, tuple) else None
 
@@ -367,55 +392,138 @@ COALESCE_GAP_BYTES = 1 << 20
 _VIEW_MIN_BYTES = 1 << 16
 
 
-def read_objects(jobs: list[tuple[tuple[int, ...], np.dtype, Location]],
-                 filled: Callable[[int, np.ndarray], None] = lambda index, array: None
-                 ) -> list[np.ndarray]:
-  """Arrays of the given shapes and dtypes holding the bytes at their locations on a bucket;
-  ``filled(index, array)`` is called as soon as an array is complete.
+class ObjectReads:
+  """Arrays of the given shapes and dtypes filled with the bytes at their locations on a
+  bucket (see ``ObjectIndexSource.start_reads``). The reads start at construction; ``finish``
+  waits for them, calling ``filled(index, array)`` as each array is complete.
 
-  Each value is read in ranged requests with a bounded number of bytes in flight
-  (``_storage.read_part_sizes``), while another thread maps in the arrays' memory in order."""
-  if not jobs:
-    return []
-  part_bytes, read_ahead = _storage.read_part_sizes(jobs[0][2][0])
-  out: list[Any] = [None] * len(jobs)
-  parts: collections.deque[tuple[int, Any, int, int]] = collections.deque()
-  missing = []
-  for index, (shape, dtype, (path, offset, length)) in enumerate(jobs):
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if length != expected:
-      raise _errors.NotACheckpointError(
-          f'{path}: the value of {length} bytes at offset {offset} was to fill an array of '
-          f'{expected} bytes; the checkpoint is damaged.')
-    starts = range(0, length, part_bytes)
-    missing.append(len(starts))
-    parts.extend((index, path, offset + start, min(part_bytes, length - start))
-                 for start in starts)
-  in_flight: collections.deque[tuple[int, int, Callable[[], bytes]]] = collections.deque()
-  flying = 0
-  with concurrent.futures.ThreadPoolExecutor(1) as mapper:
-    arrays = [mapper.submit(populated_empty, shape, dtype) for shape, dtype, _ in jobs]
-    for index in range(len(jobs)):
-      if not missing[index]:
-        out[index] = arrays[index].result()
-        filled(index, out[index])
-    while parts or in_flight:
-      while parts and (not in_flight or flying + parts[0][3] <= read_ahead):
-        index, path, start, length = parts.popleft()
-        in_flight.append((index, start - jobs[index][2][1],
-                          _checked_range(path, start, start + length, None)))
-        flying += length
-      index, at, wait = in_flight.popleft()
-      data = wait()
-      flying -= len(data)
-      if out[index] is None:
-        out[index] = arrays[index].result()
-      out[index].reshape(-1).view(np.uint8).data[at:at + len(data)] = data
-      del data
-      missing[index] -= 1
-      if not missing[index]:
-        filled(index, out[index])
-  return out
+  Each value is read in ranged requests of up to ``read_part_size`` bytes, at most
+  ``read_ahead`` of them in flight, and each part is copied into its array as it arrives
+  (another thread maps the arrays' memory in). Small values of the same object next to a
+  large one (``neighbours``) come with its first or last part, as one request would bring them.
+  Use as a context manager: leaving it stops mapping memory no one will fill.
+  """
+
+  def __init__(self, jobs: list[tuple[tuple[int, ...], np.dtype, Location]],
+               neighbours: list[list[tuple[str, int, int]]],
+               filled: Callable[[int, np.ndarray], None]):
+    self._jobs, self._filled = jobs, filled
+    self._carried: dict[str, tuple[_Carried, int, int]] = {}
+    self._missing: list[int] = []
+    self._parts: collections.deque[_Part] = collections.deque()
+    part_bytes, self._read_ahead = (_storage.read_part_sizes(jobs[0][2][0]) if jobs else (1, 1))
+    for index, ((shape, dtype, (path, offset, length)), near) in enumerate(zip(jobs, neighbours)):
+      expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+      if length != expected:
+        raise _errors.NotACheckpointError(
+            f'{path}: the value of {length} bytes at offset {offset} was to fill an array of '
+            f'{expected} bytes; the checkpoint is damaged.')
+      parts = [_Part(index, path, offset + at, offset + min(at + part_bytes, length))
+               for at in range(0, length, part_bytes)]
+      self._missing.append(len(parts))
+      for end, keys in (('head', [n for n in near if n[1] < offset]),
+                        ('tail', [n for n in near if n[1] >= offset + length])):
+        if keys and parts:
+          part = parts[0] if end == 'head' else parts[-1]
+          low = min(key_offset for _, key_offset, _ in keys)
+          high = max(key_offset + key_length for _, key_offset, key_length in keys)
+          carried = _Carried(self, part, low)
+          part.extras.append((carried, low, high))
+          part.start, part.stop = min(part.start, low), max(part.stop, high)
+          for key, key_offset, key_length in keys:
+            self._carried[key] = (carried, key_offset - low, key_length)
+      self._parts.extend(parts)
+    self._in_flight: collections.deque[_Part] = collections.deque()
+    self._flying = 0
+    self._start_parts()
+    self._mapper = concurrent.futures.ThreadPoolExecutor(1)
+    self._arrays = [self._mapper.submit(populated_empty, shape, dtype)
+                    for shape, dtype, _ in jobs]
+
+  def carried(self) -> dict[str, tuple[_Carried, int, int]]:
+    """The small values these reads bring: key -> (carrier, offset in it, length)."""
+    return self._carried
+
+  def __enter__(self) -> ObjectReads:
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self._mapper.shutdown(cancel_futures=True)
+
+  def _start_parts(self) -> None:
+    while self._parts and (not self._in_flight or
+                           self._flying + self._parts[0].nbytes <= self._read_ahead):
+      part = self._parts.popleft()
+      part.wait = _checked_range(part.path, part.start, part.stop, None)
+      self._in_flight.append(part)
+      self._flying += part.nbytes
+
+  def advance_until(self, part: _Part) -> None:
+    """Takes in arrived parts, in order, until ``part`` is in."""
+    while not part.done:
+      self._take_next()
+
+  def finish(self) -> None:
+    for index in range(len(self._jobs)):
+      if not self._missing[index]:
+        self._filled(index, self._arrays[index].result())
+    while self._in_flight:
+      self._take_next()
+
+  def _take_next(self) -> None:
+    part = self._in_flight.popleft()
+    assert part.wait is not None
+    data, part.wait = part.wait(), None
+    self._flying -= part.nbytes
+    self._start_parts()
+    for carried, low, high in part.extras:
+      carried.data_ = data[low - part.start:high - part.start]
+    _, _, (_, offset, length) = self._jobs[part.index]
+    low, high = max(part.start, offset), min(part.stop, offset + length)
+    out = self._arrays[part.index].result()
+    out.reshape(-1).view(np.uint8).data[low - offset:high - offset] = \
+        memoryview(data)[low - part.start:high - part.start]
+    del data
+    part.done = True
+    self._missing[part.index] -= 1
+    if not self._missing[part.index]:
+      self._filled(part.index, out)
+
+
+class _Part:
+  """One ranged read of an ``ObjectReads``: part of one large value, and for the first or last
+  part, the small values next to it."""
+
+  def __init__(self, index: int, path: Any, start: int, stop: int):
+    self.index, self.path, self.start, self.stop = index, path, start, stop
+    self.extras: list[tuple[_Carried, int, int]] = []
+    self.wait: Callable[[], bytes] | None = None
+    self.done = False
+
+  @property
+  def nbytes(self) -> int:
+    return self.stop - self.start
+
+
+class _Carried:
+  """The bytes of small values that come with a part of a large value (a ``_Span`` for
+  ``ObjectIndexSource.collect``)."""
+
+  started = True
+  nbytes = 0  # Counted by the reads that carry it.
+
+  def __init__(self, reads: ObjectReads, part: _Part, offset: int):
+    self._reads, self._part, self.offset = reads, part, offset
+    self.data_: bytes | None = None
+
+  @property
+  def arrived(self) -> bool:
+    return self._part.done
+
+  def data(self) -> bytes:
+    self._reads.advance_until(self._part)
+    assert self.data_ is not None
+    return self.data_
 
 
 def _checked_range(path: Any, start: int, stop: int, key: str | None) -> Callable[[], bytes]:

@@ -176,3 +176,35 @@ def test_a_restore_from_a_bucket_holds_its_arrays_and_a_bounded_read_ahead(bucke
   assert done.returncode == 0, done.stderr[-3000:]
   extra = float(done.stdout.split('EXTRA')[1])
   assert 0.9 < extra < 1.5, done.stdout
+
+
+@pytest.mark.parametrize('part_size, expected_gets', [(None, 1), (1 << 20, 3)])
+def test_small_values_come_with_the_large_value_beside_them(s3_server, tmp_path, monkeypatch,
+                                                            part_size, expected_gets):
+  """A data file holding a 2.5 MiB array and four small ones: the small ones come with the
+  large one's first or last part, so the file is read once per part (moto reads a whole
+  object for any range; a separate request for them doubled its work)."""
+  monkeypatch.chdir(tmp_path)
+  bucket = s3_server.make_bucket()
+  url = bucket + '/ckpt'
+  rng = np.random.default_rng(1)
+  tree = {'big': rng.standard_normal(5 << 17).astype(np.float32),
+          **{f's{i}': rng.standard_normal(1 << 12).astype(np.float32) for i in range(4)}}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(url, tree)
+  data_files = _data_files(url)
+  assert len(data_files) == 1, data_files
+  if part_size:
+    ocp.object_store.configure(bucket, read_part_size=part_size)
+  try:
+    with FaultProxy(s3_server.endpoint, 's3') as proxy:
+      monkeypatch.setenv('AWS_ENDPOINT_URL_S3', proxy.endpoint)
+      with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(url)
+  finally:
+    ocp.object_store.configure(bucket, None)
+  for key, value in tree.items():
+    np.testing.assert_array_equal(np.asarray(restored[key]), value)
+  gets = [path for method, path, _ in proxy.log if method == 'GET' and data_files[0] in path]
+  assert len(gets) == expected_gets, proxy.log
+  assert os.listdir(tmp_path) == []
