@@ -243,7 +243,7 @@ def _commit_lock(ckpt_path: str) -> contextlib.AbstractContextManager[None]:
 
 
 def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overwrite: bool,
-                                keep_every_n_steps: int | None) -> None:
+                                keep_every_n_steps: int | None, saving: bool = False) -> None:
   """Applies flax's retention after a save: with ``overwrite``, everything newer than
   ``ckpt_path`` goes; then all but the newest ``keep`` (none for ``keep=0``, as in flax), sparing
   one every ``keep_every_n_steps`` steps. A checkpoint's ``_gda`` folder goes with it.
@@ -251,9 +251,11 @@ def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overw
   Unlike flax, in-flight entries (``<prefix>tmp``, Orbax temporary directories, our own
   temporaries) neither count nor are deleted: an async save may still be writing them, and until
   it commits the ``keep`` newest committed checkpoints are all there is. (Flax's result here
-  depends on whether the async save has created its directory yet.) Temporaries that a killed
-  writer of ours left are removed (on an object store: the uncommitted checkpoints of steps
-  before this one).
+  depends on whether the async save has created its directory yet.) With ``saving`` (an async
+  save of ``ckpt_path`` was just started) that checkpoint does not count either, even if its
+  save has already committed, so what retention keeps does not depend on timing. Temporaries
+  that a killed writer of ours left are removed (on an object store: the uncommitted
+  checkpoints of steps before this one).
   """
   directory, prefix = os.path.split(base_path)
   root = _storage.as_path(directory)
@@ -265,6 +267,8 @@ def _remove_invalid_checkpoints(ckpt_path: str, base_path: str, keep: int, overw
     paths, newer = paths[:cut], paths[cut:]
     for path in newer:
       _delete_checkpoint(path)
+  if saving:
+    paths = [path for path in paths if path != ckpt_path]
   if len(paths) > keep:
     last_kept = -float('inf')
     for path in paths[:-keep]:
@@ -554,7 +558,8 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, target: PyTree, step: int | flo
     _orbax_save(ckpt_path, target, overwrite, orbax_checkpointer)
     if jax.process_index() == 0:
       with _commit_lock(ckpt_path):
-        _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps)
+        _remove_invalid_checkpoints(ckpt_path, base_path, keep, overwrite, keep_every_n_steps,
+                                    saving=isinstance(orbax_checkpointer, AsyncCheckpointer))
     return ckpt_path
   if not overwrite:
     _check_not_outdated(ckpt_path, base_path, step)

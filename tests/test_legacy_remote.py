@@ -240,6 +240,29 @@ def test_orbax_backend_lists_and_restores_committed_steps_only(root, set_flag):
   assert _names(root) == ['checkpoint_5', 'checkpoint_6']
 
 
+def test_an_async_save_committed_at_once_does_not_count_for_its_own_retention(root, set_flag,
+                                                                              monkeypatch):
+  """Retention right after an async Orbax save leaves that step out even when its commit has
+  already landed (it raced: under load the new step counted and one more older step went)."""
+  set_flag(True)
+  tree = _tree()
+  for step in (1, 2):
+    checkpoints.save_checkpoint(root, {**tree, 'step': step}, step, keep=5)
+  checkpointer = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler())
+  start_save = checkpointer.save
+
+  def save_and_commit(*args, **kwargs):
+    start_save(*args, **kwargs)
+    checkpointer.wait_until_finished()
+
+  monkeypatch.setattr(checkpointer, 'save', save_and_commit)
+  checkpoints.save_checkpoint(root, {**tree, 'step': 3}, 3, keep=2,
+                              orbax_checkpointer=checkpointer)
+  assert _names(root) == ['checkpoint_1', 'checkpoint_2', 'checkpoint_3']
+  checkpoints.save_checkpoint(root, {**tree, 'step': 4}, 4, keep=2)
+  assert _names(root) == ['checkpoint_3', 'checkpoint_4']
+
+
 # ==================================================================================================
 # save_checkpoint_multiprocess and _gda folders
 # ==================================================================================================
