@@ -87,6 +87,21 @@ def _data_files(url: str) -> list[str]:
   return list(_storage.list_names(_storage.as_path(url + '/ocdbt.process_0/d')))
 
 
+def _restore_logged(s3_server, monkeypatch, bucket: str, url: str, **settings: int):
+  """Restores ``url`` through a logging proxy, with ``settings`` on ``bucket`` meanwhile;
+  returns the tree and the proxy's log of requests."""
+  if settings:
+    ocp.object_store.configure(bucket, **settings)
+  try:
+    with FaultProxy(s3_server.endpoint, 's3') as proxy:
+      monkeypatch.setenv('AWS_ENDPOINT_URL_S3', proxy.endpoint)
+      with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(url)
+  finally:
+    ocp.object_store.configure(bucket, None)
+  return restored, proxy.log
+
+
 def test_large_values_are_read_in_parts(s3_server, tmp_path, monkeypatch):
   """A value larger than ``read_part_size`` comes in ranged requests of that size, each
   copied into the array it belongs to: the restore is exact, whatever the part boundaries."""
@@ -100,21 +115,15 @@ def test_large_values_are_read_in_parts(s3_server, tmp_path, monkeypatch):
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(url, tree)
   before = set(_data_files(url))
-  ocp.object_store.configure(bucket, read_part_size=1 << 20, read_ahead=3 << 20)
-  try:
-    with FaultProxy(s3_server.endpoint, 's3') as proxy:
-      monkeypatch.setenv('AWS_ENDPOINT_URL_S3', proxy.endpoint)
-      with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(url)
-  finally:
-    ocp.object_store.configure(bucket, None)
+  restored, log = _restore_logged(s3_server, monkeypatch, bucket, url,
+                                  read_part_size=1 << 20, read_ahead=3 << 20)
   for key, value in tree.items():
     np.testing.assert_array_equal(np.asarray(restored[key]), value)
     assert np.asarray(restored[key]).dtype == value.dtype
-  gets = [path for method, path, _ in proxy.log
+  gets = [path for method, path, _ in log
           if method == 'GET' and any(name in path for name in before)]
   # 'big' in 5 parts and 'two' (2 MiB) in 2: no fewer requests than parts.
-  assert len(gets) >= 7, proxy.log
+  assert len(gets) >= 7, log
   assert os.listdir(tmp_path) == []
 
 
@@ -194,17 +203,10 @@ def test_small_values_come_with_the_large_value_beside_them(s3_server, tmp_path,
     ckptr.save(url, tree)
   data_files = _data_files(url)
   assert len(data_files) == 1, data_files
-  if part_size:
-    ocp.object_store.configure(bucket, read_part_size=part_size)
-  try:
-    with FaultProxy(s3_server.endpoint, 's3') as proxy:
-      monkeypatch.setenv('AWS_ENDPOINT_URL_S3', proxy.endpoint)
-      with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(url)
-  finally:
-    ocp.object_store.configure(bucket, None)
+  restored, log = _restore_logged(s3_server, monkeypatch, bucket, url,
+                                  **({'read_part_size': part_size} if part_size else {}))
   for key, value in tree.items():
     np.testing.assert_array_equal(np.asarray(restored[key]), value)
-  gets = [path for method, path, _ in proxy.log if method == 'GET' and data_files[0] in path]
-  assert len(gets) == expected_gets, proxy.log
+  gets = [path for method, path, _ in log if method == 'GET' and data_files[0] in path]
+  assert len(gets) == expected_gets, log
   assert os.listdir(tmp_path) == []
