@@ -81,10 +81,7 @@ def read_into(out: np.ndarray, where: Location) -> None:
   file that is not a regular file (a FIFO would block) or that ends before them."""
   path, offset, length = where
   view = out.reshape(-1).view(np.uint8).data
-  if length != len(view):
-    raise _errors.NotACheckpointError(
-        f'{path}: the value of {length} bytes at offset {offset} was to fill an array of '
-        f'{len(view)} bytes; the checkpoint is damaged.')
+  _check_fills(where, len(view))
   with os.fdopen(_storage.open_regular(path), 'rb', buffering=0) as f:
     _check_range(path, offset, length, os.fstat(f.fileno()).st_size)
     f.seek(offset)
@@ -94,6 +91,15 @@ def read_into(out: np.ndarray, where: Location) -> None:
       if not n:
         raise _ends_early(path, offset, length)
       done += n
+
+
+def _check_fills(where: Location, nbytes: int) -> None:
+  """Refuses a stored value whose length is not the ``nbytes`` of the array it is to fill."""
+  path, offset, length = where
+  if length != nbytes:
+    raise _errors.NotACheckpointError(
+        f'{path}: the value of {length} bytes at offset {offset} was to fill an array of '
+        f'{nbytes} bytes; the checkpoint is damaged.')
 
 
 def _check_range(path: pathlib.Path, offset: int, length: int, size: int, key: str = '') -> None:
@@ -298,13 +304,18 @@ class ObjectIndexSource:
                            self._in_flight + self._queue[0].nbytes <= self._read_ahead):
       self._start_next()
 
-  def _fetch_pending(self) -> None:
+  def _pending_by_file(self) -> dict[Any, list[tuple[int, int, str]]]:
+    """The requested values not fetched yet that are stored in data files, by file."""
     by_file: dict[Any, list[tuple[int, int, str]]] = {}
     for key in dict.fromkeys(self._pending):
       entry = self._entries.get(key)
       if isinstance(entry, tuple) and key not in self._fetched:
         path, offset, length = entry
         by_file.setdefault(path, []).append((offset, length, key))
+    return by_file
+
+  def _fetch_pending(self) -> None:
+    by_file = self._pending_by_file()
     self._pending = []
     for path, values in by_file.items():
       values.sort()
@@ -330,16 +341,12 @@ class ObjectIndexSource:
     """Starts reading large values straight into arrays (``ObjectReads``). Requested small
     values of the same objects within ``COALESCE_GAP_BYTES`` before or after one come with its
     read: a server that reads a whole object for any range (moto does) then reads it once."""
-    wanted: dict[Any, list[tuple[str, int, int]]] = {}
-    for key in dict.fromkeys(self._pending):
-      entry = self._entries.get(key)
-      if isinstance(entry, tuple) and key not in self._fetched:
-        wanted.setdefault(entry[0], []).append((key, entry[1], entry[2]))
+    wanted = self._pending_by_file()
     taken: set[str] = set()
     neighbours = []
     for _, _, (path, offset, length) in jobs:
       end = offset + length
-      near = [(key, at, size) for key, at, size in wanted.get(path, ())
+      near = [(key, at, size) for at, size, key in wanted.get(path, ())
               if key not in taken and (offset - COALESCE_GAP_BYTES <= at and at + size <= offset
                                        or end <= at and at + size <= end + COALESCE_GAP_BYTES)]
       taken.update(key for key, _, _ in near)
@@ -412,12 +419,9 @@ class ObjectReads:
     self._missing: list[int] = []
     self._parts: collections.deque[_Part] = collections.deque()
     part_bytes, self._read_ahead = (_storage.read_part_sizes(jobs[0][2][0]) if jobs else (1, 1))
-    for index, ((shape, dtype, (path, offset, length)), near) in enumerate(zip(jobs, neighbours)):
-      expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-      if length != expected:
-        raise _errors.NotACheckpointError(
-            f'{path}: the value of {length} bytes at offset {offset} was to fill an array of '
-            f'{expected} bytes; the checkpoint is damaged.')
+    for index, ((shape, dtype, where), near) in enumerate(zip(jobs, neighbours)):
+      _check_fills(where, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+      path, offset, length = where
       parts = [_Part(index, path, offset + at, offset + min(at + part_bytes, length))
                for at in range(0, length, part_bytes)]
       self._missing.append(len(parts))
@@ -532,16 +536,11 @@ def _checked_range(path: Any, start: int, stop: int, key: str | None) -> Callabl
 
   def checked() -> bytes:
     try:
-      data = wait()
+      return wait()  # Raises EOFError for fewer bytes than asked for.
     except (EOFError, FileNotFoundError) as e:
-      problem = str(e)
-    else:
-      if len(data) == stop - start:
-        return data
-      problem = f'{len(data)} bytes came back'
-    raise _errors.NotACheckpointError(
-        f'{path}: expected bytes {start} to {stop} of this OCDBT data file{for_key}, but '
-        f'{problem}; the checkpoint is damaged.')
+      raise _errors.NotACheckpointError(
+          f'{path}: expected bytes {start} to {stop} of this OCDBT data file{for_key}, but '
+          f'{e}; the checkpoint is damaged.') from None
 
   return checked
 
