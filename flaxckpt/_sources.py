@@ -59,18 +59,13 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
   return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
-# Below this, malloc serves an array from memory the process already has (glibc's mmap
-# threshold grows to at most 32 MiB), without page faults.
-_POPULATE_MIN_BYTES = 32 << 20
-
-
 def populated_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
   """Like ``aligned_empty``, with its memory mapped in at once (page aligned). Filling fresh
   memory page by page while other threads receive data costs a page fault each, several
   times slower than the kernel mapping it all in one call."""
-  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   populate = getattr(mmap, 'MAP_POPULATE', None)
-  if nbytes < _POPULATE_MIN_BYTES or populate is None:
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  if populate is None or not nbytes:
     return aligned_empty(shape, dtype)
   memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
   return np.frombuffer(memory, dtype).reshape(shape)
@@ -405,8 +400,9 @@ class ObjectReads:
   waits for them, calling ``filled(index, array)`` as each array is complete.
 
   Each value is read in ranged requests of up to ``read_part_size`` bytes, at most
-  ``read_ahead`` of them in flight, and each part is copied into its array as it arrives
-  (another thread maps the arrays' memory in). Small values of the same object next to a
+  ``read_ahead`` of them in flight (counted until copied), and each part is copied into its
+  array on a second thread as it arrives, while the next one is received (a third thread
+  maps the arrays' memory in). Small values of the same object next to a
   large one (``neighbours``) come with its first or last part, as one request would bring them.
   Use as a context manager: leaving it stops mapping memory no one will fill.
   """
@@ -438,9 +434,12 @@ class ObjectReads:
             self._carried[key] = (carried, key_offset - low, key_length)
       self._parts.extend(parts)
     self._in_flight: collections.deque[_Part] = collections.deque()
-    self._flying = 0
+    self._copying: collections.deque[tuple[_Part, concurrent.futures.Future]] = \
+        collections.deque()
+    self._flying = 0  # Bytes of parts requested and not yet copied into their arrays.
     self._start_parts()
     self._mapper = concurrent.futures.ThreadPoolExecutor(1)
+    self._copier = concurrent.futures.ThreadPoolExecutor(1)
     self._arrays = [self._mapper.submit(populated_empty, shape, dtype)
                     for shape, dtype, _ in jobs]
 
@@ -453,9 +452,10 @@ class ObjectReads:
 
   def __exit__(self, *exc_info: Any) -> None:
     self._mapper.shutdown(cancel_futures=True)
+    self._copier.shutdown(cancel_futures=True)
 
   def _start_parts(self) -> None:
-    while self._parts and (not self._in_flight or
+    while self._parts and (not self._in_flight and not self._copying or
                            self._flying + self._parts[0].nbytes <= self._read_ahead):
       part = self._parts.popleft()
       part.wait = _checked_range(part.path, part.start, part.stop, None)
@@ -473,25 +473,42 @@ class ObjectReads:
         self._filled(index, self._arrays[index].result())
     while self._in_flight:
       self._take_next()
+    while self._copying:
+      self._reap_copy()
 
   def _take_next(self) -> None:
+    """Receives the next part and hands it to the copier thread (the copy of one part then
+    overlaps the wait for the next)."""
     part = self._in_flight.popleft()
     assert part.wait is not None
     data, part.wait = part.wait(), None
-    self._flying -= part.nbytes
-    self._start_parts()
     for carried, low, high in part.extras:
       carried.data_ = data[low - part.start:high - part.start]
+    part.done = True
+    self._copying.append((part, self._copier.submit(self._copy, part, data)))
+    del data
+    while self._copying and self._copying[0][1].done():
+      self._reap_copy()
+    while (self._copying and self._parts and
+           self._flying + self._parts[0].nbytes > self._read_ahead):
+      self._reap_copy()  # Over the budget: wait for copies before asking for more.
+    self._start_parts()
+
+  def _copy(self, part: _Part, data: bytes) -> None:
     _, _, (_, offset, length) = self._jobs[part.index]
     low, high = max(part.start, offset), min(part.stop, offset + length)
-    out = self._arrays[part.index].result()
-    out.reshape(-1).view(np.uint8).data[low - offset:high - offset] = \
-        memoryview(data)[low - part.start:high - part.start]
-    del data
-    part.done = True
+    out = self._arrays[part.index].result().reshape(-1).view(np.uint8)
+    # numpy copies without holding the GIL, so the main thread keeps receiving meanwhile.
+    out[low - offset:high - offset] = np.frombuffer(data, np.uint8, high - low,
+                                                    low - part.start)
+
+  def _reap_copy(self) -> None:
+    part, copy = self._copying.popleft()
+    copy.result()
+    self._flying -= part.nbytes
     self._missing[part.index] -= 1
     if not self._missing[part.index]:
-      self._filled(part.index, out)
+      self._filled(part.index, self._arrays[part.index].result())
 
 
 class _Part:

@@ -155,8 +155,8 @@ _RESTORE_PEAK = textwrap.dedent('''
     def status(field):
       return int(open('/proc/self/status').read().split(field + ':')[1].split()[0]) * 1024
 
-    url, nbytes = sys.argv[1], int(sys.argv[2])
-    ocp.object_store.configure(url.rsplit('/', 1)[0], read_part_size=8 << 20,
+    url, nbytes, part_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    ocp.object_store.configure(url.rsplit('/', 1)[0], read_part_size=part_size,
                                read_ahead=32 << 20)
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.metadata(url)
@@ -169,22 +169,28 @@ _RESTORE_PEAK = textwrap.dedent('''
 
 
 @pytest.mark.skipif(not os.path.exists('/proc/self/clear_refs'), reason='needs Linux /proc')
+@pytest.mark.parametrize('arrays, part_size', [(3, 8 << 20), (12, 32 << 20)])
 def test_a_restore_from_a_bucket_holds_its_arrays_and_a_bounded_read_ahead(bucket_url,
-                                                                           tmp_path):
-  """Restoring 192 MiB with a 32 MiB read-ahead peaks near the arrays' own size, as on a
-  local disk (holding every byte read until the last array is complete took 2.2-2.8x)."""
+                                                                           tmp_path, arrays,
+                                                                           part_size):
+  """Restoring 192 MiB with a 32 MiB read-ahead peaks near the arrays' own size plus the
+  read-ahead (holding every byte read until the last array was complete took 2.2-2.8x):
+  64 MiB arrays read in 8 MiB parts, and 16 MiB arrays read whole (each kept as read, or
+  copied out of the bytes read)."""
   url = bucket_url + '/ckpt'
-  tree = {f'w{i}': np.full(16 << 20, i, np.float32) for i in range(3)}
+  tree = {f'w{i}': np.full((192 << 18) // arrays, i, np.float32) for i in range(arrays)}
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(url, tree)
   nbytes = sum(value.nbytes for value in tree.values())
   del tree
   env = {**os.environ, 'MALLOC_ARENA_MAX': '2'}
-  done = subprocess.run([sys.executable, '-c', _RESTORE_PEAK, url, str(nbytes)],
+  done = subprocess.run([sys.executable, '-c', _RESTORE_PEAK, url, str(nbytes), str(part_size)],
                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
   assert done.returncode == 0, done.stderr[-3000:]
   extra = float(done.stdout.split('EXTRA')[1])
-  assert 0.9 < extra < 1.5, done.stdout
+  # Bytes in flight exist twice for a moment (tensorstore's buffer, the bytes copied from it),
+  # and a third time while copied into their array; so 1.6x here, 2.5x or more unbounded.
+  assert 0.9 < extra < 1.1 + 3 * (32 << 20) / nbytes, done.stdout
 
 
 @pytest.mark.parametrize('part_size, expected_gets', [(None, 1), (1 << 20, 3)])
