@@ -35,7 +35,7 @@ typecheck: $(VENV)
 
 bench: $(VENV)
 	mkdir -p build/bench
-	$(PY) benchmarks/bench.py --object-store --object-mib 256,1024 \
+	$(PY) benchmarks/bench.py --cases all --object-store --object-mib 256,1024 \
 	  --case-repeats s3-1024MiB=3,gs-1024MiB=3 --json build/bench/results.json
 	$(PY) benchmarks/report.py build/bench/results.json
 

@@ -27,6 +27,14 @@ What is measured (one run, one process, JAX on CPU):
   the warm-ups, the checkpoint files written by the two are compared byte for
   byte (line ``bytes identical: yes/no``).
 
+* ``odirect`` (cases ``large-1024MiB``/``large-4096MiB``): the floor of a restore from the
+  disk itself: ``raw``'s file with leaves at 4096-byte offsets, read with ``O_DIRECT`` in 64 MiB
+  requests into page-aligned memory (no page cache, no kernel copy), then ``device_put``.
+* ``flaxckpt-async`` and ``orbax-async`` (cases ``many`` and ``large-1024MiB``):
+  ``AsyncCheckpointer(StandardCheckpointHandler())``; the save is timed to the end of
+  ``wait_until_finished()``, and how long ``save`` itself held the caller (the training loop)
+  is reported beside it and compared (op ``block``).
+
 Each contender builds its checkpointer once per case (untimed), does one
 untimed warm-up save+restore (which is also checked for bit-exact round trip,
 column ``check``), then R timed repeats, each saving into a fresh directory
@@ -46,6 +54,11 @@ Cases (float32 jax.Arrays, standard normal values from a fixed seed):
          ``large`` (9 blocks), adam ``mu``/``nu`` copies of them, an int32
          ``count`` and a Python int ``step`` (92 leaves; ``--msgpack-mib``
          rescales it).  Contenders raw, flax and flaxckpt (no Orbax).
+
+Scale cases (``--cases all``, as ``make bench`` runs them, or by name):
+  many-16000     16000 leaves x 32 floats (Orbax: 1 repeat, minutes each)
+  large-1024MiB  the ``large`` tree at 1 GiB
+  large-4096MiB  the ``large`` tree at 4 GiB (flaxckpt, raw, odirect 3 repeats, Orbax 2)
 
 Object-store cases (only with ``--object-store``; see ``object_store.py``): cases
 ``s3-256MiB``/``gs-256MiB`` (``--object-mib`` for other sizes, e.g. 256,1024) save the
@@ -71,7 +84,7 @@ flaxckpt`` itself, measured inside the subprocess after ``jax`` and ``flax``
 are loaded, is reported (and judged) too.  The subprocess also reports
 whether ``import flaxckpt`` pulled any ``orbax*`` module into ``sys.modules``.
 
-Usage:  .venv/bin/python benchmarks/bench.py [--cases many,small,large,msgpack]
+Usage:  .venv/bin/python benchmarks/bench.py [--cases many,small,large,msgpack | all]
             [--repeats N] [--no-orbax] [--json out.json] [--help for more]
 """
 from __future__ import annotations
@@ -104,6 +117,9 @@ import numpy as np  # noqa: E402
 MiB = 1 << 20
 SEED = 0
 CASES = ("many", "small", "large", "msgpack")
+# Cases at the sizes where training jobs spend real time (issue 20), run by ``make bench`` with
+# ``--cases all`` or named one by one: 16000 leaves x 32 floats, the large tree at 1 and 4 GiB.
+SCALE_CASES = ("many-16000", "large-1024MiB", "large-4096MiB")
 MSGPACK_STEP = 1000  # TrainState.step of the msgpack case, also the checkpoint's step
 # (case, op, ratio) -> (comparison, target)
 TARGETS = {
@@ -116,8 +132,23 @@ TARGETS = {
     ("msgpack", "save", "flax/flaxckpt"): (">=", 3.0),
     ("msgpack", "restore", "flax/flaxckpt"): (">=", 2.0),
 }
+for _case in ("many", "many-16000"):
+    TARGETS[(_case, "save", "flaxckpt/raw")] = ("<=", 5.0)
+for _case in ("large-1024MiB", "large-4096MiB"):
+    TARGETS[(_case, "restore", "orbax/flaxckpt")] = (">=", 1.5)
+    TARGETS[(_case, "restore", "flaxckpt/odirect")] = ("<=", 1.25)
+# How long an AsyncCheckpointer's save holds the caller, against Orbax's on the same state.
+ASYNC_CASES = ("many", "large-1024MiB")
+for _case in ASYNC_CASES:
+    TARGETS[(_case, "block", "flaxckpt-async/orbax-async")] = ("<=", 0.5)
 # (numerator, denominator) contender pairs whose median times are divided, per case
-RATIO_PAIRS = {"msgpack": (("flax", "flaxckpt"), ("flaxckpt", "raw"))}
+RATIO_PAIRS = {"msgpack": (("flax", "flaxckpt"), ("flaxckpt", "raw")),
+               "many": (("orbax", "flaxckpt"), ("flaxckpt", "raw"),
+                        ("flaxckpt-async", "orbax-async")),
+               "large-1024MiB": (("orbax", "flaxckpt"), ("flaxckpt", "raw"),
+                                 ("flaxckpt", "odirect"), ("flaxckpt-async", "orbax-async")),
+               "large-4096MiB": (("orbax", "flaxckpt"), ("flaxckpt", "raw"),
+                                 ("flaxckpt", "odirect"))}
 DEFAULT_RATIO_PAIRS = (("orbax", "flaxckpt"), ("flaxckpt", "raw"))
 # Object-store cases (``--object-store``): named "<scheme>-<MiB>MiB", e.g. "s3-256MiB"; their
 # targets and ratio pairs are looked up under the kind "object" (issue 19: >= 0.8x raw kvstore
@@ -147,14 +178,20 @@ def transformer_params(arr, d: int, blocks: int) -> dict:
 def make_tree(case: str, large_mib: float = 256.0, msgpack_mib: float = 512.0):
     rng = np.random.default_rng(SEED)
     arr = lambda *shape: jax.device_put(rng.standard_normal(shape, dtype=np.float32))
-    if case == "many":
-        return {f"layer_{i:03d}": {f"param_{j:02d}": arr(32) for j in range(30)}
-                for i in range(100)}
+    if case in ("many", "many-16000"):
+        layers = 100 if case == "many" else 16000 // 30 + 1
+        leaves = [(f"layer_{i:03d}", f"param_{j:02d}") for i in range(layers) for j in range(30)]
+        tree: dict = {}
+        for layer, param in leaves[:3000 if case == "many" else 16000]:
+            tree.setdefault(layer, {})[param] = arr(32)
+        return tree
     if case == "small":  # 300 leaves, exactly 1 MiB in total
         n, k = divmod(MiB // 4, 300)
         sizes = [n + (i < k) for i in range(300)]
         return {f"layer_{i:02d}": {f"param_{j:02d}": arr(sizes[30 * i + j]) for j in range(30)}
                 for i in range(10)}
+    if case.startswith("large-"):  # large-1024MiB
+        large_mib, case = float(case[len("large-"):-len("MiB")]), "large"
     if case == "large":  # bytes = 256 * d**2 -> d = 1024 gives 256 MiB, 30 leaves
         d = max(8, round(1024 * math.sqrt(large_mib / 256)))
         return {"params": transformer_params(arr, d, 4),
@@ -246,6 +283,34 @@ class Raw:
         pass
 
 
+class ODirect(Raw):
+    """The floor of a restore from the disk itself: ``raw``'s file (leaves at 4096-byte
+    offsets), read with ``O_DIRECT`` in 64 MiB requests into page-aligned memory, which
+    bypasses the page cache and its kernel copy; then ``device_put`` as ``raw`` does."""
+    name = "odirect"
+    ALIGN = 4096
+    CHUNK = 64 * MiB
+
+    def restore(self, path: Path, abstract):
+        import mmap
+        leaves, treedef = jax.tree.flatten(abstract)
+        offsets, end = self._layout(leaves)
+        buf = np.frombuffer(mmap.mmap(-1, max(end, self.ALIGN)), np.uint8)
+        fd = os.open(path / "data.bin", os.O_RDONLY | os.O_DIRECT)
+        try:
+            done = 0
+            while done < end:
+                n = os.preadv(fd, [buf[done:min(done + self.CHUNK, end)]], done)
+                if n <= 0:
+                    raise OSError(f"{path}: O_DIRECT read stopped at byte {done} of {end}")
+                done += n
+        finally:
+            os.close(fd)
+        out = [jax.device_put(np.frombuffer(buf, a.dtype, math.prod(a.shape), off)
+                              .reshape(a.shape)) for a, off in zip(leaves, offsets)]
+        return jax.block_until_ready(jax.tree.unflatten(treedef, out))
+
+
 class Lib:
     """flaxckpt or orbax.checkpoint through the StandardCheckpointer API."""
 
@@ -281,6 +346,24 @@ class Lib:
     def close(self) -> None:
         if hasattr(self.ckptr, "close"):
             self.ckptr.close()
+
+
+class AsyncLib(Lib):
+    """``AsyncCheckpointer(StandardCheckpointHandler())`` of flaxckpt or Orbax: a save is timed
+    to the end of ``wait_until_finished``, and ``last_block_ms`` keeps how long ``save`` itself
+    held the caller (the training loop, in real use)."""
+
+    def __init__(self, name: str, mod):
+        self.name, self.mod = f"{name}-async", mod
+        self.ckptr = mod.AsyncCheckpointer(mod.StandardCheckpointHandler())
+        self.args_save = self.args_restore = True
+        self.last_block_ms: float | None = None
+
+    def save(self, path: Path, tree) -> None:
+        t0 = time.perf_counter()
+        self.ckptr.save(path, args=self.mod.args.StandardSave(tree))
+        self.last_block_ms = (time.perf_counter() - t0) * 1e3
+        self.ckptr.wait_until_finished()
 
 
 class Legacy:
@@ -393,6 +476,7 @@ def bench_contenders(contenders: dict, tree, workdir: Path, keep_warmup: bool = 
             res[name] = {"reps": reps, "check": "ok" if ok else "MISMATCH"}
         except Exception as e:
             res[name] = _failure(name, e)
+    blocks: dict[str, list[float]] = {}
     for i in range(max((reps for _, reps in contenders.values()), default=0)):
         for name, (c, reps, abstract, saves, restores) in list(state.items()):
             if i >= reps:
@@ -400,6 +484,8 @@ def bench_contenders(contenders: dict, tree, workdir: Path, keep_warmup: bool = 
             path = workdir / name / f"rep{i}"
             try:
                 saves.append(timed(c.save, path, tree)[0])
+                if getattr(c, "last_block_ms", None) is not None:
+                    blocks.setdefault(name, []).append(c.last_block_ms)
                 ms, out = timed(c.restore, path, abstract)
                 restores.append(ms)
                 del out
@@ -411,6 +497,9 @@ def bench_contenders(contenders: dict, tree, workdir: Path, keep_warmup: bool = 
         res[name].update(save_ms=saves, restore_ms=restores,
                          save_median_ms=statistics.median(saves),
                          restore_median_ms=statistics.median(restores))
+        if name in blocks:
+            res[name].update(block_ms=blocks[name],
+                             block_median_ms=statistics.median(blocks[name]))
     return res
 
 
@@ -424,7 +513,7 @@ def ratios(case: str, res: dict) -> list[dict]:
     rows = []
     kind = case_kind(case)
     for num, den in RATIO_PAIRS.get(kind, DEFAULT_RATIO_PAIRS):
-        for op in ("save", "restore"):
+        for op in ("block",) if num.endswith("-async") else ("save", "restore"):
             name = f"{num}/{den}"
             a, b = res.get(num, {}), res.get(den, {})
             val = (a[f"{op}_median_ms"] / b[f"{op}_median_ms"]
@@ -442,20 +531,22 @@ def print_case(case: str, tree, res: dict, rats: list[dict], notes: tuple[str, .
     leaves = jax.tree.leaves(tree)
     nbytes = tree_nbytes(tree)
     print(f"\n== case {case}: {len(leaves)} leaves, {nbytes / MiB:.2f} MiB ==")
-    print(f"{'contender':<10} {'reps':>4} {'save ms':>10} {'restore ms':>11} {'save MiB/s':>11} "
+    print(f"{'contender':<15} {'reps':>4} {'save ms':>10} {'restore ms':>11} {'save MiB/s':>11} "
           f"{'rest MiB/s':>11}  check")
     for name, r in res.items():
         if "error" in r:
-            print(f"{name:<10} ERROR: {r['error']}")
+            print(f"{name:<15} ERROR: {r['error']}")
             continue
         s, rt = r["save_median_ms"], r["restore_median_ms"]
-        print(f"{name:<10} {r['reps']:>4} {s:>10.2f} {rt:>11.2f} {nbytes / MiB / (s / 1e3):>11.1f} "
-              f"{nbytes / MiB / (rt / 1e3):>11.1f}  {r['check']}")
+        block = (f"  (save blocks the caller {r['block_median_ms']:.2f} ms)"
+                 if "block_median_ms" in r else "")
+        print(f"{name:<15} {r['reps']:>4} {s:>10.2f} {rt:>11.2f} {nbytes / MiB / (s / 1e3):>11.1f} "
+              f"{nbytes / MiB / (rt / 1e3):>11.1f}  {r['check']}{block}")
     for row in rats:
         if row["value"] is None:
             continue
         tgt = f"target {row['target']:<7} {row['verdict']}" if row["target"] else ""
-        print(f"  {row['op']:<8}{row['ratio']:<15}{row['value']:>9.2f}x   {tgt}")
+        print(f"  {row['op']:<8}{row['ratio']:<27}{row['value']:>9.2f}x   {tgt}")
     for line in notes:
         print(f"  {line}")
 
@@ -511,7 +602,9 @@ def bench_import(runs: int) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default=",".join(CASES), help="comma list of " + ",".join(CASES))
+    p.add_argument("--cases", default=",".join(CASES),
+                   help="comma list of " + ",".join(CASES + SCALE_CASES) + ", or all (default: "
+                        + ",".join(CASES) + ")")
     p.add_argument("--repeats", type=int,
                    help="repeats for every contender and case (overrides below)")
     p.add_argument("--fc-repeats", type=int, default=5)
@@ -543,7 +636,9 @@ def parse_args(argv=None):
                         "256,1024 adds the 1 GiB state)")
     a = p.parse_args(argv)
     a.cases = [c.strip() for c in a.cases.split(",") if c.strip()]
-    bad = set(a.cases) - set(CASES)
+    if a.cases == ["all"]:
+        a.cases = list(CASES + SCALE_CASES)
+    bad = set(a.cases) - set(CASES + SCALE_CASES)
     if bad:
         p.error(f"unknown case(s): {', '.join(sorted(bad))}")
     a.object_store = [s.strip() for s in a.object_store.split(",") if s.strip()]
@@ -561,8 +656,11 @@ def repeats_for(a, case: str, name: str) -> int:
         return a.case_repeats[case]
     if a.repeats is not None:
         return a.repeats
-    if name == "orbax":
-        return a.orbax_many_repeats if case == "many" else a.orbax_repeats
+    if name.startswith("orbax"):  # minutes per repeat at 16000 leaves, seconds at 4 GiB
+        return {"many": a.orbax_many_repeats, "many-16000": 1,
+                "large-4096MiB": 2}.get(case, a.orbax_repeats)
+    if case == "large-4096MiB":
+        return 3
     if name == "flax":
         return a.flax_repeats
     return a.fc_repeats if name == "flaxckpt" else a.raw_repeats
@@ -720,6 +818,12 @@ def main(argv=None) -> None:
             tree = make_tree(case, a.large_mib)
             contenders = {name: (Raw() if name == "raw" else Lib(name, mods[name]),
                                  repeats_for(a, case, name)) for name in ("raw", *mods)}
+            if case.startswith("large-"):
+                contenders["odirect"] = (ODirect(), repeats_for(a, case, "odirect"))
+            if case in ASYNC_CASES:
+                for name, mod in mods.items():
+                    contenders[f"{name}-async"] = (AsyncLib(name, mod),
+                                                   repeats_for(a, case, f"{name}-async"))
             try:
                 res = bench_contenders(contenders, tree, run_dir / case)
             finally:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 CASE_TITLES = {"many": "3000 leaves x 32 float32", "small": "300 leaves, 1 MiB",
-               "large": "30 leaves, 256 MiB", "msgpack": "legacy msgpack, 512 MiB TrainState"}
+               "large": "30 leaves, 256 MiB", "msgpack": "legacy msgpack, 512 MiB TrainState",
+               "many-16000": "16000 leaves x 32 float32", "large-1024MiB": "30 leaves, 1 GiB",
+               "large-4096MiB": "30 leaves, 4 GiB"}
 SERVER_TITLES = {"s3": "S3 (moto)", "gs": "GCS (fake-gcs-server)"}
 
 
@@ -57,7 +59,7 @@ def chart(results: dict, path: Path) -> None:
     labels, values = [], []
     for case, data in results["cases"].items():
         for row in data["ratios"]:
-            if row["value"] is not None and not row["ratio"].endswith("/raw"):
+            if row["value"] is not None and row["ratio"].startswith(("orbax/", "flax/")):
                 labels.append(f"{case} {row['op']}\n{row['ratio']}")
                 values.append(row["value"])
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(values)), 3.2))
