@@ -1,5 +1,6 @@
 # Developer entry points: `make demo`, `make test` (= `make lint typecheck` and pytest),
-# `make bench`, `make drill`, `make peers`, `make notebooks`, `make docs`, `make clean`.
+# `make bench`, `make growth`, `make drill`, `make peers`, `make notebooks`, `make docs`,
+# `make clean`.
 # Every target runs inside .venv, which is created on first use and re-synced
 # (pip install -e '.[test]') whenever setup.cfg or pyproject.toml changes.
 
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.stamp
 
 TYPECHECK := build/typecheck
 
-.PHONY: demo test lint typecheck bench drill peers notebooks docs clean $(VENV)
+.PHONY: demo test lint typecheck bench growth drill peers notebooks docs clean $(VENV)
 
 demo: $(VENV)
 	$(PY) -m flaxckpt.demo
@@ -38,6 +39,12 @@ bench: $(VENV)
 	$(PY) benchmarks/bench.py --cases all --object-store --object-mib 256,1024 \
 	  --case-repeats s3-1024MiB=3,gs-1024MiB=3 --json build/bench/results.json
 	$(PY) benchmarks/report.py build/bench/results.json
+
+# Save and restore times from 1k to 64k leaves and from 64 MiB to 4 GiB, beside Orbax and the
+# raw floor (the growth table of docs/performance.md; several minutes).
+growth: $(VENV)
+	mkdir -p build/bench
+	$(PY) benchmarks/growth.py --json build/bench/growth.json
 
 # The crash and corruption drills at full size, flaxckpt and Orbax side by side (make test runs a
 # few trials of each); each prints its outcome table.
