@@ -272,7 +272,12 @@ class Raw:
         start = -raw.ctypes.data % self.ALIGN
         buf = raw[start:start + end]
         with open(path / "data.bin", "rb", buffering=0) as f:
-            f.readinto(buf)
+            done = 0
+            while done < end:  # one read(2) returns at most ~2 GiB
+                n = f.readinto(buf[done:])
+                if not n:
+                    raise OSError(f"{path}: the file ends at byte {done} of {end}")
+                done += n
         out = [np.frombuffer(buf, a.dtype, math.prod(a.shape), off).reshape(a.shape)
                for a, off in zip(leaves, offsets)]
         out = [jax.device_put(x) if jax.dtypes.canonicalize_dtype(x.dtype) == x.dtype else x
