@@ -109,7 +109,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if __name__ == "__main__":  # gpu.py imports the contenders below and keeps its device
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -320,6 +321,8 @@ class Lib:
     """flaxckpt or orbax.checkpoint through the StandardCheckpointer API."""
 
     def __init__(self, name: str, mod):
+        if isinstance(mod, Exception):  # the module failed to import
+            raise mod
         self.name, self.mod = name, mod
         self.ckptr = mod.StandardCheckpointer()
         self.args_save = self._takes_args(self.ckptr.save)

@@ -44,7 +44,6 @@ import argparse
 import gc
 import importlib
 import importlib.metadata
-import inspect
 import json
 import math
 import os
@@ -66,6 +65,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import Lib, cpu_model, transformer_params  # noqa: E402
+
 MiB = 1 << 20
 SEED = 0
 STEP = 1000  # TrainState.step and adam's count; also the msgpack checkpoint's step
@@ -84,15 +86,6 @@ RATIOS = (
 
 
 # ----------------------------------------------------------------- state
-def transformer_params(arr, d: int, blocks: int) -> dict:
-    """Embedding + ``blocks`` x (kernel, bias, scale) + final norm: 3 * blocks + 3 leaves."""
-    p = {"embed": {"embedding": arr(16 * d, d)}}
-    for b in range(blocks):
-        p[f"block_{b}"] = {"kernel": arr(d, 4 * d), "bias": arr(4 * d), "scale": arr(d)}
-    p["final_norm"] = {"scale": arr(d), "bias": arr(d)}
-    return p
-
-
 def make_state(mib: float, device):
     """A TrainState after STEP adam steps, ~``mib`` MiB, generated on ``device`` (no host copy).
 
@@ -218,45 +211,6 @@ class Raw:
 
     def close(self) -> None:
         pass
-
-
-def _takes_args(fn) -> bool:
-    ps = inspect.signature(fn).parameters.values()
-    return any(p.name == "args" or p.kind is p.VAR_KEYWORD for p in ps)
-
-
-class Lib:
-    """flaxckpt or orbax.checkpoint through StandardCheckpointer."""
-
-    def __init__(self, name: str, mod):
-        if isinstance(mod, Exception):
-            raise mod
-        self.name, self.mod = name, mod
-        self.ckptr = mod.StandardCheckpointer()
-        self.args_save = _takes_args(self.ckptr.save)
-        self.args_restore = _takes_args(self.ckptr.restore)
-
-    def abstract(self, state):
-        return jax.tree.map(self.mod.utils.to_shape_dtype_struct, state)
-
-    def save(self, path: Path, state) -> None:
-        if self.args_save:
-            self.ckptr.save(path, args=self.mod.args.StandardSave(state))
-        else:  # Orbax 0.12: save(path, state) wraps StandardSave itself
-            self.ckptr.save(path, state)
-        if hasattr(self.ckptr, "wait_until_finished"):
-            self.ckptr.wait_until_finished()
-
-    def restore(self, path: Path, abstract):
-        if self.args_restore:
-            out = self.ckptr.restore(path, args=self.mod.args.StandardRestore(abstract))
-        else:
-            out = self.ckptr.restore(path, abstract)
-        return jax.block_until_ready(out)
-
-    def close(self) -> None:
-        if hasattr(self.ckptr, "close"):
-            self.ckptr.close()
 
 
 class AsyncLib(Lib):
@@ -521,16 +475,6 @@ def _fs_of(path: Path) -> str:
     return fstype
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -561,7 +505,7 @@ def main(argv=None) -> None:
            "optax": _version("optax"), "orbax-checkpoint": _version("orbax-checkpoint"),
            "tensorstore": _version("tensorstore"),
            "flaxckpt": getattr(mods["flaxckpt"], "__version__", "-"),
-           "host cpus": os.cpu_count(), "cpu": _cpu_model()}
+           "host cpus": os.cpu_count(), "cpu": cpu_model()}
     device = {"kind": dev.device_kind, "platform": dev.platform, "id": str(dev),
               "count": len(jax.devices())}
     print("env: " + ", ".join(f"{k} {v}" for k, v in env.items()))

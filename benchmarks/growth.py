@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 import jax  # noqa: E402
@@ -48,6 +50,15 @@ def measure(tree, mods: dict, repeats: int, workdir: Path, with_orbax: bool) -> 
         for c, _ in contenders.values():
             c.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _progress(row: dict) -> dict:
+    """Prints one measured state (save/restore ms of each contender); returns ``row``."""
+    print(f"{row['label']}: " + ", ".join(
+        f"{name} {r.get('save_median_ms', float('nan')):.1f}/"
+        f"{r.get('restore_median_ms', float('nan')):.1f} ms"
+        for name, r in row["results"].items()), flush=True)
+    return row
 
 
 def table(rows: list[dict], unit: str) -> str:
@@ -93,21 +104,14 @@ def main(argv=None) -> None:
             tree = many_tree(n)
             res = measure(tree, mods, a.repeats, run_dir / f"leaves-{n}",
                           n <= a.orbax_max_leaves)
-            by_leaves.append({"label": f"{n} leaves", "units": n, "results": res})
-            print(f"{n} leaves: " + ", ".join(
-                f"{k} {v.get('save_median_ms', float('nan')):.1f}/"
-                f"{v.get('restore_median_ms', float('nan')):.1f} ms" for k, v in res.items()),
-                flush=True)
+            by_leaves.append(_progress({"label": f"{n} leaves", "units": n, "results": res}))
             del tree
             gc.collect()
         for mib in (float(x) for x in a.mib.split(",") if x):
             tree = bench.make_tree("large", mib)
             res = measure(tree, mods, a.repeats, run_dir / f"mib-{mib:g}", True)
-            by_size.append({"label": f"{mib:g} MiB", "units": mib / 1024, "results": res})
-            print(f"{mib:g} MiB: " + ", ".join(
-                f"{k} {v.get('save_median_ms', float('nan')):.1f}/"
-                f"{v.get('restore_median_ms', float('nan')):.1f} ms" for k, v in res.items()),
-                flush=True)
+            by_size.append(_progress({"label": f"{mib:g} MiB", "units": mib / 1024,
+                                      "results": res}))
             del tree
             gc.collect()
     finally:
