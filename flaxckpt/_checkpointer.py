@@ -319,7 +319,8 @@ class AsyncCheckpointer(Checkpointer):
   def save(self, directory: _storage.PathLike, *legacy_item: Any,
            args: CheckpointArgs | None = None, force: bool = False,
            custom_metadata: dict[str, Any] | None = None, **legacy_kwargs: Any) -> None:
-    """Starts a save; returns once the caller's arrays have been copied to host memory."""
+    """Starts a save; returns once the caller's data is in host memory (numpy arrays copied,
+    jax.Arrays on the CPU viewed: see ``_save.prepare``)."""
     self.wait_until_finished()
     self._save(directory, self._adapt(legacy_item, args, legacy_kwargs, for_save=True), force,
                custom_metadata)

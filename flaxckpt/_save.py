@@ -118,8 +118,10 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
             ) -> Prepared:
   """Flattens and checks the tree and copies what must be copied; returns what to write.
 
-  With ``copy`` every array is snapshotted, so the caller may change its data afterwards
-  (async saves); otherwise host views are kept.
+  With ``copy`` every host array is snapshotted, so the caller may change its data afterwards
+  (async saves); otherwise host views are kept. A jax.Array is never copied on the host: its
+  data cannot change, and while a host view of it is alive jax neither frees nor reuses its
+  buffer (a donating computation gets a new one, ``delete`` waits for the view).
   """
   try:
     json.dumps(args.custom_metadata)
@@ -163,7 +165,7 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
     layout = _LAYOUTS.get(layout_key)
     if layout is not None:
       plans_here = cast(list[_ArrayPlan], leaf_plans)  # None is not among them.
-      arrays = [_jax_array_write(meta.param_name, leaf.value, plan, copy)
+      arrays = [_jax_array_write(meta.param_name, leaf.value, plan)
                 for leaf, plan, meta in zip(leaves, plans_here, layout.array_metadatas)]
       return Prepared(directory, arrays, {}, layout, tree_meta._replace(leaves=layout.entries),
                       options)
@@ -194,7 +196,7 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
     elif plan is not None:  # A jax.Array, the common case.
       value_type = _metadata.JAX_ARRAY
       write_shape = plan.write_shape
-      arrays.append(_jax_array_write(name, value, plan, copy))
+      arrays.append(_jax_array_write(name, value, plan))
       if plan.sharding_json is not None:
         shardings[_metadata.sharding_key(name)] = plan.sharding_json
       array_metas.append(_metadata.ArrayMetadata(
@@ -330,10 +332,9 @@ def _plan_array(value: jax.Array, arg: SaveArgs, max_chunk: int,
                     _metadata.sharding_to_json(sharding), needs_host_copy)
 
 
-def _jax_array_write(name: str, value: jax.Array, plan: _ArrayPlan,
-                     copy: bool) -> _arrays.ArrayWrite:
+def _jax_array_write(name: str, value: jax.Array, plan: _ArrayPlan) -> _arrays.ArrayWrite:
   if plan.key_impl is None and plan.one_device:  # The common case, kept short.
-    array = np.array(value, copy=True) if copy else np.asarray(value)
+    array = np.asarray(value)
     if array.dtype != plan.dtype:
       array = array.astype(plan.dtype)
     return _arrays.ArrayWrite(name, plan.global_shape, plan.dtype, plan.chunk_shape,
@@ -347,7 +348,7 @@ def _jax_array_write(name: str, value: jax.Array, plan: _ArrayPlan,
               for shard in value.addressable_shards if shard.replica_id == 0]
   host = []
   for origin, data in blocks:
-    array = np.array(data, copy=True) if copy else np.asarray(data)
+    array = np.asarray(data)
     host.append((origin, array if array.dtype == plan.dtype else array.astype(plan.dtype)))
   return _arrays.ArrayWrite(name, plan.global_shape, plan.dtype, plan.chunk_shape, tuple(host))
 

@@ -6,6 +6,8 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -141,6 +143,47 @@ def test_async_snapshot_is_taken_at_save_time(tmp_path):
   data[:] = 5  # Mutating after save() returns must not change what is written.
   ckptr.wait_until_finished()
   np.testing.assert_array_equal(ckptr.restore(tmp_path / 'a')['d'], np.zeros(1000))
+
+
+def test_async_save_keeps_jax_arrays_the_caller_donates_and_deletes(tmp_path, monkeypatch):
+  """An async save returns holding host views of the caller's jax.Arrays, not copies (their
+  data cannot change): a training step that donates them, their deletion and new arrays
+  allocated meanwhile leave what is written as it was when save returned."""
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from flaxckpt import _save
+  release, held = threading.Event(), []
+  write = _save.Prepared.write
+
+  def held_back(prepared):
+    held.extend(prepared.arrays)
+    assert release.wait(60)
+    write(prepared)
+
+  monkeypatch.setattr(_save.Prepared, 'write', held_back)
+  mesh = Mesh(np.array(jax.devices()[:2]), ('x',))
+  state = {'w': jnp.arange(1 << 16, dtype=jnp.float32),
+           'sharded': jax.device_put(np.arange(1 << 16, dtype=np.float32).reshape(8, -1),
+                                     NamedSharding(mesh, PartitionSpec('x')))}
+  expected = {key: np.array(value) for key, value in state.items()}
+  with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler()) as ckptr:
+    ckptr.save(tmp_path / 'a', args=ocp.args.StandardSave(state))
+    while not held:
+      time.sleep(0.01)
+    w_write = next(a for a in held if a.name == 'w')
+    assert np.shares_memory(w_write.blocks[0][1], np.asarray(state['w']))  # not a copy
+    step = jax.jit(lambda tree: jax.tree.map(lambda x: -x - 1, tree), donate_argnums=0)
+    new = jax.block_until_ready(step(state))
+    for value in state.values():
+      value.delete()
+    filler = jax.block_until_ready([jnp.full(1 << 16, 9.0) for _ in range(16)])
+    release.set()
+    ckptr.wait_until_finished()
+    restored = ckptr.restore(tmp_path / 'a')
+  for key, value in expected.items():
+    np.testing.assert_array_equal(np.asarray(restored[key]), value)
+  np.testing.assert_array_equal(np.asarray(new['w']), -expected['w'] - 1)
+  del filler
 
 
 def test_async_restore_waits_for_inflight_save(tmp_path):
