@@ -179,12 +179,10 @@ def transformer_params(arr, d: int, blocks: int) -> dict:
 def make_tree(case: str, large_mib: float = 256.0, msgpack_mib: float = 512.0):
     rng = np.random.default_rng(SEED)
     arr = lambda *shape: jax.device_put(rng.standard_normal(shape, dtype=np.float32))
-    if case in ("many", "many-16000"):
-        layers = 100 if case == "many" else 16000 // 30 + 1
-        leaves = [(f"layer_{i:03d}", f"param_{j:02d}") for i in range(layers) for j in range(30)]
+    if case == "many" or case.startswith("many-"):  # many-16000: 16000 leaves
         tree: dict = {}
-        for layer, param in leaves[:3000 if case == "many" else 16000]:
-            tree.setdefault(layer, {})[param] = arr(32)
+        for i in range(3000 if case == "many" else int(case[len("many-"):])):
+            tree.setdefault(f"layer_{i // 30:03d}", {})[f"param_{i % 30:02d}"] = arr(32)
         return tree
     if case == "small":  # 300 leaves, exactly 1 MiB in total
         n, k = divmod(MiB // 4, 300)
@@ -269,21 +267,29 @@ class Raw:
     def restore(self, path: Path, abstract):
         leaves, treedef = jax.tree.flatten(abstract)
         offsets, end = self._layout(leaves)
+        buf = self._read(path / "data.bin", end)
+        out = [self._place(np.frombuffer(buf, a.dtype, math.prod(a.shape), off).reshape(a.shape),
+                           a) for a, off in zip(leaves, offsets)]
+        return jax.block_until_ready(jax.tree.unflatten(treedef, out))
+
+    def _read(self, file: Path, end: int) -> np.ndarray:
+        """The first ``end`` bytes of ``file`` in an ``ALIGN``-aligned buffer."""
         raw = np.empty(end + self.ALIGN, np.uint8)
         start = -raw.ctypes.data % self.ALIGN
         buf = raw[start:start + end]
-        with open(path / "data.bin", "rb", buffering=0) as f:
+        with open(file, "rb", buffering=0) as f:
             done = 0
             while done < end:  # one read(2) returns at most ~2 GiB
                 n = f.readinto(buf[done:])
                 if not n:
-                    raise OSError(f"{path}: the file ends at byte {done} of {end}")
+                    raise OSError(f"{file}: the file ends at byte {done} of {end}")
                 done += n
-        out = [np.frombuffer(buf, a.dtype, math.prod(a.shape), off).reshape(a.shape)
-               for a, off in zip(leaves, offsets)]
-        out = [jax.device_put(x) if jax.dtypes.canonicalize_dtype(x.dtype) == x.dtype else x
-               for x in out]
-        return jax.block_until_ready(jax.tree.unflatten(treedef, out))
+        return buf
+
+    @staticmethod
+    def _place(x: np.ndarray, abstract):
+        """A leaf as the restore returns it (``abstract`` is its ShapeDtypeStruct)."""
+        return jax.device_put(x) if jax.dtypes.canonicalize_dtype(x.dtype) == x.dtype else x
 
     def close(self) -> None:
         pass
@@ -297,24 +303,20 @@ class ODirect(Raw):
     ALIGN = 4096
     CHUNK = 64 * MiB
 
-    def restore(self, path: Path, abstract):
+    def _read(self, file: Path, end: int) -> np.ndarray:
         import mmap
-        leaves, treedef = jax.tree.flatten(abstract)
-        offsets, end = self._layout(leaves)
         buf = np.frombuffer(mmap.mmap(-1, max(end, self.ALIGN)), np.uint8)
-        fd = os.open(path / "data.bin", os.O_RDONLY | os.O_DIRECT)
+        fd = os.open(file, os.O_RDONLY | os.O_DIRECT)
         try:
             done = 0
             while done < end:
                 n = os.preadv(fd, [buf[done:min(done + self.CHUNK, end)]], done)
                 if n <= 0:
-                    raise OSError(f"{path}: O_DIRECT read stopped at byte {done} of {end}")
+                    raise OSError(f"{file}: O_DIRECT read stopped at byte {done} of {end}")
                 done += n
         finally:
             os.close(fd)
-        out = [jax.device_put(np.frombuffer(buf, a.dtype, math.prod(a.shape), off)
-                              .reshape(a.shape)) for a, off in zip(leaves, offsets)]
-        return jax.block_until_ready(jax.tree.unflatten(treedef, out))
+        return buf[:end]
 
 
 class Lib:
@@ -513,7 +515,7 @@ def bench_contenders(contenders: dict, tree, workdir: Path, keep_warmup: bool = 
 
 def _failure(name: str, e: Exception) -> dict:
     error = "".join(traceback.format_exception_only(e)).strip()
-    print(f"NOTE: {name} failed: {error}")
+    print(f"NOTE: {name} failed: {error}", flush=True)
     return {"error": error}
 
 

@@ -54,7 +54,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -66,12 +65,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import Lib, cpu_model, transformer_params  # noqa: E402
+import bench  # noqa: E402
+from bench import Lib, _failure, cpu_model, transformer_params, tree_nbytes  # noqa: E402
 
 MiB = 1 << 20
 SEED = 0
 STEP = 1000  # TrainState.step and adam's count; also the msgpack checkpoint's step
-ALIGN = 4096  # raw floor: leaf offsets and the restore buffer, page (and O_DIRECT) aligned
 # (label, numerator, denominator, median key, target or None): issue goal 4's targets first
 RATIOS = (
     ("save flaxckpt/raw", "flaxckpt", "raw", "save_ms", ("<=", 1.1)),
@@ -112,10 +111,6 @@ def make_state(mib: float, device):
     return jax.block_until_ready(state)
 
 
-def tree_nbytes(tree) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(tree))
-
-
 def fresh_copy(state):
     """A new on-device copy: no host copy cached on its arrays yet (see the module docstring)."""
     return jax.block_until_ready(jax.tree.map(jnp.copy, state))
@@ -152,23 +147,15 @@ def check(state, restored) -> str:
 
 
 # ----------------------------------------------------------- contenders
-class Raw:
-    """The floor: one file, 4096-aligned leaves, fsync; one aligned buffer read on restore."""
-
-    def __init__(self):
-        self.name = "raw"
+class Raw(bench.Raw):
+    """The floor (bench.py's, at 4096-byte offsets): one file, the next leaf's device-to-host
+    copy started before the current one is written, fsync; one read into an aligned buffer on
+    restore, then each leaf put back on its device."""
+    ALIGN = 4096  # leaf offsets and the restore buffer, page (and O_DIRECT) aligned
 
     def abstract(self, state):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             state)
-
-    @staticmethod
-    def _layout(leaves):
-        offsets, end = [], 0
-        for x in leaves:
-            offsets.append(end)
-            end += -(-math.prod(x.shape) * np.dtype(x.dtype).itemsize // ALIGN) * ALIGN
-        return offsets, end
 
     def save(self, path: Path, state) -> None:
         path.mkdir(parents=True)
@@ -192,25 +179,9 @@ class Raw:
         finally:
             os.close(fd)
 
-    def restore(self, path: Path, abstract):
-        leaves, treedef = jax.tree.flatten(abstract)
-        offsets, end = self._layout(leaves)
-        raw = np.empty(end + ALIGN, np.uint8)
-        start = -raw.ctypes.data % ALIGN
-        buf = raw[start:start + end]
-        with open(path / "data.bin", "rb", buffering=0) as f:
-            done = 0  # one read(2) returns at most ~2 GiB
-            while done < end:
-                n = f.readinto(memoryview(buf)[done:])
-                if not n:
-                    raise EOFError(f"{path / 'data.bin'}: {done} of {end} bytes")
-                done += n
-        out = [jax.device_put(np.frombuffer(buf, a.dtype, math.prod(a.shape), off)
-                              .reshape(a.shape), a.sharding) for a, off in zip(leaves, offsets)]
-        return jax.block_until_ready(jax.tree.unflatten(treedef, out))
-
-    def close(self) -> None:
-        pass
+    @staticmethod
+    def _place(x: np.ndarray, abstract):
+        return jax.device_put(x, abstract.sharding)
 
 
 class AsyncLib(Lib):
@@ -395,12 +366,6 @@ def bench(factories: dict, state, workdir: Path) -> dict:
         for k in [k for k in r["medians"] if k.endswith("_rss_mib")]:
             r["medians"][k.replace("_mib", "_frac")] = r["medians"][k] * MiB / nbytes
     return res
-
-
-def _failure(name: str, e: BaseException) -> dict:
-    error = "".join(traceback.format_exception_only(e)).strip()
-    print(f"NOTE: {name} failed: {error}", flush=True)
-    return {"error": error}
 
 
 def ratios(res: dict) -> list[dict]:

@@ -23,20 +23,8 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 CONTENDERS = ("raw", "flaxckpt", "orbax")
-
-
-def many_tree(leaves: int) -> dict:
-    """``leaves`` float32 leaves of 32 values, 30 to a layer, as bench.py's ``many`` case."""
-    rng = np.random.default_rng(bench.SEED)
-    tree: dict = {}
-    for i in range(leaves):
-        tree.setdefault(f"layer_{i // 30:04d}", {})[f"param_{i % 30:02d}"] = jax.device_put(
-            rng.standard_normal(32, dtype=np.float32))
-    return tree
 
 
 def measure(tree, mods: dict, repeats: int, workdir: Path, with_orbax: bool) -> dict:
@@ -101,7 +89,7 @@ def main(argv=None) -> None:
     by_leaves, by_size = [], []
     try:
         for n in (int(x) for x in a.leaves.split(",") if x):
-            tree = many_tree(n)
+            tree = bench.make_tree(f"many-{n}")
             res = measure(tree, mods, a.repeats, run_dir / f"leaves-{n}",
                           n <= a.orbax_max_leaves)
             by_leaves.append(_progress({"label": f"{n} leaves", "units": n, "results": res}))

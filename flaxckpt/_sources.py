@@ -63,9 +63,9 @@ def populated_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
   """Like ``aligned_empty``, with its memory mapped in at once (page aligned). Filling fresh
   memory page by page while other threads receive data costs a page fault each, several
   times slower than the kernel mapping it all in one call."""
-  populate = getattr(mmap, 'MAP_POPULATE', None)
   nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-  if populate is None or not nbytes:
+  populate = getattr(mmap, 'MAP_POPULATE', None)
+  if not nbytes or populate is None:
     return aligned_empty(shape, dtype)
   memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
   return np.frombuffer(memory, dtype).reshape(shape)
