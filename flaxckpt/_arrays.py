@@ -155,7 +155,7 @@ class PendingWrite:
 
   def __init__(self, directory: pathlib.Path, commit: Any, process_dir: pathlib.Path | None,
                context: ts.Context | None, config: dict[str, Any] | None,
-               staged_sums: _checksums.Sums | None = None,
+               arrays: Sequence[ArrayWrite] = (), staged: list[tuple[str, str, bytes]] | None = None,
                by_reference: list[ArrayWrite] | None = None):
     self._directory = directory
     self._commit = commit
@@ -163,16 +163,25 @@ class PendingWrite:
     self._context = context
     self._config = config
     self._finish_merge: Any = None
-    self._sums = staged_sums or {}
+    self._arrays = arrays
+    self._staged = staged or []
     self._by_reference = by_reference or []
+    self._written: _checksums.Written | None = None
 
-  def checksums(self) -> _checksums.Sums:
-    """The checksum of every chunk written. Chunks tensorstore writes from the caller's buffers
-    are checksummed here, while the commit runs."""
-    for array in self._by_reference:
-      self._sums.setdefault(array.name, {}).update(_chunk_checksums(array))
-    self._by_reference = []
-    return self._sums
+  def checksums(self) -> _checksums.Written:
+    """The layout of every array and the checksum of every chunk written, computed here (call
+    it while the commit runs: staging then hands tensorstore its bytes sooner)."""
+    if self._written is None:
+      layouts = {array.name: _checksums.of_layout(array.dtype, array.global_shape,
+                                                  array.chunk_shape) for array in self._arrays}
+      chunks: dict[str, dict[str, int]] = {array.name: {} for array in self._arrays}
+      for name, key, data in self._staged:
+        chunks[name][key] = _checksums.of_bytes(data)
+      for array in self._by_reference:
+        chunks[array.name].update(_chunk_checksums(array))
+      self._written = _checksums.Written(layouts, chunks)
+      self._staged = self._by_reference = []
+    return self._written
 
   def advance(self) -> None:
     if self._commit is None:
@@ -224,30 +233,29 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
       (by_driver if large else by_key).append(array)
   if by_driver:
     _write_with_drivers(base, by_driver, options, context, txn)
-  sums: _checksums.Sums = {array.name: {_checksums.LAYOUT: _checksums.of_layout(
-      array.dtype, array.global_shape, array.chunk_shape)} for array in arrays}
+  staged: list[tuple[str, str, bytes]] = []  # (array name, chunk key, bytes) of raw chunks.
   if by_key:
     kv = _tensorstore().KvStore.open(base, context=context).result().with_transaction(txn)
     for array in by_key:
-      sums[array.name].update(_stage_raw(kv, array, options.writes_metadata))
+      _stage_raw(kv, array, options.writes_metadata, staged)
   return PendingWrite(directory, txn.commit_async(),
                       process_dir if options.merge_into_root else None, context, config,
-                      sums, by_driver)
+                      arrays, staged, by_driver)
 
 
-def _stage_raw(kv: ts.KvStore, array: ArrayWrite, writes_metadata: bool) -> dict[str, int]:
-  """Stages the array's keys; returns the checksum of each chunk."""
-  prefix = array.name + '/'
+def _stage_raw(kv: ts.KvStore, array: ArrayWrite, writes_metadata: bool,
+               staged: list[tuple[str, str, bytes]]) -> None:
+  """Stages the array's keys, appending each chunk's (name, key, bytes) to ``staged``."""
+  name = array.name
+  prefix = name + '/'
+  chunk_shape = array.chunk_shape
   if writes_metadata:
-    kv[prefix + _zarr.ZARRAY] = _zarr.zarray_bytes(array.global_shape, array.chunk_shape,
-                                                   array.dtype)
-  sums = {}
+    kv[prefix + _zarr.ZARRAY] = _zarr.zarray_bytes(array.global_shape, chunk_shape, array.dtype)
   for origin, block in array.blocks:
-    for key, piece in _zarr.split_into_chunks(block, origin, array.chunk_shape):
+    for key, piece in _zarr.split_into_chunks(block, origin, chunk_shape):
       data = _zarr.chunk_bytes(piece)
       kv[prefix + key] = data
-      sums[key] = _checksums.of_bytes(data)
-  return sums
+      staged.append((name, key, data))
 
 
 def _chunk_checksums(array: ArrayWrite) -> dict[str, int]:

@@ -8,7 +8,7 @@ bytes), so any read that holds a whole chunk can verify it.
 An array's *layout* checksum covers what its ``.zarray`` / ``zarr.json`` says about decoding
 the chunks (dtype, shape, chunk shape), which nothing else records: one flipped byte there
 (``<f4`` to ``<i4``) would turn the same, checked bytes into other numbers. The file keeps
-layouts in ``"layouts"``; in memory they sit beside the array's chunk keys under ``LAYOUT``.
+layouts in ``"layouts"``; read back, they sit beside the array's chunk keys under ``LAYOUT``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import crc32c
 import numpy as np
@@ -58,16 +58,22 @@ def file_name(process_index: int) -> str:
   return f'{DIR}/process_{process_index}'
 
 
-def to_json(sums: Sums, files: dict[str, int] | None = None) -> str:
+class Written(NamedTuple):
+  """The checksums of the arrays one save wrote: layouts by array name, chunks by array name
+  and chunk key."""
+  layouts: dict[str, int]
+  chunks: dict[str, dict[str, int]]
+
+  def update(self, other: Written) -> None:
+    self.layouts.update(other.layouts)
+    self.chunks.update(other.chunks)
+
+
+def to_json(written: Written, files: dict[str, int] | None = None) -> str:
   """The checksum file: chunks and layouts by array, and ``files`` (the crc32c of whole JSON
   files of the checkpoint, by name) when given."""
-  chunks, layouts = {}, {}
-  for name, by_key in sums.items():
-    if LAYOUT in by_key:
-      layouts[name] = by_key[LAYOUT]
-      by_key = {key: crc for key, crc in by_key.items() if key != LAYOUT}
-    chunks[name] = by_key
-  content: dict[str, Any] = {'algorithm': ALGORITHM, 'chunks': chunks, 'layouts': layouts}
+  content: dict[str, Any] = {'algorithm': ALGORITHM, 'chunks': written.chunks,
+                             'layouts': written.layouts}
   if files:
     content['files'] = files
   return json.dumps(content, separators=(',', ':'))

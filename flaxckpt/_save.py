@@ -46,7 +46,7 @@ class Prepared(NamedTuple):
     *earlier, last = _arrays.in_batches(
         self.arrays, lambda a: sum(block.nbytes for _, block in a.blocks),
         self.options.max_bytes_in_flight)
-    sums: _checksums.Sums = {}
+    sums = _checksums.Written({}, {})
     for batch in earlier:  # Each commits before the next is staged; the last one merges.
       pending = _arrays.start_write(self.directory, batch,
                                     self.options._replace(merge_into_root=False))
@@ -63,7 +63,8 @@ class Prepared(NamedTuple):
     pending.wait()
     _type_handlers.wait_for(self.handler_futures)
 
-  def _write_side_files(self, pending: _arrays.PendingWrite, sums: _checksums.Sums) -> None:
+  def _write_side_files(self, pending: _arrays.PendingWrite,
+                        sums: _checksums.Written) -> None:
     """Writes the JSON files; ``sums`` holds the checksums of arrays written before
     ``pending``'s."""
     primary = self.options.writes_metadata  # Only one process of a multi-process save.
@@ -89,7 +90,7 @@ class Prepared(NamedTuple):
     if primary:
       write_checked(_metadata.METADATA_FILE,
                     _metadata.tree_metadata_json(self.tree_metadata, layout.entries_text))
-    if sums or files:
+    if sums.layouts or files:
       _storage.make_dirs(self.directory / _checksums.DIR)
       _storage.write_text(self.directory / _checksums.file_name(self.options.process_index),
                           _checksums.to_json(sums, files))
