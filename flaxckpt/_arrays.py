@@ -50,6 +50,7 @@ DIRECT_READ_MIN_BYTES = 1 << 20
 # below it, opening a driver per array costs more than copying the bytes.
 DRIVER_WRITE_MIN_BYTES = 1 << 18
 _READ_THREADS = 4
+DEFAULT_DEVICE_HOST_BUDGET = 1 << 30
 _OCDBT_CONFIG = {  # Orbax's, except for the node compression (see _ocdbt_write_config).
     'max_inline_value_bytes': 1024,
     'max_decoded_node_bytes': 100_000_000,
@@ -79,12 +80,13 @@ def in_batches(items: Sequence[T], size: Callable[[T], int], max_bytes: int | No
 
 
 class ArrayWrite(NamedTuple):
-  """One array to store: host blocks at chunk-aligned origins of the global array."""
+  """One array to store: host blocks at chunk-aligned origins of the global array (before
+  ``start_write``, a save may hold device arrays in their place: see ``_save._HostCopies``)."""
   name: str
   global_shape: tuple[int, ...]
   dtype: np.dtype
   chunk_shape: tuple[int, ...]
-  blocks: tuple[tuple[tuple[int, ...], np.ndarray], ...]
+  blocks: tuple[tuple[tuple[int, ...], Any], ...]
 
 
 class StorageOptions(NamedTuple):
@@ -102,6 +104,9 @@ class StorageOptions(NamedTuple):
   max_bytes_in_flight: int | None = None
   # The size OCDBT aims its data files at (0: no limit); None leaves tensorstore's default.
   target_data_file_size: int | None = None
+  # How much data of arrays on accelerators a synchronous save holds in host memory at once
+  # (None: all of it); see PyTreeCheckpointHandler(save_device_host_concurrent_gb=).
+  device_host_budget: int | None = DEFAULT_DEVICE_HOST_BUDGET
 
 
 def process_db_name(process_index: int) -> str:
@@ -155,7 +160,8 @@ class PendingWrite:
 
   def __init__(self, directory: pathlib.Path, commit: Any, process_dir: pathlib.Path | None,
                context: ts.Context | None, config: dict[str, Any] | None,
-               arrays: Sequence[ArrayWrite] = (), staged: list[tuple[str, str, bytes]] | None = None,
+               arrays: Sequence[ArrayWrite] = (),
+               staged: list[tuple[str, str, bytes]] | None = None,
                by_reference: list[ArrayWrite] | None = None):
     self._directory = directory
     self._commit = commit
@@ -180,7 +186,7 @@ class PendingWrite:
       for array in self._by_reference:
         chunks[array.name].update(_chunk_checksums(array))
       self._written = _checksums.Written(layouts, chunks)
-      self._staged = self._by_reference = []
+      self._staged, self._by_reference = [], []
     return self._written
 
   def advance(self) -> None:

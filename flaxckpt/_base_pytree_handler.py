@@ -10,6 +10,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
+from flaxckpt import _arrays
 from flaxckpt._args import PyTreeRestore, PyTreeSave
 from flaxckpt._handler import CheckpointArgs, Writer, register_with_handler
 from flaxckpt._pytree_handler import PyTreeCheckpointHandler
@@ -21,6 +22,9 @@ class BasePyTreeCheckpointHandler(PyTreeCheckpointHandler):
   Args:
     save_concurrent_bytes: the most array data a save stages at once (see
       ``PyTreeCheckpointHandler(save_concurrent_gb=)``).
+    save_device_host_concurrent_bytes: the most data of arrays on accelerators a synchronous
+      save holds in host memory (see ``PyTreeCheckpointHandler(save_device_host_concurrent_gb=)``;
+      1 GiB by default, None for no limit).
     use_ocdbt, use_zarr3, use_compression: as for ``PyTreeCheckpointHandler``.
     **orbax_options: Orbax's tuning keywords (``restore_concurrent_bytes``,
       ``multiprocessing_options``, ``type_handler_registry``, ...), accepted and unused.
@@ -30,13 +34,20 @@ class BasePyTreeCheckpointHandler(PyTreeCheckpointHandler):
              'BasePyTreeCheckpointHandler')
 
   def __init__(self, *, save_concurrent_bytes: int | None = None, use_ocdbt: bool = True,
-               use_zarr3: bool = False, use_compression: bool = False, **orbax_options: Any):
+               use_zarr3: bool = False, use_compression: bool = False,
+               save_device_host_concurrent_bytes: int | str | None = (
+                   _arrays.DEFAULT_DEVICE_HOST_BUDGET),
+               **orbax_options: Any):
     unknown = set(orbax_options) - _ACCEPTED_ORBAX_OPTIONS
     if unknown:
       raise TypeError(f'BasePyTreeCheckpointHandler got unexpected keywords {sorted(unknown)}.')
     super().__init__(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, use_compression=use_compression,
                      save_concurrent_gb=None if save_concurrent_bytes is None
-                     else save_concurrent_bytes / 2**30)
+                     else save_concurrent_bytes / 2**30,
+                     save_device_host_concurrent_gb=save_device_host_concurrent_bytes
+                     if isinstance(save_device_host_concurrent_bytes, str)
+                     or save_device_host_concurrent_bytes is None
+                     else save_device_host_concurrent_bytes / 2**30)
 
   def save(self, directory: pathlib.Path, args: BasePyTreeSaveArgs) -> None:  # type: ignore[override]
     super().save(directory, _pytree_save(args))
@@ -54,7 +65,7 @@ class BasePyTreeCheckpointHandler(PyTreeCheckpointHandler):
 
 
 _ACCEPTED_ORBAX_OPTIONS = frozenset({
-    'restore_concurrent_bytes', 'save_device_host_concurrent_bytes', 'memory_limit_options',
+    'restore_concurrent_bytes', 'memory_limit_options',
     'multiprocessing_options', 'type_handler_registry', 'enable_post_merge_validation',
     'pytree_metadata_options', 'array_metadata_validator', 'enable_pinned_host_transfer',
     'is_prioritized_key_fn'})

@@ -29,6 +29,13 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
       then written in successive batches, each committed before the next is staged (an array
       larger than the limit is a batch of its own). Unlimited by default (one batch is fastest).
     restore_concurrent_gb: accepted for Orbax call sites; unused.
+    save_device_host_concurrent_gb: the most data (GiB) of arrays on accelerators (GPU, TPU) a
+      synchronous save holds in host memory: their device-to-host copies go in batches of half
+      of it, each batch copied while the one before is written, so host memory stays near this
+      budget whatever the size of the state. 1 GiB by default; None copies everything first
+      (Orbax's default). Async saves copy every device array to host before ``save`` returns,
+      whatever this says: the caller may donate or delete its arrays as soon as it has control
+      back. Arrays on the CPU are written from their own memory and count for nothing.
 
   Example:
     >>> ckptr = flaxckpt.Checkpointer(flaxckpt.PyTreeCheckpointHandler())
@@ -40,12 +47,14 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
 
   def __init__(self, *, use_ocdbt: bool = True, use_zarr3: bool = False,
                use_compression: bool = False, save_concurrent_gb: float | None = None,
-               restore_concurrent_gb: int | None = None):
+               restore_concurrent_gb: int | None = None,
+               save_device_host_concurrent_gb: float | str | None = 1.0):
     del restore_concurrent_gb
     self._options = _arrays.StorageOptions(
         use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, use_compression=use_compression,
         max_bytes_in_flight=None if save_concurrent_gb is None
-        else max(1, int(save_concurrent_gb * 2**30)))
+        else max(1, int(save_concurrent_gb * 2**30)),
+        device_host_budget=_device_host_budget(save_device_host_concurrent_gb))
 
   def save(self, directory: pathlib.Path, args: PyTreeSave) -> None:
     self._prepare(directory, args, copy=False).write()
@@ -105,6 +114,18 @@ class StandardCheckpointHandler(PyTreeCheckpointHandler):
     args = args or StandardRestore()
     return super().restore(directory, PyTreeRestore(item=args.item, strict=args.strict,
                                                     verify_checksums=args.verify_checksums))
+
+
+def _device_host_budget(gigabytes: float | str | None) -> int | None:
+  """Bytes from ``save_device_host_concurrent_gb`` (Orbax's 'auto': our default)."""
+  if gigabytes == 'auto':
+    return _arrays.DEFAULT_DEVICE_HOST_BUDGET
+  if gigabytes is None:
+    return None
+  if isinstance(gigabytes, bool) or not isinstance(gigabytes, (int, float)) or gigabytes <= 0:
+    raise ValueError(f'save_device_host_concurrent_gb must be a number of GiB > 0, None '
+                     f'(no limit) or "auto", got {gigabytes!r}.')
+  return max(1, int(gigabytes * 2**30))
 
 
 register_with_handler(PyTreeCheckpointHandler, for_save=True)(PyTreeSave)

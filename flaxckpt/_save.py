@@ -1,9 +1,16 @@
 """The save half of PyTree checkpoints: from a tree to files.
 
-``prepare`` runs on the caller's thread: it flattens the tree, starts every device-to-host copy at
-once and checks every leaf. ``Prepared.write`` does the I/O (on a background thread for async
-saves): all arrays go to ``_arrays.start_write`` in one batched transaction, and the JSON side
-files are written while it commits.
+``prepare`` runs on the caller's thread: it flattens the tree and checks every leaf.
+``Prepared.write`` does the I/O (on a background thread for async saves): the arrays go to
+``_arrays.start_write`` in one batched transaction, and the JSON side files are written while it
+commits.
+
+Arrays on accelerators reach the host through ``_HostCopies``: an async save copies them all
+before ``prepare`` returns (the caller may donate or delete them the moment it has control
+back); a synchronous save copies them batch by batch, each batch's copies started while the
+one before is written, so host memory holds at most ``device_host_budget`` of them. Copies are
+made from views of their own, never from the caller's arrays: jax keeps a host copy cached on
+the array it was made from, for as long as that array lives.
 """
 
 from __future__ import annotations
@@ -37,21 +44,30 @@ class Prepared(NamedTuple):
   # What the serialize calls of custom TypeHandlers returned: waited for after our own writes
   # (a handler delegating to a built-in one writes into the same OCDBT database).
   handler_futures: tuple[Any, ...] = ()
+  on_device: bool = False  # Some blocks of ``arrays`` are still jax.Arrays on accelerators.
 
   def write(self) -> None:
     with _storage.naming_url(self.directory, 'writing the arrays'):
       self._write()
 
   def _write(self) -> None:
-    *earlier, last = _arrays.in_batches(
-        self.arrays, lambda a: sum(block.nbytes for _, block in a.blocks),
-        self.options.max_bytes_in_flight)
+    limit = self.options.max_bytes_in_flight
+    budget = self.options.device_host_budget
+    if self.on_device and budget is not None:  # One batch written while the next is copied.
+      limit = min(limit or budget, max(1, budget // 2))
+    batches = _arrays.in_batches(self.arrays, _nbytes, limit)
+    copies = _HostCopies(batches[0]) if self.on_device else None
     sums = _checksums.Written({}, {})
-    for batch in earlier:  # Each commits before the next is staged; the last one merges.
+    for i in range(len(batches) - 1):  # Each commits before the next is staged; the last merges.
+      batch = copies.take() if copies is not None else batches[i]
+      if copies is not None:
+        copies = _HostCopies(batches[i + 1])
       pending = _arrays.start_write(self.directory, batch,
                                     self.options._replace(merge_into_root=False))
       sums.update(pending.checksums())
       pending.wait()
+      del batch  # Its host copies go before the next batch's arrive.
+    last = copies.take() if copies is not None else batches[-1]
     pending = _arrays.start_write(self.directory, last, self.options)
     try:
       self._write_side_files(pending, sums)
@@ -155,8 +171,6 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
     if plan is None:
       plan = plans[signature] = _plan_array(value, arg, max_chunk, options)
     leaf_plans.append(plan)
-    if plan.needs_host_copy:
-      value.copy_to_host_async()
   tree_meta = _metadata.TreeMetadata(
       leaves=(), use_ocdbt=options.use_ocdbt, use_zarr3=options.use_zarr3,
       store_array_data_equal_to_fill_value=True, custom_metadata=args.custom_metadata)
@@ -168,8 +182,8 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
       plans_here = cast(list[_ArrayPlan], leaf_plans)  # None is not among them.
       arrays = [_jax_array_write(meta.param_name, leaf.value, plan)
                 for leaf, plan, meta in zip(leaves, plans_here, layout.array_metadatas)]
-      return Prepared(directory, arrays, {}, layout, tree_meta._replace(leaves=layout.entries),
-                      options)
+      return _staged(Prepared(directory, arrays, {}, layout,
+                              tree_meta._replace(leaves=layout.entries), options), plans, copy)
   seen: dict[str, _tree.Path] = {}
   arrays, strings, shardings, array_metas, entries = [], {}, {}, [], []
   requests: dict[int, _HandlerRequest] = {}
@@ -221,9 +235,58 @@ def prepare(directory: pathlib.Path, args: PyTreeSave | StandardSave,
     if len(_LAYOUTS) >= _LAYOUTS_CACHE_SIZE:
       _LAYOUTS.pop(next(iter(_LAYOUTS)))
     _LAYOUTS[layout_key] = layout
-  return Prepared(directory, arrays, _nest_by_slash(strings), layout,
-                  tree_meta._replace(leaves=layout.entries), options,
-                  _serialize(list(requests.values())))
+  return _staged(Prepared(directory, arrays, _nest_by_slash(strings), layout,
+                          tree_meta._replace(leaves=layout.entries), options,
+                          _serialize(list(requests.values()))), plans, copy)
+
+
+def _staged(prepared: Prepared, plans: dict[Any, _ArrayPlan], copy: bool) -> Prepared:
+  """Marks a save with arrays on accelerators; with ``copy`` (async) copies them to host now."""
+  if not any(plan.needs_host_copy for plan in plans.values()):
+    return prepared
+  if copy:
+    return prepared._replace(arrays=_HostCopies(prepared.arrays).take())
+  return prepared._replace(on_device=True)
+
+
+def _nbytes(array: _arrays.ArrayWrite) -> int:
+  return sum(block.nbytes for _, block in array.blocks)
+
+
+class _HostCopies:
+  """The device-to-host copies of the accelerator blocks of some arrays, started at once.
+
+  Each block is copied from a view of its own: jax caches a host copy on the array object it
+  was made from, so copying from the caller's arrays would keep one of the whole state alive
+  after the save. The views die with ``take``, leaving the host copies to the arrays it returns.
+  """
+
+  def __init__(self, arrays: list[_arrays.ArrayWrite]):
+    self._arrays = arrays
+    self._views: dict[int, jax.Array] = {}
+    for array in arrays:
+      for _, block in array.blocks:
+        if isinstance(block, jax.Array):
+          view = jax.make_array_from_single_device_arrays(block.shape, block.sharding, [block])
+          view.copy_to_host_async()
+          self._views[id(block)] = view
+
+  def take(self) -> list[_arrays.ArrayWrite]:
+    """The arrays with host copies in place of their device blocks (waits for the copies)."""
+    out = []
+    for array in self._arrays:
+      if any(isinstance(block, jax.Array) for _, block in array.blocks):
+        array = array._replace(blocks=tuple(
+            (origin, _host_block(self._views[id(block)], array.dtype)
+             if isinstance(block, jax.Array) else block) for origin, block in array.blocks))
+      out.append(array)
+    self._arrays, self._views = [], {}
+    return out
+
+
+def _host_block(view: jax.Array, dtype: np.dtype) -> np.ndarray:
+  host = np.asarray(view)
+  return host if host.dtype == dtype else host.astype(dtype)
 
 
 class _HandlerRequest(NamedTuple):
@@ -312,7 +375,7 @@ class _ArrayPlan(NamedTuple):
   write_shape: tuple[int, ...]
   chunk_shape: tuple[int, ...]
   sharding_json: str | None
-  needs_host_copy: bool  # CPU arrays are already in host memory: numpy views them.
+  needs_host_copy: bool  # Off host: copied by _HostCopies (numpy views CPU arrays as they are).
 
 
 def _plan_array(value: jax.Array, arg: SaveArgs, max_chunk: int,
@@ -327,14 +390,20 @@ def _plan_array(value: jax.Array, arg: SaveArgs, max_chunk: int,
   write_shape = value.shape if one_device else tuple(sharding.shard_shape(value.shape))
   chunk_shape = _zarr.choose_chunk_shape(
       write_shape, value.shape, dtype.itemsize, _chunk_limit(arg, max_chunk, options))
-  needs_host_copy = key_impl is None and any(getattr(d, 'platform', None) != 'cpu'
-                                             for d in sharding.device_set)
+  needs_host_copy = any(getattr(d, 'platform', None) not in _HOST_PLATFORMS
+                        for d in sharding.device_set)
   return _ArrayPlan(dtype, key_impl, one_device, value.shape, write_shape, chunk_shape,
                     _metadata.sharding_to_json(sharding), needs_host_copy)
 
 
+# Platforms whose arrays numpy reads in place.
+_HOST_PLATFORMS = frozenset({'cpu'})
+
+
 def _jax_array_write(name: str, value: jax.Array, plan: _ArrayPlan) -> _arrays.ArrayWrite:
-  if plan.key_impl is None and plan.one_device:  # The common case, kept short.
+  """The array's blocks: host arrays, or for arrays off host the device arrays themselves (see
+  ``_HostCopies``)."""
+  if plan.key_impl is None and plan.one_device and not plan.needs_host_copy:  # Kept short.
     array = np.asarray(value)
     if array.dtype != plan.dtype:
       array = array.astype(plan.dtype)
@@ -347,6 +416,9 @@ def _jax_array_write(name: str, value: jax.Array, plan: _ArrayPlan) -> _arrays.A
   else:
     blocks = [(tuple(s.start or 0 for s in shard.index), shard.data)
               for shard in value.addressable_shards if shard.replica_id == 0]
+  if plan.needs_host_copy:
+    return _arrays.ArrayWrite(name, plan.global_shape, plan.dtype, plan.chunk_shape,
+                              tuple(blocks))
   host = []
   for origin, data in blocks:
     array = np.asarray(data)
