@@ -267,7 +267,7 @@ class _HostCopies:
     for array in arrays:
       for _, block in array.blocks:
         if isinstance(block, jax.Array):
-          view = jax.make_array_from_single_device_arrays(block.shape, block.sharding, [block])
+          view = detached(block)
           view.copy_to_host_async()
           self._views[id(block)] = view
 
@@ -282,6 +282,12 @@ class _HostCopies:
       out.append(array)
     self._arrays, self._views = [], {}
     return out
+
+
+def detached(array: jax.Array) -> jax.Array:
+  """A new jax.Array over the same device buffer as the single-device ``array``: a host copy
+  made from it is cached on it, not on ``array``, and dies with it."""
+  return jax.make_array_from_single_device_arrays(array.shape, array.sharding, [array])
 
 
 def _host_block(view: jax.Array, dtype: np.dtype) -> np.ndarray:
