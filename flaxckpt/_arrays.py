@@ -81,7 +81,7 @@ def in_batches(items: Sequence[T], size: Callable[[T], int], max_bytes: int | No
 
 class ArrayWrite(NamedTuple):
   """One array to store: host blocks at chunk-aligned origins of the global array (before
-  ``start_write``, a save may hold device arrays in their place: see ``_save._HostCopies``)."""
+  ``start_write``, a save may hold device arrays in their place: see ``_staging.HostCopies``)."""
   name: str
   global_shape: tuple[int, ...]
   dtype: np.dtype

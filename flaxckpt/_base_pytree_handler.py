@@ -25,8 +25,10 @@ class BasePyTreeCheckpointHandler(PyTreeCheckpointHandler):
     save_device_host_concurrent_bytes: the most data of arrays on accelerators a synchronous
       save holds in host memory (see ``PyTreeCheckpointHandler(save_device_host_concurrent_gb=)``;
       1 GiB by default, None for no limit).
+    restore_concurrent_bytes: the most data a restore holds in host memory on its way to
+      accelerators (see ``PyTreeCheckpointHandler(restore_concurrent_gb=)``; 1 GiB by default).
     use_ocdbt, use_zarr3, use_compression: as for ``PyTreeCheckpointHandler``.
-    **orbax_options: Orbax's tuning keywords (``restore_concurrent_bytes``,
+    **orbax_options: Orbax's other tuning keywords (``memory_limit_options``,
       ``multiprocessing_options``, ``type_handler_registry``, ...), accepted and unused.
   """
 
@@ -37,6 +39,7 @@ class BasePyTreeCheckpointHandler(PyTreeCheckpointHandler):
                use_zarr3: bool = False, use_compression: bool = False,
                save_device_host_concurrent_bytes: int | str | None = (
                    _arrays.DEFAULT_DEVICE_HOST_BUDGET),
+               restore_concurrent_bytes: int | None = _arrays.DEFAULT_DEVICE_HOST_BUDGET,
                **orbax_options: Any):
     unknown = set(orbax_options) - _ACCEPTED_ORBAX_OPTIONS
     if unknown:
@@ -44,10 +47,8 @@ class BasePyTreeCheckpointHandler(PyTreeCheckpointHandler):
     super().__init__(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, use_compression=use_compression,
                      save_concurrent_gb=None if save_concurrent_bytes is None
                      else save_concurrent_bytes / 2**30,
-                     save_device_host_concurrent_gb=save_device_host_concurrent_bytes
-                     if isinstance(save_device_host_concurrent_bytes, str)
-                     or save_device_host_concurrent_bytes is None
-                     else save_device_host_concurrent_bytes / 2**30)
+                     save_device_host_concurrent_gb=_gigabytes(save_device_host_concurrent_bytes),
+                     restore_concurrent_gb=_gigabytes(restore_concurrent_bytes))
 
   def save(self, directory: pathlib.Path, args: BasePyTreeSaveArgs) -> None:  # type: ignore[override]
     super().save(directory, _pytree_save(args))
@@ -65,10 +66,15 @@ class BasePyTreeCheckpointHandler(PyTreeCheckpointHandler):
 
 
 _ACCEPTED_ORBAX_OPTIONS = frozenset({
-    'restore_concurrent_bytes', 'memory_limit_options',
+    'memory_limit_options',
     'multiprocessing_options', 'type_handler_registry', 'enable_post_merge_validation',
     'pytree_metadata_options', 'array_metadata_validator', 'enable_pinned_host_transfer',
     'is_prioritized_key_fn'})
+
+
+def _gigabytes(size: Any) -> Any:
+  """A size in bytes as GiB; None and 'auto' as they are."""
+  return size if size is None or isinstance(size, str) else size / 2**30
 
 
 def _pytree_save(args: BasePyTreeSaveArgs) -> PyTreeSave:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-from flaxckpt import _arrays, _multihost, _partial, _save, _storage
+from flaxckpt import _arrays, _multihost, _partial, _restore, _save, _storage
 from flaxckpt._args import PyTreeRestore, PyTreeSave, StandardRestore, StandardSave
 from flaxckpt._handler import AsyncCheckpointHandler, Writer, register_with_handler
 from flaxckpt.metadata._read import read_tree_metadata
@@ -28,7 +28,11 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
     save_concurrent_gb: as Orbax, the most array data (GiB) a save stages at once: arrays are
       then written in successive batches, each committed before the next is staged (an array
       larger than the limit is a batch of its own). Unlimited by default (one batch is fastest).
-    restore_concurrent_gb: accepted for Orbax call sites; unused.
+    restore_concurrent_gb: the most data (GiB) a restore holds in host memory on its way to
+      accelerators: leaves whose target sharding puts them on a GPU or TPU are read and placed
+      in batches of half of it, each batch read while the one before is placed. 1 GiB by
+      default; None reads everything first. Leaves restored to the CPU or as numpy are not
+      batched (they are host memory once restored).
     save_device_host_concurrent_gb: the most data (GiB) of arrays on accelerators (GPU, TPU) a
       synchronous save holds in host memory: their device-to-host copies go in batches of half
       of it, each batch copied while the one before is written, so host memory stays near this
@@ -47,14 +51,15 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
 
   def __init__(self, *, use_ocdbt: bool = True, use_zarr3: bool = False,
                use_compression: bool = False, save_concurrent_gb: float | None = None,
-               restore_concurrent_gb: int | None = None,
+               restore_concurrent_gb: float | None = 1.0,
                save_device_host_concurrent_gb: float | str | None = 1.0):
-    del restore_concurrent_gb
+    self._restore_budget = _device_host_budget(restore_concurrent_gb, 'restore_concurrent_gb')
     self._options = _arrays.StorageOptions(
         use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, use_compression=use_compression,
         max_bytes_in_flight=None if save_concurrent_gb is None
         else max(1, int(save_concurrent_gb * 2**30)),
-        device_host_budget=_device_host_budget(save_device_host_concurrent_gb))
+        device_host_budget=_device_host_budget(save_device_host_concurrent_gb,
+                                               'save_device_host_concurrent_gb'))
 
   def save(self, directory: pathlib.Path, args: PyTreeSave) -> None:
     self._prepare(directory, args, copy=False).write()
@@ -84,7 +89,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
     holds (``PLACEHOLDER`` leaves left unread, ``partial_restore=True`` keeping target values
     for keys the checkpoint lacks), or a transformed tree (``transforms``,
     ``legacy_transform_fn``)."""
-    return _partial.restore(_storage.as_path(directory), args or PyTreeRestore())
+    with _restore.device_host_budget(self._restore_budget):
+      return _partial.restore(_storage.as_path(directory), args or PyTreeRestore())
 
   def metadata(self, directory: pathlib.Path) -> TreeMetadata:
     """The saved tree's metadata, read without any array data: a ``TreeMetadata`` shaped like
@@ -116,15 +122,15 @@ class StandardCheckpointHandler(PyTreeCheckpointHandler):
                                                     verify_checksums=args.verify_checksums))
 
 
-def _device_host_budget(gigabytes: float | str | None) -> int | None:
-  """Bytes from ``save_device_host_concurrent_gb`` (Orbax's 'auto': our default)."""
+def _device_host_budget(gigabytes: float | str | None, keyword: str) -> int | None:
+  """Bytes from a budget in GiB (Orbax's 'auto': our default)."""
   if gigabytes == 'auto':
     return _arrays.DEFAULT_DEVICE_HOST_BUDGET
   if gigabytes is None:
     return None
   if isinstance(gigabytes, bool) or not isinstance(gigabytes, (int, float)) or gigabytes <= 0:
-    raise ValueError(f'save_device_host_concurrent_gb must be a number of GiB > 0, None '
-                     f'(no limit) or "auto", got {gigabytes!r}.')
+    raise ValueError(f'{keyword} must be a number of GiB > 0, None (no limit) or "auto", got '
+                     f'{gigabytes!r}.')
   return max(1, int(gigabytes * 2**30))
 
 

@@ -2,20 +2,25 @@
 
 Read ``_METADATA``; decide for every result leaf where its value comes from (the checkpoint, a
 transform, or the target itself) and what it must become (``_Want``); read every needed array in
-one batch; convert, placing all jax arrays with one ``device_put`` per sharding.
+one batch; convert, placing all jax arrays with one ``device_put`` per sharding. Leaves bound for
+accelerators are read and placed in batches instead (see ``device_host_budget``), so host memory
+never holds much more than the budget of them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import pathlib
+from collections.abc import Iterator
 from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
 
-from flaxckpt import (_aggregate, _arrays, _checksums, _errors, _metadata, _safe_json, _storage,
-                      _transforms, _tree, _type_handlers)
+from flaxckpt import (_aggregate, _arrays, _checksums, _errors, _metadata, _safe_json, _staging,
+                      _storage, _transforms, _tree, _type_handlers)
 from flaxckpt._args import PyTreeRestore
 from flaxckpt._types import (ArrayRestoreArgs, RestoreArgs, as_jax_sharding, key_impl_name,
                              normalize_dtype)
@@ -26,6 +31,21 @@ try:  # See _device_put_all.
   _REUSE_INPUT = xla_client.ArrayCopySemantics.REUSE_INPUT
 except (ImportError, AttributeError):
   _shard_args = None
+
+_DEVICE_HOST_BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    'flaxckpt_restore_device_host_budget', default=_arrays.DEFAULT_DEVICE_HOST_BUDGET)
+
+
+@contextlib.contextmanager
+def device_host_budget(budget: int | None) -> Iterator[None]:
+  """Restores inside read and place the leaves bound for accelerators in batches of half of
+  ``budget`` bytes, one placed while the next is read (None: all at once)."""
+  token = _DEVICE_HOST_BUDGET.set(budget)
+  try:
+    yield
+  finally:
+    _DEVICE_HOST_BUDGET.reset(token)
+
 
 def restore(directory: pathlib.Path, args: PyTreeRestore) -> Any:
   """Restores the tree at ``directory`` as ``args`` asks (see ``PyTreeRestore``)."""
@@ -54,6 +74,26 @@ def restore(directory: pathlib.Path, args: PyTreeRestore) -> Any:
   by_path = {leaf.path: leaf for leaf in meta.leaves}
   wants = [_Want.of(leaf, restore_args.get(leaf.path), args.strict and args.item is not None)
            for leaf in wanted]
+  converted: dict[_tree.Path, Any] = {}
+  placing: list[Any] = []
+  for batch in _batches(wants, _DEVICE_HOST_BUDGET.get()):
+    part = _restore_part(reader, [wanted[i] for i in batch], [wants[i] for i in batch],
+                         [sources[i] for i in batch], by_path, restore_args, custom)
+    _staging.wait_placed(placing)  # The batch before is on its devices: its host data is gone.
+    placing = list(part.values())
+    converted.update(part)
+  out = [converted[leaf.path] if leaf.path in converted else leaf.value
+         for leaf in target_leaves]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _restore_part(reader: _Reader, wanted: list[_tree.Leaf], wants: list[_Want],
+                  sources: list[_transforms.Source],
+                  by_path: dict[_tree.Path, _metadata.LeafMetadata],
+                  restore_args: dict[_tree.Path, RestoreArgs], custom: bool
+                  ) -> dict[_tree.Path, Any]:
+  """The values of the result leaves ``wanted`` (with what each must become and where it comes
+  from) that the checkpoint provides, by result path."""
   handled = _handled_leaves(reader, [
       (leaf.path, by_path[s.checkpoint_path], restore_args.get(leaf.path), leaf.value,
        s.value_fn) for leaf, s in zip(wanted, sources) if s.checkpoint_path is not None
@@ -73,11 +113,30 @@ def restore(directory: pathlib.Path, args: PyTreeRestore) -> Any:
     if source.value_fn is not None:
       value = source.value_fn(reader.as_stored_type(stored, value))
     from_checkpoint[leaf.path] = (leaf.path, want, stored, value)
-  converted = dict(zip(from_checkpoint, _materialize(list(from_checkpoint.values()), reader)))
+  converted: dict[_tree.Path, Any] = dict(zip(
+      from_checkpoint, _materialize(list(from_checkpoint.values()), reader)))
   converted.update(_deserialize(handled))
-  out = [converted[leaf.path] if leaf.path in converted else leaf.value
-         for leaf in target_leaves]
-  return jax.tree_util.tree_unflatten(treedef, out)
+  return converted
+
+
+def _batches(wants: list[_Want], budget: int | None) -> list[list[int]]:
+  """Indices of ``wants`` in batches that each hold at most half of ``budget`` bytes bound for
+  accelerators (one batch of all when none is, or without a budget)."""
+  everything = list(range(len(wants)))
+  if budget is None or not any(_off_host(want) for want in wants):
+    return [everything]
+  return _arrays.in_batches(everything, lambda i: _off_host_nbytes(wants[i]),
+                            _staging.batch_limit(budget))
+
+
+def _off_host(want: _Want) -> bool:
+  return want.kind == 'jax' and want.sharding is not None and _staging.off_host(want.sharding)
+
+
+def _off_host_nbytes(want: _Want) -> int:
+  if not _off_host(want) or want.shape is None or want.dtype is None:
+    return 0
+  return math.prod(want.shape) * want.dtype.itemsize
 
 
 class _Handled(NamedTuple):

@@ -5,12 +5,10 @@
 ``_arrays.start_write`` in one batched transaction, and the JSON side files are written while it
 commits.
 
-Arrays on accelerators reach the host through ``_HostCopies``: an async save copies them all
-before ``prepare`` returns (the caller may donate or delete them the moment it has control
-back); a synchronous save copies them batch by batch, each batch's copies started while the
-one before is written, so host memory holds at most ``device_host_budget`` of them. Copies are
-made from views of their own, never from the caller's arrays: jax keeps a host copy cached on
-the array it was made from, for as long as that array lives.
+Arrays on accelerators reach the host through ``_staging.HostCopies``: an async save copies
+them all before ``prepare`` returns (the caller may donate or delete them the moment it has
+control back); a synchronous save copies them batch by batch, each batch's copies started while
+the one before is written, so host memory holds at most ``device_host_budget`` of them.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from typing import Any, NamedTuple, cast
 import jax
 import numpy as np
 
-from flaxckpt import (_arrays, _checksums, _errors, _metadata, _storage, _tree,
+from flaxckpt import (_arrays, _checksums, _errors, _metadata, _staging, _storage, _tree,
                       _type_handlers, _zarr)
 from flaxckpt._args import PyTreeSave, StandardSave
 from flaxckpt._types import SaveArgs, is_key_array, key_impl_name, normalize_dtype
@@ -54,14 +52,15 @@ class Prepared(NamedTuple):
     limit = self.options.max_bytes_in_flight
     budget = self.options.device_host_budget
     if self.on_device and budget is not None:  # One batch written while the next is copied.
-      limit = min(limit or budget, max(1, budget // 2))
-    batches = _arrays.in_batches(self.arrays, _nbytes, limit)
-    copies = _HostCopies(batches[0]) if self.on_device else None
+      half = _staging.batch_limit(budget)
+      limit = half if limit is None else min(limit, half)
+    batches = _arrays.in_batches(self.arrays, _staging.nbytes, limit)
+    copies = _staging.HostCopies(batches[0]) if self.on_device else None
     sums = _checksums.Written({}, {})
     for i in range(len(batches) - 1):  # Each commits before the next is staged; the last merges.
       batch = copies.take() if copies is not None else batches[i]
       if copies is not None:
-        copies = _HostCopies(batches[i + 1])
+        copies = _staging.HostCopies(batches[i + 1])
       pending = _arrays.start_write(self.directory, batch,
                                     self.options._replace(merge_into_root=False))
       sums.update(pending.checksums())
@@ -245,54 +244,8 @@ def _staged(prepared: Prepared, plans: dict[Any, _ArrayPlan], copy: bool) -> Pre
   if not any(plan.needs_host_copy for plan in plans.values()):
     return prepared
   if copy:
-    return prepared._replace(arrays=_HostCopies(prepared.arrays).take())
+    return prepared._replace(arrays=_staging.HostCopies(prepared.arrays).take())
   return prepared._replace(on_device=True)
-
-
-def _nbytes(array: _arrays.ArrayWrite) -> int:
-  return sum(block.nbytes for _, block in array.blocks)
-
-
-class _HostCopies:
-  """The device-to-host copies of the accelerator blocks of some arrays, started at once.
-
-  Each block is copied from a view of its own: jax caches a host copy on the array object it
-  was made from, so copying from the caller's arrays would keep one of the whole state alive
-  after the save. The views die with ``take``, leaving the host copies to the arrays it returns.
-  """
-
-  def __init__(self, arrays: list[_arrays.ArrayWrite]):
-    self._arrays = arrays
-    self._views: dict[int, jax.Array] = {}
-    for array in arrays:
-      for _, block in array.blocks:
-        if isinstance(block, jax.Array):
-          view = detached(block)
-          view.copy_to_host_async()
-          self._views[id(block)] = view
-
-  def take(self) -> list[_arrays.ArrayWrite]:
-    """The arrays with host copies in place of their device blocks (waits for the copies)."""
-    out = []
-    for array in self._arrays:
-      if any(isinstance(block, jax.Array) for _, block in array.blocks):
-        array = array._replace(blocks=tuple(
-            (origin, _host_block(self._views[id(block)], array.dtype)
-             if isinstance(block, jax.Array) else block) for origin, block in array.blocks))
-      out.append(array)
-    self._arrays, self._views = [], {}
-    return out
-
-
-def detached(array: jax.Array) -> jax.Array:
-  """A new jax.Array over the same device buffer as the single-device ``array``: a host copy
-  made from it is cached on it, not on ``array``, and dies with it."""
-  return jax.make_array_from_single_device_arrays(array.shape, array.sharding, [array])
-
-
-def _host_block(view: jax.Array, dtype: np.dtype) -> np.ndarray:
-  host = np.asarray(view)
-  return host if host.dtype == dtype else host.astype(dtype)
 
 
 class _HandlerRequest(NamedTuple):
@@ -381,7 +334,7 @@ class _ArrayPlan(NamedTuple):
   write_shape: tuple[int, ...]
   chunk_shape: tuple[int, ...]
   sharding_json: str | None
-  needs_host_copy: bool  # Off host: copied by _HostCopies (numpy views CPU arrays as they are).
+  needs_host_copy: bool  # Off host (see _staging); numpy reads CPU arrays in place.
 
 
 def _plan_array(value: jax.Array, arg: SaveArgs, max_chunk: int,
@@ -396,19 +349,14 @@ def _plan_array(value: jax.Array, arg: SaveArgs, max_chunk: int,
   write_shape = value.shape if one_device else tuple(sharding.shard_shape(value.shape))
   chunk_shape = _zarr.choose_chunk_shape(
       write_shape, value.shape, dtype.itemsize, _chunk_limit(arg, max_chunk, options))
-  needs_host_copy = any(getattr(d, 'platform', None) not in _HOST_PLATFORMS
-                        for d in sharding.device_set)
+  needs_host_copy = _staging.off_host(sharding)
   return _ArrayPlan(dtype, key_impl, one_device, value.shape, write_shape, chunk_shape,
                     _metadata.sharding_to_json(sharding), needs_host_copy)
 
 
-# Platforms whose arrays numpy reads in place.
-_HOST_PLATFORMS = frozenset({'cpu'})
-
-
 def _jax_array_write(name: str, value: jax.Array, plan: _ArrayPlan) -> _arrays.ArrayWrite:
   """The array's blocks: host arrays, or for arrays off host the device arrays themselves (see
-  ``_HostCopies``)."""
+  ``_staging.HostCopies``)."""
   if plan.key_impl is None and plan.one_device and not plan.needs_host_copy:  # Kept short.
     array = np.asarray(value)
     if array.dtype != plan.dtype:

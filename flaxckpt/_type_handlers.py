@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from flaxckpt import _arrays, _errors, _multihost, _storage, _zarr
+from flaxckpt import _arrays, _errors, _multihost, _staging, _storage, _zarr
 from flaxckpt._types import ArrayRestoreArgs, RestoreArgs, SaveArgs, normalize_dtype
 
 JAX_ARRAY = 'jax.Array'
@@ -474,14 +474,13 @@ class ArrayHandler(TypeHandler):
 
   async def serialize(self, values: Sequence[Any], infos: Sequence[ParamInfo],
                       args: Sequence[SaveArgs] | None = None) -> Sequence[Any]:
-    from flaxckpt._save import detached  # _save imports this module.
     args = list(args) if args else [SaveArgs()] * len(values)
     check_input_arguments(values, infos, args)
     writes = []
     for value, info, arg in zip(values, infos, args):
       dtype = normalize_dtype(arg.dtype) or np.dtype(value.dtype)
       blocks = tuple((tuple(s.start or 0 for s in shard.index),
-                      np.array(detached(shard.data), dtype=dtype, copy=True))
+                      np.array(_staging.detached(shard.data), dtype=dtype, copy=True))
                      for shard in value.addressable_shards if shard.replica_id == 0)
       write_shape = value.sharding.shard_shape(value.shape)
       chunk_shape = _zarr.choose_chunk_shape(write_shape, value.shape, dtype.itemsize,

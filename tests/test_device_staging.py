@@ -1,7 +1,7 @@
 """Saves of arrays that live off the host (GPU, TPU) stage them through a host-memory budget.
 
 CI has no accelerator, so these tests route CPU arrays through the same path: with the CPU
-left out of ``_save._HOST_PLATFORMS``, every jax.Array is copied to host by ``_HostCopies``
+left out of ``_staging.HOST_PLATFORMS``, every jax.Array is copied to host by ``HostCopies``
 exactly as a GPU array is (on the CPU the copy happens to be free). benchmarks/gpu.py measures
 the host memory this bounds on a real GPU.
 """
@@ -13,7 +13,7 @@ import orbax.checkpoint as orbax
 import pytest
 
 import flaxckpt as ocp
-from flaxckpt import _arrays, _save
+from flaxckpt import _arrays, _staging
 from trees import assert_trees_equal
 
 MIB = 1 << 20
@@ -25,20 +25,20 @@ def off_host(monkeypatch):
 
   Events are ('copy', bytes) when a batch's device-to-host copies start and ('write', bytes,
   block types) when a batch is handed to the storage layer."""
-  monkeypatch.setattr(_save, '_HOST_PLATFORMS', frozenset())
+  monkeypatch.setattr(_staging, 'HOST_PLATFORMS', frozenset())
   events = []
-  real_copies, real_start = _save._HostCopies.__init__, _arrays.start_write
+  real_copies, real_start = _staging.HostCopies.__init__, _arrays.start_write
 
   def copies(self, arrays):
-    events.append(('copy', sum(_save._nbytes(a) for a in arrays)))
+    events.append(('copy', sum(_staging.nbytes(a) for a in arrays)))
     real_copies(self, arrays)
 
   def start_write(directory, arrays, options):
-    events.append(('write', sum(_save._nbytes(a) for a in arrays),
+    events.append(('write', sum(_staging.nbytes(a) for a in arrays),
                    {type(block) for a in arrays for _, block in a.blocks}))
     return real_start(directory, arrays, options)
 
-  monkeypatch.setattr(_save._HostCopies, '__init__', copies)
+  monkeypatch.setattr(_staging.HostCopies, '__init__', copies)
   monkeypatch.setattr(_arrays, 'start_write', start_write)
   return events
 
@@ -118,7 +118,7 @@ def test_saves_with_and_without_staging_write_the_same_checkpoint(tmp_path, monk
   state = _state()
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(tmp_path / 'direct', args=ocp.args.StandardSave(state))
-    monkeypatch.setattr(_save, '_HOST_PLATFORMS', frozenset())
+    monkeypatch.setattr(_staging, 'HOST_PLATFORMS', frozenset())
     handler = ocp.StandardCheckpointHandler(save_device_host_concurrent_gb=MIB / 2**30)
     with ocp.Checkpointer(handler) as staged:
       staged.save(tmp_path / 'staged', args=ocp.args.StandardSave(state))
@@ -145,3 +145,83 @@ def test_budget_defaults_and_orbax_spellings():
   base = ocp.BasePyTreeCheckpointHandler(save_device_host_concurrent_bytes=64 * MIB)
   assert base._options.device_host_budget == 64 * MIB
   assert ocp.BasePyTreeCheckpointHandler()._options.device_host_budget == default
+
+
+@pytest.fixture
+def restore_events(monkeypatch):
+  """Records ('read', bytes) for every batch of array reads and ('placed', bytes) whenever a
+  restore waits for a batch to reach its devices."""
+  events = []
+  real_read, real_wait = _arrays.read_arrays, _staging.wait_placed
+
+  def read_arrays(*args, **kwargs):
+    values = real_read(*args, **kwargs)
+    events.append(('read', sum(getattr(v, 'nbytes', 0) for v in values)))
+    return values
+
+  def wait_placed(values):
+    real_wait(values)
+    events.append(('placed', sum(v.nbytes for v in values if isinstance(v, jax.Array))))
+
+  monkeypatch.setattr(_arrays, 'read_arrays', read_arrays)
+  monkeypatch.setattr(_staging, 'wait_placed', wait_placed)
+  return events
+
+
+def _saved(path):
+  state = _comparable(_state())
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, args=ocp.args.StandardSave(state))
+  return state, jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+def test_restore_to_devices_reads_and_places_in_batches_within_the_budget(
+    tmp_path, monkeypatch, restore_events):
+  state, abstract = _saved(tmp_path / 'ckpt')
+  monkeypatch.setattr(_staging, 'HOST_PLATFORMS', frozenset())
+  budget = 3 * MIB
+  handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=budget / 2**30)
+  with ocp.Checkpointer(handler) as ckptr:
+    restored = ckptr.restore(tmp_path / 'ckpt', args=ocp.args.StandardRestore(abstract))
+  assert_trees_equal(restored, state)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(restored['layers']))
+  reads = [event for event in restore_events if event[0] == 'read']
+  assert len(reads) >= 4, restore_events  # ~8.6 MiB in batches of at most 1.5 MiB
+  held = 0  # Bytes read and not yet known to be on their devices.
+  for kind, size in restore_events:
+    if kind == 'read':
+      assert size <= budget // 2, restore_events
+      held += size
+      assert held <= budget, restore_events
+    else:
+      held -= size
+
+
+def test_restore_without_accelerators_reads_everything_at_once(tmp_path, restore_events):
+  state, abstract = _saved(tmp_path / 'ckpt')
+  handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=MIB / 2**30)
+  with ocp.Checkpointer(handler) as ckptr:  # CPU arrays are host memory: nothing to batch.
+    assert_trees_equal(ckptr.restore(tmp_path / 'ckpt', args=ocp.args.StandardRestore(abstract)),
+                       state)
+  assert [kind for kind, _ in restore_events] == ['read', 'placed'], restore_events
+
+
+def test_restore_budget_none_reads_everything_at_once(tmp_path, monkeypatch, restore_events):
+  state, abstract = _saved(tmp_path / 'ckpt')
+  monkeypatch.setattr(_staging, 'HOST_PLATFORMS', frozenset())
+  handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=None)
+  with ocp.Checkpointer(handler) as ckptr:
+    assert_trees_equal(ckptr.restore(tmp_path / 'ckpt', args=ocp.args.StandardRestore(abstract)),
+                       state)
+  assert [kind for kind, _ in restore_events] == ['read', 'placed'], restore_events
+
+
+def test_restore_budget_spellings():
+  default = _arrays.DEFAULT_DEVICE_HOST_BUDGET
+  assert ocp.PyTreeCheckpointHandler()._restore_budget == default
+  assert ocp.PyTreeCheckpointHandler(restore_concurrent_gb=None)._restore_budget is None
+  assert ocp.PyTreeCheckpointHandler(restore_concurrent_gb=2)._restore_budget == 2 << 30
+  assert ocp.BasePyTreeCheckpointHandler(
+      restore_concurrent_bytes=5 * MIB)._restore_budget == 5 * MIB
+  with pytest.raises(ValueError, match='restore_concurrent_gb'):
+    ocp.PyTreeCheckpointHandler(restore_concurrent_gb=0)
