@@ -161,7 +161,7 @@ class PendingWrite:
   def __init__(self, directory: pathlib.Path, commit: Any, process_dir: pathlib.Path | None,
                context: ts.Context | None, config: dict[str, Any] | None,
                arrays: Sequence[ArrayWrite] = (),
-               staged: list[tuple[str, str, bytes]] | None = None,
+               staged: list[tuple[str, str, int]] | None = None,
                by_reference: list[ArrayWrite] | None = None):
     self._directory = directory
     self._commit = commit
@@ -175,14 +175,15 @@ class PendingWrite:
     self._written: _checksums.Written | None = None
 
   def checksums(self) -> _checksums.Written:
-    """The layout of every array and the checksum of every chunk written, computed here (call
-    it while the commit runs: staging then hands tensorstore its bytes sooner)."""
+    """The layout of every array and the checksum of every chunk written. Layouts, and the
+    chunks tensorstore writes from the caller's buffers, are checksummed here: call it while
+    the commit runs."""
     if self._written is None:
       layouts = {array.name: _checksums.of_layout(array.dtype, array.global_shape,
                                                   array.chunk_shape) for array in self._arrays}
       chunks: dict[str, dict[str, int]] = {array.name: {} for array in self._arrays}
-      for name, key, data in self._staged:
-        chunks[name][key] = _checksums.of_bytes(data)
+      for name, key, crc in self._staged:
+        chunks[name][key] = crc
       for array in self._by_reference:
         chunks[array.name].update(_chunk_checksums(array))
       self._written = _checksums.Written(layouts, chunks)
@@ -239,7 +240,7 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
       (by_driver if large else by_key).append(array)
   if by_driver:
     _write_with_drivers(base, by_driver, options, context, txn)
-  staged: list[tuple[str, str, bytes]] = []  # (array name, chunk key, bytes) of raw chunks.
+  staged: list[tuple[str, str, int]] = []  # (array name, chunk key, crc32c) of raw chunks.
   if by_key:
     kv = _tensorstore().KvStore.open(base, context=context).result().with_transaction(txn)
     for array in by_key:
@@ -250,8 +251,8 @@ def start_write(directory: pathlib.Path, arrays: list[ArrayWrite],
 
 
 def _stage_raw(kv: ts.KvStore, array: ArrayWrite, writes_metadata: bool,
-               staged: list[tuple[str, str, bytes]]) -> None:
-  """Stages the array's keys, appending each chunk's (name, key, bytes) to ``staged``."""
+               staged: list[tuple[str, str, int]]) -> None:
+  """Stages the array's keys, appending each chunk's (name, key, checksum) to ``staged``."""
   name = array.name
   prefix = name + '/'
   chunk_shape = array.chunk_shape
@@ -263,13 +264,13 @@ def _stage_raw(kv: ts.KvStore, array: ArrayWrite, writes_metadata: bool,
       key = _zarr.chunk_key_at(origin, chunk_shape)
       data = block.tobytes()
       kv[prefix + key] = data
-      staged.append((name, key, data))
+      staged.append((name, key, _checksums.of_bytes(data)))
       return
   for origin, block in array.blocks:
     for key, piece in _zarr.split_into_chunks(block, origin, chunk_shape):
       data = _zarr.chunk_bytes(piece)
       kv[prefix + key] = data
-      staged.append((name, key, data))
+      staged.append((name, key, _checksums.of_bytes(data)))
 
 
 def _chunk_checksums(array: ArrayWrite) -> dict[str, int]:
