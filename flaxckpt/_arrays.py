@@ -258,14 +258,6 @@ def _stage_raw(kv: ts.KvStore, array: ArrayWrite, writes_metadata: bool,
   chunk_shape = array.chunk_shape
   if writes_metadata:
     kv[prefix + _zarr.ZARRAY] = _zarr.zarray_bytes(array.global_shape, chunk_shape, array.dtype)
-  if len(array.blocks) == 1:  # Most leaves: one block that is one chunk, stored as it is.
-    origin, block = array.blocks[0]
-    if block.shape == chunk_shape and block.dtype.byteorder != '>':
-      key = _zarr.chunk_key_at(origin, chunk_shape)
-      data = block.tobytes()
-      kv[prefix + key] = data
-      staged.append((name, key, _checksums.of_bytes(data)))
-      return
   for origin, block in array.blocks:
     for key, piece in _zarr.split_into_chunks(block, origin, chunk_shape):
       data = _zarr.chunk_bytes(piece)
