@@ -358,9 +358,7 @@ def _jax_array_write(name: str, value: jax.Array, plan: _ArrayPlan) -> _arrays.A
   """The array's blocks: host arrays, or for arrays off host the device arrays themselves (see
   ``_staging.HostCopies``)."""
   if plan.key_impl is None and plan.one_device and not plan.needs_host_copy:  # Kept short.
-    array = np.asarray(value)
-    if array.dtype != plan.dtype:
-      array = array.astype(plan.dtype)
+    array = _staging.host_array(value, plan.dtype)
     return _arrays.ArrayWrite(name, plan.global_shape, plan.dtype, plan.chunk_shape,
                               ((_ORIGINS[array.ndim], array),))
   if plan.key_impl is not None:
@@ -373,11 +371,8 @@ def _jax_array_write(name: str, value: jax.Array, plan: _ArrayPlan) -> _arrays.A
   if plan.needs_host_copy:
     return _arrays.ArrayWrite(name, plan.global_shape, plan.dtype, plan.chunk_shape,
                               tuple(blocks))
-  host = []
-  for origin, data in blocks:
-    array = np.asarray(data)
-    host.append((origin, array if array.dtype == plan.dtype else array.astype(plan.dtype)))
-  return _arrays.ArrayWrite(name, plan.global_shape, plan.dtype, plan.chunk_shape, tuple(host))
+  return _arrays.ArrayWrite(name, plan.global_shape, plan.dtype, plan.chunk_shape, tuple(
+      (origin, _staging.host_array(data, plan.dtype)) for origin, data in blocks))
 
 
 _ORIGINS = [(0,) * ndim for ndim in range(65)]

@@ -62,15 +62,17 @@ class HostCopies:
     for array in self._arrays:
       if any(isinstance(block, jax.Array) for _, block in array.blocks):
         array = array._replace(blocks=tuple(
-            (origin, _host(self._views[id(block)], array.dtype)
+            (origin, host_array(self._views[id(block)], array.dtype)
              if isinstance(block, jax.Array) else block) for origin, block in array.blocks))
       out.append(array)
     self._arrays, self._views = [], {}
     return out
 
 
-def _host(view: jax.Array, dtype: np.dtype) -> np.ndarray:
-  host = np.asarray(view)
+def host_array(value: Any, dtype: np.dtype) -> np.ndarray:
+  """``value`` as a numpy array of ``dtype``: a view where numpy can read it in place and the
+  dtype matches, else a copy."""
+  host = np.asarray(value)
   return host if host.dtype == dtype else host.astype(dtype)
 
 
